@@ -1,0 +1,31 @@
+# Quick start:  make demo   (set up .venv, run the bundle chain on the sample data at demo size, on CPU)
+#               make test   (set up .venv, run the test suite)
+# GPU hosts: TORCH='torch==2.13.0 --index-url <your CUDA wheel index>' make demo, or install torch yourself first.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.meduet-installed
+
+.PHONY: setup demo test sample clean-outputs
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[data,test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+sample: setup
+	$(BIN)/python -m meduet.data.sample --out data/sample
+
+demo: setup
+	$(BIN)/python -m meduet.demo --out outputs/demo --preset demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean-outputs:
+	rm -rf outputs data/sample bundles/*/models/*.pt bundles/*/eval bundles/*/runs bundles/*/latents

@@ -1,0 +1,221 @@
+"""MONAI transform chains for dictionary items ``{"image": path, "label": path (optional), ...}``.
+
+Loading chain (:func:`get_load_transforms`), matching the MeDUET preprocessing::
+
+    CheckedLoadImaged (channel first, MetaTensor)  -> CheckInputd -> Orientationd("RAS")
+    -> Spacingd (image bilinear, label nearest)    -> intensity to [0, 1]
+       CT: window [-175, 250] HU, clipped;  MR: percentiles [0.5, 99.5], clipped, per channel
+    -> CropForegroundd (optional)                  -> DivisiblePadd(k)  -> EnsureTyped
+
+Training augmentation (:func:`get_train_crop_transforms`): random spatial crop(s), flips on the three axes,
+a random 90-degree rotation in a random plane.
+
+Every step keeps the MetaTensor affine up to date (crops and pads shift the origin, flips and rotations change
+the axes), so predictions can be written back on the right world grid. The first key is the image; any other
+key is a label map (nearest-neighbour resampling, no intensity change) and may be missing from an item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    DivisiblePadd,
+    EnsureTyped,
+    OneOf,
+    Orientationd,
+    RandFlipd,
+    RandRotate90d,
+    RandSpatialCropd,
+    RandSpatialCropSamplesd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+    SpatialPadd,
+)
+
+from meduet.data.checks import CheckedLoadImaged, CheckInputd, find_input_error
+from meduet.errors import MeduetConfigError, MeduetInputError
+
+__all__ = ["InputCheckedCompose", "foreground_above", "get_load_transforms", "get_train_crop_transforms"]
+
+#: intensity threshold (after scaling to [0, 1]) above which a voxel counts as foreground, per modality
+DEFAULT_FOREGROUND_THRESHOLD = {"CT": 0.0, "MR": 0.02}
+
+
+class InputCheckedCompose(Compose):
+    """``Compose`` that re-raises an input error as the plain one-line ``MeduetInputError``.
+
+    MONAI wraps every exception raised inside a transform into ``RuntimeError("applying transform ...")``;
+    this class unwraps it again so users see ``MeduetInputError: <file>: <problem>; <fix>``. All other
+    exceptions propagate unchanged. (A MONAI ``Dataset`` wraps once more around the whole chain; use
+    :func:`meduet.data.checks.find_input_error` at the top level to report such errors.)
+    """
+
+    def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
+        try:
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        except MeduetInputError:
+            raise
+        except Exception as e:
+            err = find_input_error(e)
+            if err is None:
+                raise
+            raise err from None
+
+
+def _above(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    return x > threshold
+
+
+def foreground_above(threshold: float):
+    """A picklable ``select_fn`` for ``CropForegroundd``: voxels strictly above ``threshold`` are foreground."""
+    return partial(_above, threshold=float(threshold))
+
+
+def _modality(modality: str) -> str:
+    m = str(modality).upper()
+    if m in ("MR", "MRI"):
+        return "MR"
+    if m == "CT":
+        return "CT"
+    raise MeduetConfigError(f"modality {modality!r} is not supported; use 'CT' or 'MR'")
+
+
+def get_load_transforms(
+    modality: str = "CT",
+    keys: Sequence[str] = ("image", "label"),
+    spacing: Sequence[float] | None = (1.5, 1.5, 1.5),
+    ct_window: Sequence[float] = (-175.0, 250.0),
+    mr_percentiles: Sequence[float] = (0.5, 99.5),
+    crop_foreground: bool = True,
+    pad_multiple: int | None = 4,
+    check: bool = True,
+    expected_channels: int | None = None,
+    foreground_threshold: float | None = None,
+) -> InputCheckedCompose:
+    """Load, check, reorient, resample, normalise, crop and pad one item.
+
+    Args:
+        modality: ``"CT"`` (fixed HU window) or ``"MR"`` (per-image percentiles).
+        keys: image key first, then label keys (nearest-neighbour); label keys may be missing from items.
+        spacing: target voxel size in mm (x, y, z); ``None`` keeps the file's spacing.
+        ct_window: HU range mapped to [0, 1] for CT (values outside are clipped).
+        mr_percentiles: lower/upper intensity percentiles mapped to [0, 1] for MR (clipped), per channel.
+        crop_foreground: crop all keys to the bounding box of image voxels above ``foreground_threshold``.
+        pad_multiple: pad every spatial size up to a multiple of this (symmetric, zeros); ``None``/1 skips.
+        check: insert :class:`~meduet.data.checks.CheckInputd` right after loading.
+        expected_channels: channel count the image must have (``None`` accepts any).
+        foreground_threshold: on the [0, 1] image; default 0.0 for CT (air clips to exactly 0 in the
+            window) and 0.02 for MR.
+
+    Returns:
+        A compose mapping ``{"image": path, "label": path, ...}`` to the same dict with
+        ``image``: float32 MetaTensor (C, X, Y, Z) in [0, 1] and ``label``: MetaTensor (1, X, Y, Z) of class
+        indices (float32), both in RAS orientation with the affine of the resampled/cropped/padded grid.
+        Other keys (``domain``, ``domain_index``, ...) pass through.
+    """
+    modality = _modality(modality)
+    keys = tuple(keys)
+    if not keys:
+        raise MeduetConfigError("get_load_transforms: keys must name at least the image key")
+    image_key, label_keys = keys[0], keys[1:]
+    steps = [CheckedLoadImaged(keys, image_only=True, ensure_channel_first=True, allow_missing_keys=True)]
+    if check:
+        steps.append(CheckInputd(keys, expected_channels=expected_channels, allow_missing_keys=True))
+    # labels=None: axis names come from the MetaTensor's space (RAS for NIfTI/DICOM read by MONAI)
+    steps.append(Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=True))
+    if spacing is not None:
+        steps.append(
+            Spacingd(
+                keys,
+                pixdim=tuple(float(s) for s in spacing),
+                mode=("bilinear",) + ("nearest",) * len(label_keys),
+                allow_missing_keys=True,
+            )
+        )
+    if modality == "CT":
+        a_min, a_max = (float(v) for v in ct_window)
+        steps.append(ScaleIntensityRanged(image_key, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True))
+    else:
+        lower, upper = (float(v) for v in mr_percentiles)
+        steps.append(
+            ScaleIntensityRangePercentilesd(
+                image_key, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True, channel_wise=True
+            )
+        )
+    if crop_foreground:
+        thr = DEFAULT_FOREGROUND_THRESHOLD[modality] if foreground_threshold is None else foreground_threshold
+        steps.append(
+            CropForegroundd(
+                keys,
+                source_key=image_key,
+                select_fn=foreground_above(thr),
+                margin=0,
+                allow_smaller=True,
+                start_coord_key=None,  # the crop is recorded in the MetaTensor (affine, applied_operations)
+                end_coord_key=None,
+                allow_missing_keys=True,
+            )
+        )
+    if pad_multiple is not None and pad_multiple > 1:
+        steps.append(DivisiblePadd(keys, k=int(pad_multiple), allow_missing_keys=True))
+    steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True))
+    return InputCheckedCompose(steps)
+
+
+def get_train_crop_transforms(
+    roi_size: Sequence[int],
+    keys: Sequence[str] = ("image", "label"),
+    num_samples: int = 1,
+    flip_prob: float = 0.5,
+    rot90_prob: float = 0.5,
+    seed: int | None = None,
+) -> Compose:
+    """Random crops plus flips / 90-degree rotations, applied identically to every key of an item.
+
+    Args:
+        roi_size: crop size (X, Y, Z) in voxels; smaller volumes are zero-padded up to it first.
+        keys: keys to crop and augment together (label keys may be missing from items).
+        num_samples: crops per item; with more than one the chain returns a list of ``num_samples`` dicts.
+        flip_prob: probability of a flip, independently for each of the three axes.
+        rot90_prob: probability of a rotation by k * 90 degrees (k in 1..3) in one plane picked at random
+            among (x, y), (x, z), (y, z). Non-cubic crops change shape under rotation; use a cubic ``roi_size``
+            when samples are batched.
+        seed: seeds every random transform of the chain (``Compose.set_random_state``) for reproducibility.
+
+    Returns:
+        A ``Compose``: item -> item (``num_samples == 1``) or list of items, each with tensors (C, *roi_size)
+        whose MetaTensor affines follow the crop, flips and rotation.
+    """
+    keys = tuple(keys)
+    roi = tuple(int(r) for r in roi_size)
+    if len(roi) != 3 or min(roi) < 1:
+        raise MeduetConfigError(f"roi_size must be three positive ints, got {roi_size!r}")
+    if num_samples < 1:
+        raise MeduetConfigError(f"num_samples must be >= 1, got {num_samples}")
+    steps = [SpatialPadd(keys, spatial_size=roi, allow_missing_keys=True)]
+    if num_samples > 1:
+        steps.append(
+            RandSpatialCropSamplesd(keys, roi_size=roi, num_samples=num_samples, random_size=False,
+                                    allow_missing_keys=True)
+        )
+    else:
+        steps.append(RandSpatialCropd(keys, roi_size=roi, random_size=False, allow_missing_keys=True))
+    steps += [RandFlipd(keys, prob=flip_prob, spatial_axis=axis, allow_missing_keys=True) for axis in range(3)]
+    steps.append(
+        OneOf(
+            [
+                RandRotate90d(keys, prob=rot90_prob, max_k=3, spatial_axes=axes, allow_missing_keys=True)
+                for axes in ((0, 1), (0, 2), (1, 2))
+            ]
+        )
+    )
+    chain = Compose(steps)
+    if seed is not None:
+        chain.set_random_state(seed=seed)
+    return chain

@@ -1,0 +1,345 @@
+"""VAE-GAN training for the meduet_vae bundle, as a MONAI ``Trainer`` (an ignite engine).
+
+One iteration: reconstruct a batch of crops, generator loss = L1 + ``kl_weight`` * KL
+(+ ``perceptual_weight`` * perceptual when a perceptual loss is given) (+ ``adv_weight`` * patch adversarial loss
+after ``adv_warmup_iterations``), optimiser step with gradient clipping; then, once adversarial training is on,
+one discriminator step on the detached reconstruction and the real crop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from monai.engines import Trainer
+from monai.engines.utils import default_metric_cmp_fn
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from monai.losses import PatchAdversarialLoss
+from torch.utils.data import DataLoader
+
+from meduet.engines.checkpoint import unwrap
+from meduet.networks.vae import MeduetVAE, encode_patchwise, reconstruct_patchwise
+
+__all__ = [
+    "VAEGANTrainer",
+    "kl_divergence",
+    "prepare_reconstruction_batch",
+    "ReconstructionInferer",
+    "loss_terms",
+    "NonFiniteLossError",
+    "refresh_vae_meta",
+    "datalist_domains",
+    "DecoderFinetuneTrainer",
+    "decoder_parameters",
+]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced NaN/Inf; raised before any checkpoint of that state is written."""
+
+
+def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) summed over latent voxels and channels, averaged over the batch."""
+    kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1.0)
+    return kl.flatten(1).sum(1).mean()
+
+
+def prepare_reconstruction_batch(
+    batchdata: dict[str, torch.Tensor], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For MONAI evaluators: the target of a reconstruction is the image itself."""
+    image = batchdata["image"].to(device=device, non_blocking=non_blocking, **kwargs)
+    return image, image
+
+
+class ReconstructionInferer(Inferer):
+    """Image -> latent mean -> image; whole volume or patch-wise (``patch_size``) encoding, whole-volume decoding."""
+
+    def __init__(self, patch_size: Sequence[int] | int | None = None, overlap: float = 0.0) -> None:
+        self.patch_size = patch_size
+        self.overlap = overlap
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        vae = unwrap(network)
+        out = reconstruct_patchwise(vae, inputs, patch_size=self.patch_size, overlap=self.overlap)  # type: ignore[arg-type]
+        if isinstance(inputs, MetaTensor):  # same grid as the input: keep its meta so outputs can be inverted/saved
+            out = MetaTensor(out.as_tensor() if isinstance(out, MetaTensor) else out).copy_meta_from(inputs)
+        return out
+
+
+def loss_terms(output: dict[str, Any]) -> dict[str, float]:
+    """The scalar loss terms of one iteration (for TensorBoard / MLflow / progress bars)."""
+    return dict(output["losses"])
+
+
+class VAEGANTrainer(Trainer):
+    """KL-autoencoder + patch discriminator trainer.
+
+    Args:
+        device: torch device.
+        max_epochs: epochs to run.
+        train_data_loader: yields dicts with ``image`` of shape ``(B, C, H, W, D)``.
+        network: the ``MeduetVAE`` (possibly DDP-wrapped).
+        optimizer: generator optimiser.
+        discriminator, d_optimizer: ``monai.networks.nets.PatchDiscriminator`` and its optimiser; ``None``
+            trains a plain KL-autoencoder.
+        kl_weight, adv_weight, perceptual_weight: loss weights.
+        adv_warmup_iterations: iterations before the adversarial terms switch on.
+        perceptual_loss: e.g. ``monai.losses.PerceptualLoss`` built from local weights; ``None`` (default) = off.
+        grad_clip: max gradient norm (``None`` = no clipping).
+        lr_scheduler, d_lr_scheduler: stepped once per iteration.
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        train_handlers: MONAI/ignite handlers (``attach(engine)``).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        discriminator: torch.nn.Module | None = None,
+        d_optimizer: torch.optim.Optimizer | None = None,
+        kl_weight: float = 1e-6,
+        adv_weight: float = 0.1,
+        perceptual_weight: float = 0.3,
+        adv_warmup_iterations: int = 0,
+        perceptual_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        grad_clip: float | None = 1.0,
+        lr_scheduler: Any = None,
+        d_lr_scheduler: Any = None,
+        epoch_length: int | None = None,
+        amp: bool = False,
+        train_handlers: Sequence | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        non_blocking: bool = False,
+    ) -> None:
+        super().__init__(
+            device=torch.device(device) if isinstance(device, str) else device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            handlers=train_handlers,
+            amp=False,
+            decollate=False,
+        )
+        if (discriminator is None) != (d_optimizer is None):
+            raise ValueError("discriminator and d_optimizer must be given together")
+        self.network = network
+        self.optimizer = optimizer
+        self.discriminator = discriminator
+        self.d_optimizer = d_optimizer
+        self.kl_weight = kl_weight
+        self.adv_weight = adv_weight
+        self.perceptual_weight = perceptual_weight
+        self.adv_warmup_iterations = adv_warmup_iterations
+        self.perceptual_loss = perceptual_loss
+        self.grad_clip = grad_clip
+        self.lr_scheduler = lr_scheduler
+        self.d_lr_scheduler = d_lr_scheduler
+        self.use_bf16 = bool(amp) and self.state.device.type == "cuda"
+        self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
+        self.l1 = torch.nn.L1Loss()
+        self._latent_sum = 0.0
+        self._latent_sq = 0.0
+        self._latent_n = 0
+        self.add_event_handler(Events.EPOCH_STARTED, lambda _: self.reset_latent_stats())
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.state.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def latent_std(self) -> float | None:
+        """Standard deviation of the latent means seen since the last reset (``None`` before any)."""
+        if self._latent_n == 0:
+            return None
+        mean = self._latent_sum / self._latent_n
+        return math.sqrt(max(self._latent_sq / self._latent_n - mean * mean, 1e-12))
+
+    def reset_latent_stats(self) -> None:
+        self._latent_sum, self._latent_sq, self._latent_n = 0.0, 0.0, 0
+
+    def _check_finite(self, engine: Trainer, **terms: torch.Tensor) -> None:
+        bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite {', '.join(bad)} loss at epoch {engine.state.epoch} iteration {engine.state.iteration}; "
+                "stopped before saving, the last good checkpoint is kept (lower the learning rate or check the input)"
+            )
+
+    def _iteration(self, engine: Trainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("must provide batch data for current iteration.")
+        images = batchdata["image"].to(engine.state.device, non_blocking=engine.non_blocking)
+        images = images.as_tensor() if hasattr(images, "as_tensor") else images
+        adv_on = self.discriminator is not None and engine.state.iteration > self.adv_warmup_iterations
+
+        self.network.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            recon, z_mu, z_sigma = self.network(images)
+            rec = self.l1(recon.float(), images)
+            kl = kl_divergence(z_mu.float(), z_sigma.float())
+            loss_g = rec + self.kl_weight * kl
+            terms = {"rec": rec, "kl": kl}
+            if self.perceptual_loss is not None:
+                p = self.perceptual_loss(recon.float(), images)
+                loss_g = loss_g + self.perceptual_weight * p
+                terms["perceptual"] = p
+            if adv_on:
+                logits_fake = self.discriminator(recon.contiguous().float())[-1]  # type: ignore[misc]
+                g_adv = self.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
+                loss_g = loss_g + self.adv_weight * g_adv
+                terms["adv_g"] = g_adv
+        self._check_finite(engine, total=loss_g, **terms)
+        loss_g.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+        self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+
+        if adv_on:
+            self.discriminator.train()  # type: ignore[union-attr]
+            self.d_optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            with self._autocast():
+                # one forward over [fake; real] (instance norm keeps samples apart): DDP allows one pass per backward
+                both = torch.cat([recon.detach().float(), images], dim=0).contiguous()
+                logits_fake, logits_real = self.discriminator(both)[-1].chunk(2, dim=0)  # type: ignore[misc]
+                d_fake = self.adv_loss(logits_fake, target_is_real=False, for_discriminator=True)
+                d_real = self.adv_loss(logits_real, target_is_real=True, for_discriminator=True)
+                loss_d = self.adv_weight * 0.5 * (d_fake + d_real)
+            self._check_finite(engine, discriminator=loss_d)
+            loss_d.backward()
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.grad_clip)  # type: ignore[union-attr]
+            self.d_optimizer.step()  # type: ignore[union-attr]
+            terms["d"] = loss_d
+        if self.d_lr_scheduler is not None and self.d_optimizer is not None:
+            self.d_lr_scheduler.step()
+
+        with torch.no_grad():
+            zm = z_mu.detach().float()
+            self._latent_sum += float(zm.sum())
+            self._latent_sq += float(zm.pow(2).sum())
+            self._latent_n += zm.numel()
+        losses = {k: float(v.detach()) for k, v in terms.items()}
+        losses["total"] = float(loss_g.detach())
+        return {"image": images, "pred": recon.detach(), "loss": loss_g.detach(), "losses": losses}
+
+
+def datalist_domains(path: str) -> list[str]:
+    """The ``domains`` list of a datalist file, or ``[]`` when there is none (e.g. data given by MONAI Label)."""
+    try:
+        with open(path) as f:
+            return [str(d) for d in json.load(f).get("domains", [])]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def refresh_vae_meta(vae: torch.nn.Module, trainer: VAEGANTrainer | None = None, **meta: Any) -> None:
+    """Write what the next stage needs into the VAE's checkpoint record (latent scale factor = 1/std)."""
+    net: MeduetVAE = unwrap(vae)  # type: ignore[assignment]
+    if trainer is not None:
+        std = trainer.latent_std()
+        if std is not None:
+            net.meta["latent_scale_factor"] = 1.0 / std
+            net.meta["latent_std"] = std
+    for k, v in meta.items():
+        net.meta[k] = v
+    record = json.dumps({"architecture": net.architecture, "preprocessing": net.meta.get("preprocessing")}, sort_keys=True)
+    net.meta["config_hash"] = hashlib.sha256(record.encode()).hexdigest()[:16]
+
+
+class DecoderFinetuneTrainer(Trainer):
+    """3D MedDiffusion's second VAE stage: frozen encoder, decoder fine-tuned on patch-wise encoded volumes.
+
+    Each iteration encodes whole volumes (or large crops) patch by patch (``patch_size``, no overlap, exactly as
+    ``encode.yaml`` caches latents for big volumes), decodes the assembled latent in one pass and minimises
+    L1 to the input, so that decoding a stitched latent shows no seams at patch borders.
+
+    Args:
+        network: the ``MeduetVAE``; its encoder is frozen here.
+        optimizer: over the decoder's parameters (``decoder_parameters(network)``).
+        patch_size: image-space patch of the patch-wise encoding.
+        other args as ``VAEGANTrainer``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        patch_size: Sequence[int] | int = 64,
+        grad_clip: float | None = 1.0,
+        epoch_length: int | None = None,
+        amp: bool = False,
+        train_handlers: Sequence | None = None,
+    ) -> None:
+        super().__init__(
+            device=torch.device(device) if isinstance(device, str) else device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            handlers=train_handlers,
+            amp=False,
+            decollate=False,
+        )
+        self.network = network
+        self.optimizer = optimizer
+        self.patch_size = patch_size
+        self.grad_clip = grad_clip
+        self.use_bf16 = bool(amp) and self.state.device.type == "cuda"
+        vae = unwrap(network)
+        for p in vae.encoder.parameters():
+            p.requires_grad_(False)
+        if hasattr(vae, "quant_conv_mu"):
+            for m in (vae.quant_conv_mu, vae.quant_conv_log_sigma):
+                for p in m.parameters():
+                    p.requires_grad_(False)
+
+    def _iteration(self, engine: Trainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
+        images = batchdata["image"].to(engine.state.device)
+        images = images.as_tensor() if hasattr(images, "as_tensor") else images
+        vae = unwrap(self.network)
+        vae.eval()  # no dropout/batch statistics in MAISI's VAE; eval keeps the frozen encoder deterministic
+        with torch.no_grad():
+            z = encode_patchwise(vae, images, patch_size=self.patch_size, overlap=0.0)  # type: ignore[arg-type]
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=self.state.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            recon = vae.decode(z)
+            loss = torch.nn.functional.l1_loss(recon.float(), images)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite decoder loss at epoch {engine.state.epoch} iteration {engine.state.iteration}; "
+                "stopped before saving, the last good checkpoint is kept (lower the learning rate)"
+            )
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(decoder_parameters(vae), self.grad_clip)
+        self.optimizer.step()
+        value = float(loss.detach())
+        return {"image": images, "pred": recon.detach(), "loss": loss.detach(), "losses": {"rec": value, "total": value}}
+
+
+def decoder_parameters(network: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters that decoder fine-tuning trains: ``post_quant_conv`` and the decoder."""
+    vae = unwrap(network)
+    params = list(vae.decoder.parameters())
+    if hasattr(vae, "post_quant_conv"):
+        params += list(vae.post_quant_conv.parameters())
+    return params

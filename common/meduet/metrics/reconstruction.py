@@ -1,0 +1,67 @@
+"""Reconstruction quality: PSNR, SSIM, MS-SSIM (MONAI metrics) and the patch-seam error of patch-wise coding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
+
+__all__ = ["reconstruction_metrics", "patch_border_mask", "seam_error"]
+
+
+def reconstruction_metrics(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> dict[str, float]:
+    """PSNR, SSIM and MS-SSIM of one or more volumes ``(B, C, H, W, D)`` in ``[0, data_range]``, batch-averaged.
+
+    MS-SSIM needs volumes larger than its 5 scales allow; for small volumes the number of scales (and
+    kernel) is reduced, which the key ``ms_ssim_scales`` reports.
+    """
+    pred = pred.float().clamp(0, data_range)
+    target = target.float()
+    psnr = PSNRMetric(max_val=data_range)(pred, target).mean().item()
+    ssim = SSIMMetric(spatial_dims=3, data_range=data_range)(pred, target).mean().item()
+    min_side = min(pred.shape[2:])
+    # each MS-SSIM scale halves the volume; the kernel (size 11 by default) must fit the coarsest one
+    scales, kernel = 5, 11
+    while scales > 1 and min_side // 2 ** (scales - 1) < kernel:
+        scales -= 1
+    while kernel > 3 and min_side // 2 ** (scales - 1) < kernel:
+        kernel -= 2
+    weights = torch.tensor([0.0448, 0.2856, 0.3001, 0.2363, 0.1333][:scales])
+    weights = (weights / weights.sum()).tolist()
+    msssim = MultiScaleSSIMMetric(spatial_dims=3, data_range=data_range, kernel_size=kernel, weights=weights)(
+        pred, target
+    ).mean().item()
+    return {"psnr": psnr, "ssim": ssim, "ms_ssim": msssim, "ms_ssim_scales": scales}
+
+
+def patch_border_mask(shape: Sequence[int], patch_size: Sequence[int] | int, width: int = 1) -> torch.Tensor:
+    """Boolean mask of voxels within ``width`` voxels of an internal patch boundary of a regular patch grid.
+
+    Boundaries sit at multiples of ``patch_size`` along each axis (the volume's own faces are not borders).
+    """
+    ps = [patch_size] * len(shape) if isinstance(patch_size, int) else list(patch_size)
+    mask = torch.zeros(tuple(shape), dtype=torch.bool)
+    for axis, (n, p) in enumerate(zip(shape, ps)):
+        for b in range(p, n, p):
+            lo, hi = max(0, b - width), min(n, b + width)
+            index = [slice(None)] * len(shape)
+            index[axis] = slice(lo, hi)
+            mask[tuple(index)] = True
+    return mask
+
+
+def seam_error(
+    pred: torch.Tensor, target: torch.Tensor, patch_size: Sequence[int] | int, width: int = 1
+) -> dict[str, float]:
+    """Mean absolute error on voxels at patch borders vs elsewhere, and their ratio (1.0 = no visible seam).
+
+    ``pred``/``target``: ``(B, C, H, W, D)``; ``patch_size`` is the image-space patch of patch-wise encoding.
+    """
+    err = (pred.float() - target.float()).abs().mean(dim=(0, 1))
+    mask = patch_border_mask(err.shape, patch_size, width)
+    if not mask.any() or mask.all():
+        return {"seam_border_mae": float("nan"), "seam_interior_mae": float(err.mean()), "seam_ratio": float("nan")}
+    border = float(err[mask].mean())
+    interior = float(err[~mask].mean())
+    return {"seam_border_mae": border, "seam_interior_mae": interior, "seam_ratio": border / max(interior, 1e-12)}
