@@ -248,13 +248,17 @@ def load_pretrained_weights(vae: MeduetVAE, path: str | Path) -> MeduetVAE:
     fix = "set pretrained_ckpt to MAISI's autoencoder file for the paper architecture (or null)"
     state = _read_state_dict(path, "pretrained VAE weights", fix)
     own_extra = state.pop("_extra_state", None)
-    missing, unexpected = vae.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
+    expected = {k: v for k, v in vae.state_dict().items() if k != "_extra_state"}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
         raise MeduetConfigError(
-            f"pretrained VAE weights '{path}' do not fit the configured architecture "
-            f"({len(missing)} missing keys e.g. {missing[:2]}, {len(unexpected)} unexpected e.g. {unexpected[:2]}); {fix}"
+            f"pretrained VAE weights '{path}' do not fit the configured architecture ({len(missing)} missing keys "
+            f"e.g. {missing[:2]}, {len(unexpected)} unexpected e.g. {unexpected[:2]}, {len(wrong)} of another shape "
+            f"e.g. {wrong[:2]}); {fix}"
         )
+    vae.load_state_dict(state, strict=False)
     if own_extra is not None:
         vae.set_extra_state(own_extra)
     return vae
