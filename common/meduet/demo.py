@@ -31,7 +31,7 @@ def bundle_cmd(bundle: str, workflow: str, preset: str, run_id: str | None = Non
         cmd.append(run_id)
     cmd += ["--config_file", "[" + ",".join(f"'{f}'" for f in files) + "]"]
     for k, v in overrides.items():
-        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+        cmd += [f"--{k}", v if isinstance(v, str) else repr(v)]  # python-fire parses Python literals
     return cmd
 
 

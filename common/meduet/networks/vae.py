@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiGroupNorm3D
 from monai.inferers import sliding_window_inference
 
 from meduet.errors import MeduetConfigError
@@ -60,7 +60,18 @@ MAISI_CT_ARCHITECTURE: dict[str, Any] = {
 RECORD_BYTES = 8192
 
 # Arguments that change only how the network computes (memory/speed), never its weights.
-_RUNTIME_ARGS = ("num_splits", "dim_split", "norm_float16", "use_checkpointing", "use_flash_attention", "save_mem")
+_RUNTIME_ARGS = ("num_splits", "dim_split", "norm_float16", "use_checkpointing", "use_flash_attention", "fast_norm")
+
+
+def _use_torch_group_norm(module: torch.nn.Module) -> None:
+    """Swap every ``MaisiGroupNorm3D`` for an equivalent ``torch.nn.GroupNorm`` (same state-dict keys)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, MaisiGroupNorm3D):
+            norm = torch.nn.GroupNorm(child.num_groups, child.num_channels, eps=child.eps, affine=child.affine)
+            norm.load_state_dict(child.state_dict())
+            setattr(module, name, norm)
+        else:
+            _use_torch_group_norm(child)
 
 
 class MeduetVAE(AutoencoderKlMaisi):
@@ -72,6 +83,9 @@ class MeduetVAE(AutoencoderKlMaisi):
         use_checkpointing, use_convtranspose, num_splits, dim_split, norm_float16, use_flash_attention:
             as in ``AutoencoderKlMaisi``. ``num_splits``/``dim_split`` split convolutions along one spatial axis
             to bound memory (weights are unchanged); ``norm_float16`` needs CUDA.
+        fast_norm: replace MAISI's group norm (a Python loop over groups, built to save GPU memory) by
+            ``torch.nn.GroupNorm``, which computes the same function with the same parameters in one fused op;
+            several times faster on CPU. Ignored when ``norm_float16`` is set.
     """
 
     def __init__(
@@ -93,6 +107,7 @@ class MeduetVAE(AutoencoderKlMaisi):
         dim_split: int = 0,
         norm_float16: bool = False,
         use_flash_attention: bool = False,
+        fast_norm: bool = True,
     ) -> None:
         if attention_levels is None:
             attention_levels = [False] * len(num_channels)
@@ -120,6 +135,8 @@ class MeduetVAE(AutoencoderKlMaisi):
             norm_float16=norm_float16,
             save_mem=False,
         )
+        if fast_norm and not norm_float16:
+            _use_torch_group_norm(self)
         self.architecture: dict[str, Any] = {
             "spatial_dims": spatial_dims,
             "in_channels": in_channels,

@@ -1,0 +1,813 @@
+#!/usr/bin/env python
+"""meduet_vae benchmark: patch-wise (sliding-window) vs whole-volume encoding/decoding on CPU.
+
+What it measures (random weights, eval mode, ``torch.no_grad``, fp32, ``torch.set_num_threads(--threads)``):
+
+* encode/decode time (median of ``--repeats`` after ``--warmup`` runs) and throughput (image voxels/s) of
+  (a) the patch-wise path: ``encode_patchwise`` (image patches, default 64^3, overlap 0) and ``decode_patchwise``
+  (latent windows, default 16^3, overlap 0.25, Gaussian blending) and (b) a whole-volume pass
+  (``vae.encode_mean(x)`` / ``vae.decode(z)``) of the same ``MeduetVAE`` (``AutoencoderKlMaisi``);
+  reported side by side with patch-wise / whole ratios, since only ratios are meaningful on a shared machine;
+* peak memory: every (model, path, size, encode|decode) runs in a fresh child process (this script re-invoked
+  with ``--worker``); the child reports its peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) and that minus its
+  RSS right before the first encode/decode call. The child's address space is capped with
+  ``setrlimit(RLIMIT_AS, --mem-cap-gb)`` (the whole child: interpreter, torch, weights, inputs, activations), so
+  an over-budget configuration fails inside the child with torch's "can't allocate memory" RuntimeError and is
+  reported as "> cap" instead of taking the machine down;
+* a baseline: ``monai.networks.nets.AutoencoderKL`` at the same width (channels, res blocks, groups, no
+  attention) doing the same whole-volume encode + decode, as a MAISI / AutoencoderKL time ratio;
+* ``--profile``: where the time of a whole-volume encode + decode goes (group norm, convolutions, rest), for both;
+* ``--find-max``: the largest cubic side (multiple of 32, up to ``--find-max-limit``) that encodes AND decodes
+  under the cap, for each path (binary search, each probe a capped child, ``--max-seconds`` per child).
+
+Budget controls (say so when you use them; the markdown output records them):
+
+* ``--max-windows K``: in the patch-wise path run the network on the first K windows only and reuse that output
+  for the remaining windows (stitching still runs for all of them). Peak memory is unaffected (every window has
+  the same shape and its activations are freed before the next); the time is reported as an estimate:
+  measured time + (windows not run) x (mean time of a window that ran).
+* memory pre-flight (on by default, ``--no-preflight``): a configuration is skipped as "> cap (predicted)" when a
+  linear fit of the RSS increase vs voxels, from smaller sizes of the same configuration measured earlier in the
+  same run, predicts more than ``cap * (1 + --preflight-margin)``; and as "too slow (est.)" when the time scaled
+  from the largest smaller size exceeds ``--max-seconds``.
+
+Examples::
+
+    .venv/bin/python bench/vae_patchwise.py --sizes 64 --repeats 1                 # smoke
+    .venv/bin/python bench/vae_patchwise.py --sizes 128 256 --write-md             # paper width
+    .venv/bin/python bench/vae_patchwise.py --find-max --write-md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SECTION_TITLE = "## meduet_vae: patch-wise vs whole-volume coding"
+RESULT_TAG = "@@VAE_BENCH_RESULT "
+GIB = 2**30
+KIB_PER_GIB = 2**20
+
+BENCH_HEADER = """# Benchmarks
+
+All numbers are ratios measured in one run (one invocation of the benchmark, whose measurements run back to back)
+on a shared 2-core CPU machine unless noted: absolute times and throughputs depend on whatever else the machine
+was doing and are only meaningful relative to other rows of the same table. Each table states the exact command
+that produced it.
+"""
+
+SECTION_INTRO = """Produced by `bench/vae_patchwise.py` (see `bench/README.md`). Random weights, eval mode, `torch.no_grad`,
+fp32, 2 threads. *Patch-wise* is `encode_patchwise` (image patches, overlap 0) + `decode_patchwise` (latent
+windows, overlap 0.25, Gaussian blending); *whole* is one `vae.encode_mean(x)` / `vae.decode(z)` call on the
+whole volume. Each cell runs in a fresh child process whose address space is capped with
+`setrlimit(RLIMIT_AS)`; "peak" is the child's `ru_maxrss`, "delta" is that minus the child's RSS right before
+its first encode/decode call. Decode inputs are random latents of the matching shape.
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# child side
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _architecture(width: str) -> dict:
+    from meduet.networks.vae import MAISI_CT_ARCHITECTURE
+
+    arch = dict(MAISI_CT_ARCHITECTURE)
+    if width == "demo":
+        arch.update(num_channels=[32, 64, 64], num_res_blocks=[1, 1, 1], norm_num_groups=16)
+    elif width != "paper":
+        raise ValueError(f"unknown width preset {width!r}")
+    return arch
+
+
+def _build(model: str, width: str):
+    import torch.nn as nn
+
+    arch = _architecture(width)
+    if model == "maisi":
+        from meduet.networks.vae import build_vae
+
+        net = build_vae(arch)
+        enc, dec = net.encode_mean, net.decode
+    elif model == "aekl":
+        from monai.networks.nets import AutoencoderKL
+
+        net = AutoencoderKL(
+            spatial_dims=arch["spatial_dims"],
+            in_channels=arch["in_channels"],
+            out_channels=arch["out_channels"],
+            channels=arch["num_channels"],
+            num_res_blocks=arch["num_res_blocks"],
+            attention_levels=[False] * len(arch["num_channels"]),
+            latent_channels=arch["latent_channels"],
+            norm_num_groups=arch["norm_num_groups"],
+            norm_eps=arch["norm_eps"],
+            with_encoder_nonlocal_attn=False,
+            with_decoder_nonlocal_attn=False,
+            include_fc=False,
+        )
+        enc, dec = (lambda x: net.encode(x)[0]), net.decode
+    else:
+        raise ValueError(f"unknown model {model!r}")
+    assert isinstance(net, nn.Module)
+    net.eval()
+    factor = 2 ** (len(arch["num_channels"]) - 1)
+    return net, enc, dec, arch["latent_channels"], factor
+
+
+class _WindowCounter:
+    """Stands in for the VAE in ``encode_patchwise``/``decode_patchwise``: counts the windows, times each network
+    call and, with ``max_windows > 0``, runs the network on the first ``max_windows`` windows only and returns a
+    copy of the last computed output for the others (same shape; the stitching still runs for every window)."""
+
+    def __init__(self, enc, dec, downsample_factor: int, max_windows: int) -> None:
+        self._enc, self._dec = enc, dec
+        self.downsample_factor = downsample_factor
+        self.max_windows = max_windows
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.window_times: list[float] = []
+        self._last = None
+
+    def _run(self, fn, x):
+        self.calls += 1
+        if self.max_windows > 0 and self.calls > self.max_windows:
+            return self._last.clone()
+        t0 = time.perf_counter()
+        y = fn(x)
+        self.window_times.append(time.perf_counter() - t0)
+        self._last = y
+        return y
+
+    def encode_mean(self, x):
+        return self._run(self._enc, x)
+
+    def decode(self, z):
+        return self._run(self._dec, z)
+
+
+def _is_memory_error(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    msg = str(e).lower()
+    return any(s in msg for s in ("can't allocate memory", "cannot allocate memory", "out of memory", "bad_alloc"))
+
+
+def _run_worker(spec: dict) -> dict:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    cap = int(spec["cap_gb"] * GIB)
+    if cap > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    out: dict = {"spec": spec, "vmsize_start_kib": _proc_status_kib("VmSize")}
+    try:
+        net, enc, dec, latent_c, f = _build(spec["model"], spec["width"])
+        s = spec["size"]
+        if s % f:
+            raise ValueError(f"size {s} is not divisible by the downsampling factor {f}")
+        if spec["op"] == "profile":
+            out.update(_profile(net, enc, dec, s, spec))
+            out["peak_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return out
+        if spec["op"] == "encode":
+            inp = torch.randn(1, 1, s, s, s)
+        else:
+            inp = torch.randn(1, latent_c, s // f, s // f, s // f)
+        counter = None
+        if spec["method"] == "whole":
+            call = enc if spec["op"] == "encode" else dec
+        else:
+            from meduet.networks.vae import decode_patchwise, encode_patchwise
+
+            counter = _WindowCounter(enc, dec, f, spec["max_windows"])
+            if spec["op"] == "encode":
+
+                def call(x):
+                    return encode_patchwise(counter, x, patch_size=spec["patch_size"], overlap=spec["enc_overlap"])
+
+            else:
+
+                def call(z):
+                    return decode_patchwise(
+                        counter, z, latent_patch_size=spec["latent_patch_size"], overlap=spec["dec_overlap"]
+                    )
+
+        import gc
+
+        gc.collect()
+        out["rss_before_kib"] = _proc_status_kib("VmRSS")
+        out["hwm_before_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        times, estimates = [], []
+        with torch.no_grad():
+            for i in range(spec["warmup"] + spec["repeats"]):
+                if counter is not None:
+                    counter.reset()
+                t0 = time.perf_counter()
+                y = call(inp)
+                dt = time.perf_counter() - t0
+                del y
+                if i < spec["warmup"]:
+                    continue
+                times.append(dt)
+                est = dt
+                if counter is not None:
+                    out["windows_total"] = counter.calls
+                    out["windows_run"] = len(counter.window_times)
+                    out["window_mean_s"] = statistics.fmean(counter.window_times)
+                    est = dt + (counter.calls - len(counter.window_times)) * out["window_mean_s"]
+                estimates.append(est)
+        out.update(status="ok", times_s=times, time_s=statistics.median(estimates), measured_s=statistics.median(times))
+        out["estimated"] = counter is not None and out["windows_run"] < out["windows_total"]
+    except BaseException as e:  # noqa: BLE001 - the parent gets a one-line reason
+        out["status"] = "oom" if _is_memory_error(e) else "error"
+        out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+    out["peak_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if "rss_before_kib" in out:
+        out["delta_kib"] = out["peak_kib"] - out["rss_before_kib"]
+    return out
+
+
+def _profile(net, enc, dec, s: int, spec: dict) -> dict:
+    """Wall time of a whole-volume encode + decode split into GroupNorm modules, Conv3d modules and the rest
+    (SiLU, residual adds, upsampling interpolation, padding, Python overhead), via forward hooks on leaf modules."""
+    import torch
+    import torch.nn as nn
+
+    acc = {"groupnorm": 0.0, "conv": 0.0}
+    starts: dict[int, float] = {}
+
+    def pre(m, _inp):
+        starts[id(m)] = time.perf_counter()
+
+    def post_for(key):
+        def post(m, _inp, _out):
+            acc[key] += time.perf_counter() - starts.pop(id(m))
+
+        return post
+
+    for m in net.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.register_forward_pre_hook(pre)
+            m.register_forward_hook(post_for("groupnorm"))
+        elif isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+            m.register_forward_pre_hook(pre)
+            m.register_forward_hook(post_for("conv"))
+    x = torch.randn(1, 1, s, s, s)
+    res = {}
+    with torch.no_grad():
+        for i in range(spec["warmup"] + 1):
+            for k in acc:
+                acc[k] = 0.0
+            t0 = time.perf_counter()
+            z = enc(x)
+            t_enc = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            y = dec(z)
+            t_dec = time.perf_counter() - t0
+            del y
+        total = t_enc + t_dec
+        res = {
+            "status": "ok",
+            "time_s": total,
+            "encode_s": t_enc,
+            "decode_s": t_dec,
+            "groupnorm_s": acc["groupnorm"],
+            "conv_s": acc["conv"],
+            "other_s": total - acc["groupnorm"] - acc["conv"],
+        }
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parent side
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(f"[{_dt.datetime.now().strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.results: list[dict] = []
+        self.started = time.time()
+
+    def spec(self, model: str, method: str, op: str, size: int, **over) -> dict:
+        a = self.args
+        spec = {
+            "model": model,
+            "width": a.width_preset,
+            "method": method,
+            "op": op,
+            "size": size,
+            "repeats": a.repeats,
+            "warmup": a.warmup,
+            "patch_size": a.patch_size,
+            "latent_patch_size": a.latent_patch_size,
+            "enc_overlap": a.encode_overlap,
+            "dec_overlap": a.decode_overlap,
+            "max_windows": a.max_windows,
+            "cap_gb": a.mem_cap_gb,
+            "threads": a.threads,
+        }
+        spec.update(over)
+        return spec
+
+    # -- pre-flight ----------------------------------------------------------------------------------------------
+    def _same(self, spec: dict) -> list[dict]:
+        keys = ("model", "width", "method", "op", "patch_size", "latent_patch_size", "max_windows")
+        return [
+            r
+            for r in self.results
+            if r.get("status") == "ok"
+            and all(r["spec"].get(k) == spec.get(k) for k in keys)
+            and r["spec"]["size"] < spec["size"]
+        ]
+
+    def predict_peak_kib(self, spec: dict) -> float | None:
+        """Peak RSS predicted from smaller sizes of the same configuration: delta linear in voxels."""
+        prev = sorted(self._same(spec), key=lambda r: r["spec"]["size"])
+        if not prev:
+            return None
+        v = spec["size"] ** 3
+        if len(prev) == 1:
+            r = prev[0]
+            delta = r["delta_kib"] * v / r["spec"]["size"] ** 3
+        else:
+            (r1, r2) = prev[-2], prev[-1]
+            v1, v2 = r1["spec"]["size"] ** 3, r2["spec"]["size"] ** 3
+            slope = (r2["delta_kib"] - r1["delta_kib"]) / (v2 - v1)
+            delta = r2["delta_kib"] + slope * (v - v2)
+        return prev[-1]["rss_before_kib"] + delta
+
+    def predict_wall_s(self, spec: dict) -> float | None:
+        if spec["method"] == "patch" and spec["max_windows"] > 0:
+            return None  # bounded by the window cap
+        prev = self._same(spec)
+        if not prev:
+            return None
+        r = max(prev, key=lambda r: r["spec"]["size"])
+        return r["wall_s"] * (spec["size"] / r["spec"]["size"]) ** 3
+
+    # -- child ---------------------------------------------------------------------------------------------------
+    def run(self, spec: dict, label: str = "") -> dict:
+        a = self.args
+        desc = f"{spec['model']} {spec['method']} {spec['op']} {spec['size']}^3 {label}".strip()
+        if a.preflight and spec["op"] != "profile":
+            peak = self.predict_peak_kib(spec)
+            cap_kib = a.mem_cap_gb * KIB_PER_GIB
+            if peak is not None and peak > cap_kib * (1 + a.preflight_margin):
+                r = {"spec": spec, "status": "skip-mem", "predicted_peak_kib": peak}
+                _log(f"{desc}: skipped, predicted peak {peak / KIB_PER_GIB:.1f} GiB > cap")
+                self.results.append(r)
+                return r
+            wall = self.predict_wall_s(spec)
+            if wall is not None and wall > a.max_seconds:
+                r = {"spec": spec, "status": "skip-slow", "predicted_wall_s": wall}
+                if peak is not None:
+                    r["predicted_peak_kib"] = peak
+                _log(f"{desc}: skipped, estimated {wall:.0f} s > --max-seconds {a.max_seconds:.0f}")
+                self.results.append(r)
+                return r
+        _log(f"{desc}: running (elapsed {time.time() - self.started:.0f} s)")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "common"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(a.threads)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+        t0 = time.time()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.max_seconds, env=env, cwd=REPO)
+        except subprocess.TimeoutExpired:
+            r = {"spec": spec, "status": "timeout", "wall_s": time.time() - t0}
+        else:
+            lines = [ln for ln in p.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+            if lines:
+                r = json.loads(lines[-1][len(RESULT_TAG) :])
+            else:
+                tail = " | ".join(p.stderr.strip().splitlines()[-3:])
+                # killed by a signal: SIGKILL is most likely the kernel's OOM killer
+                status = "killed" if p.returncode < 0 else "error"
+                r = {"spec": spec, "status": status, "error": f"exit code {p.returncode}: {tail[:300]}"}
+            r["wall_s"] = time.time() - t0
+        pk = r.get("peak_kib")
+        _log(
+            f"{desc}: {r['status']}"
+            + (f" {r['time_s']:.2f} s" if "time_s" in r else "")
+            + (f", peak {pk / KIB_PER_GIB:.2f} GiB" if pk else "")
+            + (f" ({r['error']})" if r.get("error") else "")
+            + f" [child {r['wall_s']:.0f} s]"
+        )
+        self.results.append(r)
+        return r
+
+    def get(self, model: str, method: str, op: str, size: int) -> dict | None:
+        for r in reversed(self.results):
+            s = r["spec"]
+            if (s["model"], s["method"], s["op"], s["size"]) == (model, method, op, size):
+                return r
+        return None
+
+
+# -- formatting ---------------------------------------------------------------------------------------------------
+
+
+def _gib(kib) -> str:
+    return "–" if kib is None else f"{kib / KIB_PER_GIB:.2f}"
+
+
+def _status_cell(r: dict | None, cap_gb: float) -> str:
+    if r is None:
+        return "not run"
+    st = r["status"]
+    if st == "ok":
+        return "ok"
+    if st == "oom":
+        return f"**> cap** ({cap_gb:g} GiB; failed at {_gib(r.get('peak_kib'))} GiB RSS)"
+    if st == "skip-mem":
+        return f"**> cap** (predicted {_gib(r['predicted_peak_kib'])} GiB; not run)"
+    if st == "skip-slow":
+        extra = f", predicted peak {_gib(r['predicted_peak_kib'])} GiB" if "predicted_peak_kib" in r else ""
+        return f"too slow (est. {r['predicted_wall_s']:.0f} s{extra}; not run)"
+    if st == "timeout":
+        return f"timeout ({r['wall_s']:.0f} s)"
+    if st == "killed":
+        return f"killed ({r.get('error', '')})"
+    return f"error ({r.get('error', '')})"
+
+
+def _time_cell(r: dict | None) -> str:
+    if not r or r.get("status") != "ok":
+        return "–"
+    s = f"{r['time_s']:.1f}"
+    if r.get("estimated"):
+        s += f" (est.; {r['windows_run']}/{r['windows_total']} windows run)"
+    return s
+
+
+def _ratio(a, b, fmt="{:.2f}") -> str:
+    if a is None or b is None or b == 0:
+        return "–"
+    return fmt.format(a / b)
+
+
+def _val(r, key):
+    return r.get(key) if r and r.get("status") == "ok" else None
+
+
+def main_tables(runner: Runner, sizes: list[int], base_sizes: list[int]) -> str:
+    a = runner.args
+    out = []
+    out.append(
+        "| size | op | path | status | time s (median) | Mvoxel/s | peak RSS GiB | delta RSS GiB | windows |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
+    for s in sizes:
+        for op in ("encode", "decode"):
+            for method in ("patch", "whole"):
+                r = runner.get("maisi", method, op, s)
+                t = _val(r, "time_s")
+                thr = f"{s**3 / t / 1e6:.3f}" if t else "–"
+                win = f"{r.get('windows_total')}" if r and r.get("windows_total") else ("1 (whole)" if method == "whole" else "–")
+                pk = r.get("peak_kib") if r and r["status"] == "ok" else None
+                dl = r.get("delta_kib") if r and r["status"] == "ok" else None
+                out.append(
+                    f"| {s}^3 | {op} | {'patch-wise' if method == 'patch' else 'whole'} | {_status_cell(r, a.mem_cap_gb)} "
+                    f"| {_time_cell(r)} | {thr} | {_gib(pk)} | {_gib(dl)} | {win} |"
+                )
+    out.append("")
+    out.append("Ratios patch-wise / whole (same run; < 1 means the patch-wise path is faster or smaller):\n")
+    out.append("| size | op | time ratio | peak RSS ratio | delta RSS ratio |\n|---|---|---|---|---|")
+    for s in sizes:
+        for op in ("encode", "decode"):
+            p, w = runner.get("maisi", "patch", op, s), runner.get("maisi", "whole", op, s)
+            if _val(w, "time_s") is None and _val(p, "time_s") is not None:
+                why = _status_cell(w, a.mem_cap_gb)
+                out.append(f"| {s}^3 | {op} | – (whole: {why}) | – | – |")
+                continue
+            out.append(
+                f"| {s}^3 | {op} | {_ratio(_val(p, 'time_s'), _val(w, 'time_s'))} "
+                f"| {_ratio(_val(p, 'peak_kib'), _val(w, 'peak_kib'))} | {_ratio(_val(p, 'delta_kib'), _val(w, 'delta_kib'))} |"
+            )
+    if base_sizes:
+        out.append("")
+        out.append(
+            "Baseline: the same whole-volume passes with `monai.networks.nets.AutoencoderKL` at the same width "
+            "(no attention):\n"
+        )
+        out.append(
+            "| size | op | MeduetVAE (MAISI) s | AutoencoderKL s | MAISI / AutoencoderKL time | MAISI peak GiB | AutoencoderKL peak GiB | MAISI / AEKL delta RSS |\n"
+            "|---|---|---|---|---|---|---|---|"
+        )
+        for s in base_sizes:
+            sums = {"maisi": 0.0, "aekl": 0.0}
+            for op in ("encode", "decode"):
+                m, k = runner.get("maisi", "whole", op, s), runner.get("aekl", "whole", op, s)
+                tm, tk = _val(m, "time_s"), _val(k, "time_s")
+                for key, t in (("maisi", tm), ("aekl", tk)):
+                    sums[key] = None if (t is None or sums[key] is None) else sums[key] + t
+                out.append(
+                    f"| {s}^3 | {op} | {_time_cell(m) if tm else _status_cell(m, a.mem_cap_gb)} "
+                    f"| {_time_cell(k) if tk else _status_cell(k, a.mem_cap_gb)} | {_ratio(tm, tk)} "
+                    f"| {_gib(_val(m, 'peak_kib'))} | {_gib(_val(k, 'peak_kib'))} "
+                    f"| {_ratio(_val(m, 'delta_kib'), _val(k, 'delta_kib'))} |"
+                )
+            if sums["maisi"] and sums["aekl"]:
+                out.append(
+                    f"| {s}^3 | **encode + decode** | {sums['maisi']:.1f} | {sums['aekl']:.1f} "
+                    f"| **{_ratio(sums['maisi'], sums['aekl'])}** | | | |"
+                )
+            else:
+                out.append(f"| {s}^3 | encode + decode | – | – | – | | | |")
+    profs = [r for r in runner.results if r["spec"]["op"] == "profile"]
+    if profs:
+        out.append("")
+        out.append(
+            f"Where the time of one whole-volume encode + decode goes (`--profile`, forward hooks on leaf modules, "
+            f"{profs[0]['spec']['size']}^3, one measured pass after {profs[0]['spec']['warmup']} warm-up):\n"
+        )
+        out.append("| model | encode + decode s | GroupNorm | Conv3d | rest (SiLU, adds, upsampling, Python) |\n|---|---|---|---|---|")
+        for r in profs:
+            name = "MeduetVAE (MAISI)" if r["spec"]["model"] == "maisi" else "AutoencoderKL"
+            if r["status"] != "ok":
+                out.append(f"| {name} | {_status_cell(r, a.mem_cap_gb)} | | | |")
+                continue
+            tot = r["time_s"]
+            out.append(
+                f"| {name} | {tot:.1f} | {r['groupnorm_s']:.1f} s ({100 * r['groupnorm_s'] / tot:.0f}%) "
+                f"| {r['conv_s']:.1f} s ({100 * r['conv_s'] / tot:.0f}%) | {r['other_s']:.1f} s ({100 * r['other_s'] / tot:.0f}%) |"
+            )
+    return "\n".join(out)
+
+
+def _config_lines(args: argparse.Namespace, runner: Runner) -> str:
+    import importlib.metadata as md
+
+    def ver(p):
+        try:
+            return md.version(p)
+        except md.PackageNotFoundError:
+            return "?"
+
+    arch = {
+        "paper": "channels 64/128/256, 2 res blocks/level, 32 groups, 4 latent channels, 4x downsampling",
+        "demo": "channels 32/64/64, 1 res block/level, 16 groups, 4 latent channels, 4x downsampling",
+    }[args.width_preset]
+    lines = [
+        f"- width `{args.width_preset}`: {arch}; torch {ver('torch')}, monai {ver('monai')}, "
+        f"{args.threads} threads, {os.cpu_count()} CPUs visible, {platform.machine()}",
+        f"- patch-wise: image patch {args.patch_size}^3 overlap {args.encode_overlap:g}; latent window "
+        f"{args.latent_patch_size}^3 overlap {args.decode_overlap:g} (Gaussian)",
+        f"- {args.repeats} timed repeat(s) after {args.warmup} warm-up; memory cap (RLIMIT_AS) {args.mem_cap_gb:g} GiB "
+        f"per child; --max-seconds {args.max_seconds:g}",
+    ]
+    if args.max_windows > 0:
+        lines.append(
+            f"- `--max-windows {args.max_windows}`: patch-wise times marked *est.* ran the network on "
+            f"{args.max_windows} windows and added (windows not run) x (mean window time); peak memory is as measured"
+        )
+    lines.append(
+        f"- total wall time of this run {(time.time() - runner.started) / 60:.1f} min, "
+        f"finished {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}"
+    )
+    return "\n".join(lines)
+
+
+def run_main(args: argparse.Namespace) -> tuple[Runner, str, str]:
+    runner = Runner(args)
+    sizes = sorted(set(args.sizes))
+    if args.baseline_sizes is None:
+        base_sizes = [s for s in (64, 128) if s <= max(sizes)]
+    else:
+        base_sizes = sorted(set(args.baseline_sizes))
+    all_sizes = sorted(set(sizes) | set(base_sizes))
+    for s in all_sizes:
+        for op in ("encode", "decode"):
+            # adjacent in time so that each ratio compares runs under similar machine load
+            runner.run(runner.spec("maisi", "whole", op, s))
+            if s in base_sizes:
+                runner.run(runner.spec("aekl", "whole", op, s))
+            if s in sizes:
+                runner.run(runner.spec("maisi", "patch", op, s))
+    if args.profile:
+        ps = min(base_sizes or sizes)
+        for model in ("maisi", "aekl"):
+            runner.run(runner.spec(model, "whole", "profile", ps, warmup=1))
+    body = main_tables(runner, sizes, base_sizes)
+    notes = _config_lines(args, runner)
+    title = f"### Throughput and memory, width `{args.width_preset}`, sizes {', '.join(f'{s}^3' for s in sizes)}"
+    return runner, title, f"{notes}\n\n{body}"
+
+
+def run_find_max(args: argparse.Namespace) -> tuple[Runner, str, str]:
+    runner = Runner(args)
+    cands = list(range(32, args.find_max_limit + 1, 32))
+    rows = []
+    for method in ("patch", "whole"):
+        over = {"max_windows": args.find_max_windows} if method == "patch" else {}
+        probes: list[str] = []
+        verdict: dict[int, str] = {}
+
+        def probe(size: int) -> str:
+            """'ok', 'fail' (memory) or 'unknown' (timeout / too slow / error)."""
+            worst = "ok"
+            for op in ("encode", "decode"):
+                r = runner.run(runner.spec("maisi", method, op, size, **over), label="(find-max)")
+                st = r["status"]
+                tag = {"ok": "ok", "oom": "> cap", "skip-mem": "> cap (predicted)", "killed": "killed"}.get(st, st)
+                if st == "ok":
+                    tag += f" peak {_gib(r['peak_kib'])} GiB"
+                elif st == "oom":
+                    tag += f" (at {_gib(r.get('peak_kib'))} GiB)"
+                probes.append(f"{size}^3 {op}: {tag}")
+                if st == "ok":
+                    continue
+                worst = "fail" if st in ("oom", "skip-mem", "killed") else "unknown"
+                break
+            verdict[size] = worst
+            return worst
+
+        lo, hi = -1, len(cands)  # indices: cands[lo] known ok, cands[hi] known fail
+        unknown: list[int] = []
+        top = len(cands) - 1  # the upper limit first: if it fits, no search is needed
+        v = probe(cands[top])
+        if v == "ok":
+            lo = top
+        elif v == "fail":
+            hi = top
+        else:
+            unknown.append(top)
+        L, R = lo + 1, top - 1
+        while L <= R:
+            if time.time() - runner.started > args.find_max_budget_s:
+                probes.append(f"(stopped: --find-max-budget-s {args.find_max_budget_s:g} reached)")
+                break
+            mid = (L + R) // 2
+            v = probe(cands[mid])
+            if v == "ok":
+                lo, L = mid, mid + 1
+            elif v == "fail":
+                hi, R = mid, mid - 1
+            else:  # unknown: cannot say; keep searching below it
+                unknown.append(mid)
+                R = mid - 1
+        best = cands[lo] if lo >= 0 else None
+        first_fail = cands[hi] if hi < len(cands) else None
+        unk = sorted(cands[i] for i in unknown if i > lo and (hi >= len(cands) or i < hi))
+        rows.append((method, best, first_fail, unk, probes))
+    out = [
+        "| path | largest side that encoded AND decoded under the cap | smallest side that failed (> cap) | undecided (timeout / too slow) | probes, in order |",
+        "|---|---|---|---|---|",
+    ]
+    for method, best, fail, unk, probes in rows:
+        name = "patch-wise" + (f" (est. times, {args.find_max_windows} windows run)" if args.find_max_windows else "")
+        if method == "whole":
+            name = "whole-volume"
+        lim = "" if fail is not None else f" (search limit {args.find_max_limit})"
+        out.append(
+            f"| {name} | {f'{best}^3' if best else 'none'}{lim if best == args.find_max_limit else ''} "
+            f"| {f'{fail}^3' if fail else '–'} | {', '.join(f'{u}^3' for u in unk) or '–'} | {'; '.join(probes)} |"
+        )
+    a = args
+    notes = _config_lines(args, runner)
+    notes += (
+        f"\n- search: sides {cands[0]}..{cands[-1]} in steps of 32, the limit first, then binary search; a probe is "
+        f"an encode child and, if that fits, a decode child; budget {a.find_max_budget_s:g} s"
+    )
+    if a.find_max_windows:
+        notes += (
+            f"\n- patch-wise probes run the network on {a.find_max_windows} windows per pass (`--find-max-windows`; "
+            "memory as measured: all windows have the same shape, the stitching buffers are real)"
+        )
+    title = f"### Largest volume within {a.mem_cap_gb:g} GiB (`--find-max`), width `{a.width_preset}`"
+    return runner, title, f"{notes}\n\n" + "\n".join(out)
+
+
+# -- BENCHMARKS.md -----------------------------------------------------------------------------------------------
+
+
+def write_md(path: Path, key: str, title: str, command: str, body: str) -> None:
+    begin, end = f"<!-- vae_patchwise:{key} BEGIN -->", f"<!-- vae_patchwise:{key} END -->"
+    block = f"{begin}\n{title}\n\nCommand: `{command}`\n\n{body}\n{end}\n"
+    text = path.read_text() if path.exists() else BENCH_HEADER
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION_TITLE), None)
+    if start is None:
+        if text and not text.endswith("\n"):
+            text += "\n"
+        text += f"\n{SECTION_TITLE}\n\n{SECTION_INTRO}\n{block}"
+        path.write_text(text)
+        return
+    stop = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    section = "".join(lines[start:stop])
+    if begin in section and end in section:
+        pre, rest = section.split(begin, 1)
+        _, post = rest.split(end, 1)
+        section = pre + block.rstrip("\n") + post
+    else:
+        section = section.rstrip("\n") + "\n\n" + block + ("\n" if stop < len(lines) else "")
+    path.write_text("".join(lines[:start]) + section + "".join(lines[stop:]))
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="MeduetVAE patch-wise (sliding-window) vs whole-volume encode/decode: time, throughput and peak "
+        "memory per configuration in capped child processes, an AutoencoderKL baseline, and the largest volume "
+        "that fits a memory cap (--find-max).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="cubic volume sides to measure")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    p.add_argument("--width-preset", choices=("paper", "demo"), default="paper",
+                   help="paper: MAISI_CT_ARCHITECTURE (64/128/256, 2 res blocks, 32 groups); demo: 32/64/64, 1, 16")
+    p.add_argument("--patch-size", type=int, default=64, help="encode_patchwise image patch side")
+    p.add_argument("--latent-patch-size", type=int, default=16, help="decode_patchwise latent window side")
+    p.add_argument("--encode-overlap", type=float, default=0.0, help="encode_patchwise overlap")
+    p.add_argument("--decode-overlap", type=float, default=0.25, help="decode_patchwise overlap")
+    p.add_argument("--max-windows", type=int, default=0,
+                   help="patch-wise: run the network on this many windows per pass and extrapolate the time (0: all)")
+    p.add_argument("--baseline-sizes", type=int, nargs="*", default=None,
+                   help="sizes for the AutoencoderKL baseline (default: 64 and 128, those <= max(--sizes)); "
+                   "pass no value to skip it")
+    p.add_argument("--profile", action="store_true",
+                   help="also split a whole-volume encode+decode (smallest baseline size) into GroupNorm/Conv3d/rest")
+    p.add_argument("--mem-cap-gb", type=float, default=16.0, help="RLIMIT_AS of every child, GiB (0: no cap)")
+    p.add_argument("--max-seconds", type=float, default=1800.0, help="timeout of every child process")
+    p.add_argument("--no-preflight", dest="preflight", action="store_false",
+                   help="run every configuration even when predicted to exceed the cap or --max-seconds")
+    p.add_argument("--preflight-margin", type=float, default=0.15,
+                   help="skip as '> cap (predicted)' only above cap * (1 + margin)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in the children")
+    p.add_argument("--find-max", action="store_true",
+                   help="instead of the throughput tables: search the largest side that encodes and decodes under the cap")
+    p.add_argument("--find-max-limit", type=int, default=512, help="largest side tried by --find-max")
+    p.add_argument("--find-max-windows", type=int, default=2,
+                   help="--find-max patch-wise probes: network windows run per pass (0: all)")
+    p.add_argument("--find-max-budget-s", type=float, default=1800.0, help="stop the search after this many seconds")
+    p.add_argument("--write-md", action="store_true", help=f"write the tables into BENCHMARKS.md ({SECTION_TITLE!r})")
+    p.add_argument("--md-path", type=Path, default=REPO / "BENCHMARKS.md")
+    p.add_argument("--md-key", default=None,
+                   help="which block of the section to replace (default: 'find-max' or 'main-<width>')")
+    p.add_argument("--json-out", type=Path, default=None, help="also dump every child result as JSON")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        res = _run_worker(json.loads(args.worker))
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return 0
+    for s in args.sizes:
+        if s % 4:
+            raise SystemExit(f"--sizes: {s} is not divisible by 4 (the VAE downsampling factor)")
+    if args.find_max:
+        runner, title, body = run_find_max(args)
+        key = args.md_key or "find-max"
+    else:
+        runner, title, body = run_main(args)
+        key = args.md_key or f"main-{args.width_preset}"
+    argv_shown = sys.argv[1:] if argv is None else argv
+    command = ".venv/bin/python bench/vae_patchwise.py " + " ".join(shlex.quote(x) for x in argv_shown)
+    print(f"{title}\n\nCommand: `{command.strip()}`\n\n{body}\n")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(runner.results, indent=1))
+    if args.write_md:
+        write_md(args.md_path, key, title, command.strip(), body)
+        _log(f"wrote {args.md_path} (block {key!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
