@@ -25,10 +25,10 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from typing import Any
 
 from meduet.errors import MeduetInputError
+from meduet.io import atomic_path
 
 __all__ = ["SPLITS", "SAMPLE_HINT", "load_datalist", "get_split", "write_datalist", "resolve_path"]
 
@@ -174,18 +174,6 @@ def write_datalist(path: str | os.PathLike, data: dict) -> str:
     """
     path = os.path.abspath(os.fspath(path))
     text = json.dumps(data, indent=2) + "\n"  # serialise first: a TypeError must not leave a temp file behind
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a datalist is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path

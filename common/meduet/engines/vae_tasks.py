@@ -11,7 +11,6 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from meduet.data import get_load_transforms, load_datalist, write_datalist
 from meduet.errors import MeduetConfigError
+from meduet.io import atomic_path
 from meduet.metrics.reconstruction import reconstruction_metrics, seam_error
 from meduet.networks.vae import MeduetVAE, encode_patchwise, load_vae
 from meduet.viz import save_orthoslices
@@ -70,17 +70,8 @@ def latent_affine(affine: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _atomic_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(nib.Nifti1Image(array, affine), tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _affine_of(t: torch.Tensor) -> np.ndarray:

@@ -291,6 +291,20 @@ def _check_divisible(shape: Sequence[int], factor: int, what: str) -> None:
         raise ValueError(f"{what} {tuple(shape)} must be divisible by {factor} (pad with DivisiblePadd(k={factor}))")
 
 
+def _window(size: Sequence[int] | int, shape: Sequence[int]) -> list[int]:
+    """A sliding-window size per axis, no larger than the volume."""
+    ps = [size] * len(shape) if isinstance(size, int) else list(size)
+    return [min(int(p), int(s)) for p, s in zip(ps, shape)]
+
+
+def _sliding(predictor, x, roi, overlap, sw_batch_size, mode, sw_device, device) -> torch.Tensor:
+    # MONAI's sliding window handles outputs whose grid is a fixed zoom of the input's (encode: 1/f, decode: f)
+    return sliding_window_inference(
+        x, roi_size=roi, sw_batch_size=sw_batch_size, predictor=predictor, overlap=overlap, mode=mode,
+        sw_device=sw_device, device=device,
+    )
+
+
 def encode_patchwise(
     vae: MeduetVAE,
     image: torch.Tensor,
@@ -310,19 +324,9 @@ def encode_patchwise(
     """
     f = vae.downsample_factor
     _check_divisible(image.shape[2:], f, "image spatial shape")
-    ps = [patch_size] * (image.ndim - 2) if isinstance(patch_size, int) else list(patch_size)
-    ps = [min(p, s) for p, s in zip(ps, image.shape[2:])]
+    ps = _window(patch_size, image.shape[2:])
     _check_divisible(ps, f, "patch size")
-    return sliding_window_inference(
-        image,
-        roi_size=ps,
-        sw_batch_size=sw_batch_size,
-        predictor=vae.encode_mean,
-        overlap=overlap,
-        mode=mode,
-        sw_device=sw_device,
-        device=device,
-    )
+    return _sliding(vae.encode_mean, image, ps, overlap, sw_batch_size, mode, sw_device, device)
 
 
 def decode_patchwise(
@@ -339,18 +343,8 @@ def decode_patchwise(
 
     ``latent``: ``(B, c, h, w, d)``; returns ``(B, C_out, h*f, w*f, d*f)``.
     """
-    ps = [latent_patch_size] * (latent.ndim - 2) if isinstance(latent_patch_size, int) else list(latent_patch_size)
-    ps = [min(p, s) for p, s in zip(ps, latent.shape[2:])]
-    return sliding_window_inference(
-        latent,
-        roi_size=ps,
-        sw_batch_size=sw_batch_size,
-        predictor=vae.decode,
-        overlap=overlap,
-        mode=mode,
-        sw_device=sw_device,
-        device=device,
-    )
+    ps = _window(latent_patch_size, latent.shape[2:])
+    return _sliding(vae.decode, latent, ps, overlap, sw_batch_size, mode, sw_device, device)
 
 
 def reconstruct_patchwise(
