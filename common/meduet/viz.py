@@ -39,7 +39,7 @@ def save_orthoslices(
     cmaps = dict(cmaps or {})
     ranges = dict(ranges or {})
     rows = [(name, _as_3d(v)) for name, v in volumes.items()]
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(8.5, 2.5 * len(rows)), squeeze=False, layout="constrained")
     for r, (name, vol) in enumerate(rows):
         c = [s // 2 for s in vol.shape] if center is None else list(center)
         lo, hi = ranges.get(name, (float(vol.min()), float(vol.max())))
@@ -52,7 +52,7 @@ def save_orthoslices(
                 ax.set_title(label, fontsize=9)
             if k == 0:
                 ax.set_ylabel(name, fontsize=9)
-        fig.colorbar(im, ax=axes[r].tolist(), shrink=0.8)
+        fig.colorbar(im, ax=axes[r].tolist(), shrink=0.9, pad=0.01)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=80)
