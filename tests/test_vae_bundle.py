@@ -173,7 +173,9 @@ def test_missing_checkpoint_and_bad_input_are_one_line(tmp_path, tiny_data):
     proc = bundle_run("meduet_vae", "evaluate", "--bundle_root", str(tmp_path), "--dataset_dir",
                       str(tiny_data / "phantoms"), check=False)
     assert proc.returncode != 0
-    assert "does not exist; train it first" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("MeduetConfigError: ") and "does not exist; train it first" in last
+    assert "Traceback" not in proc.stderr  # one line, not MONAI's nested traceback
     # a NaN volume in a datalist stops training before anything is written
     bad = tmp_path / "bad"
     (bad / "images").mkdir(parents=True)
@@ -187,7 +189,8 @@ def test_missing_checkpoint_and_bad_input_are_one_line(tmp_path, tiny_data):
     proc = bundle_run("meduet_vae", "train", "--bundle_root", str(tmp_path / "b"), "--dataset_dir", str(bad),
                       run_id="training", check=False)
     assert proc.returncode != 0
-    assert "nan.nii.gz" in proc.stderr and "NaN" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("MeduetInputError: ") and "nan.nii.gz" in last and "NaN" in last
     assert not (tmp_path / "b" / "models" / "model.pt").exists()
 
 

@@ -1,9 +1,54 @@
-"""Errors users see: one line that names the file and the fix."""
+"""Errors users see: one line that names the file and the fix.
+
+Importing ``meduet`` installs a ``sys.excepthook`` that, for an uncaught exception whose cause chain contains one
+of these errors (MONAI's config parser and transforms wrap errors several times), prints just that one line
+instead of the whole traceback. Set ``MEDUET_TRACEBACK=1`` to see full tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import TracebackType
 
 
-class MeduetInputError(ValueError):
+class MeduetError(Exception):
+    """Base of the errors whose message is meant for users as it is."""
+
+
+class MeduetInputError(MeduetError, ValueError):
     """Bad input data (unreadable, not 3D, NaN/Inf, grid mismatch, unknown domain, ...)."""
 
 
-class MeduetConfigError(ValueError):
+class MeduetConfigError(MeduetError, ValueError):
     """A missing upstream checkpoint or an inconsistent configuration."""
+
+
+def find_meduet_error(exc: BaseException | None) -> MeduetError | None:
+    """The first ``MeduetError`` in an exception's ``__cause__``/``__context__`` chain, or ``None``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MeduetError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _excepthook(etype: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    err = find_meduet_error(value)
+    if err is None or os.environ.get("MEDUET_TRACEBACK", "0") not in ("", "0"):
+        _previous_hook(etype, value, tb)
+        return
+    print(f"{type(err).__name__}: {err}", file=sys.stderr)
+
+
+_previous_hook = sys.excepthook
+
+
+def install_excepthook() -> None:
+    """Make uncaught MeduetErrors print as one line (idempotent)."""
+    if sys.excepthook is not _excepthook:
+        global _previous_hook
+        _previous_hook = sys.excepthook
+        sys.excepthook = _excepthook

@@ -22,7 +22,7 @@ from monai.config import KeysCollection
 from monai.transforms import LoadImage, LoadImaged, MapTransform
 
 from meduet.data.datalist import SAMPLE_HINT
-from meduet.errors import MeduetInputError
+from meduet.errors import MeduetInputError, find_meduet_error
 
 __all__ = [
     "AFFINE_TOL",
@@ -194,13 +194,8 @@ def find_input_error(exc: BaseException | None) -> MeduetInputError | None:
     MONAI wraps exceptions raised inside transforms (``Dataset.__getitem__``, ``Compose``) into
     ``RuntimeError("applying transform ...")``; top-level code can use this to report the one-line input error.
     """
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, MeduetInputError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+    err = find_meduet_error(exc)
+    return err if isinstance(err, MeduetInputError) else None
 
 
 def check_datalist_images(items: Sequence[Mapping[str, Any]], expected_channels: int | None = None) -> list[dict]:

@@ -1,0 +1,353 @@
+#!/usr/bin/env python
+"""meduet_pretrain benchmark: one full MeDUET training step vs one masked-autoencoder step (CPU).
+
+Both models share the backbone (``LatentViT`` encoder + ``LatentDecoder``) at the same width and batch. A *step* is
+what a trainer does per batch, timed end to end:
+
+* MeDUET (``meduet``): ``meduet_step_losses`` with every term active (dual reconstruction, both domain terms,
+  MFTD with ``step >= mftd_start_step``, SiQC), ``backward``, grad-norm clipping (1.0), AdamW step
+  (lr 1e-4, betas (0.9, 0.95), wd 0.01) and the EMA teacher update;
+* MAE (``mae``): ``mae_step_losses`` (random masking, ratio 0.5, the encoder sees the visible tokens only),
+  ``backward``, clipping, AdamW step.
+
+Optional ablation rows (``--models``): ``meduet_rec_dom`` (reconstruction + domain terms only: no teacher, no
+re-encoding), ``meduet_no_siqc`` (+ MFTD), ``meduet_no_mftd`` (+ SiQC).
+
+Every model runs in a fresh child process (this script re-invoked with ``--worker``) with
+``torch.set_num_threads(--threads)``; it reports the median (and min) seconds per step over ``--iters`` steps
+after ``--warmup`` steps, its peak RSS (``ru_maxrss``) and that minus its RSS right before the first step, and the
+floating-point operations of one step counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
+convolutions, attention; forward + backward). With ``--rounds R`` the children run R times in alternating order
+and the per-model medians of all rounds are pooled, which evens out load changes on a shared machine.
+``--profile`` adds, for the full MeDUET step, the forward time per phase (``torch.profiler`` record-function
+scopes of ``meduet_step_losses``) and the wall-clock split forward / backward / optimiser / EMA.
+
+Defaults are the issue's configuration: latent 4x24^3, batch 8, encoder dim 192, depth 6, 6 heads, latent patch 4,
+decoder dim 96, depth 2, mlp ratio 4, 10 domains, fp32, 2 threads::
+
+    .venv/bin/python bench/pretrain_step.py                       # the table
+    .venv/bin/python bench/pretrain_step.py --profile --rounds 2 --models mae meduet meduet_rec_dom --write-md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SECTION_TITLE = "## meduet_pretrain: full MeDUET step vs masked-autoencoder step"
+RESULT_TAG = "@@PRETRAIN_BENCH_RESULT "
+MODELS = {
+    "mae": "masked autoencoder (baseline)",
+    "meduet": "MeDUET, all four objectives",
+    "meduet_rec_dom": "MeDUET, rec + domain only",
+    "meduet_no_siqc": "MeDUET, rec + domain + MFTD",
+    "meduet_no_mftd": "MeDUET, rec + domain + SiQC",
+}
+ABLATIONS = {
+    "meduet": {},
+    "meduet_rec_dom": {"use_mftd": False, "use_siqc": False},
+    "meduet_no_siqc": {"use_siqc": False},
+    "meduet_no_mftd": {"use_mftd": False},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# child side
+# ----------------------------------------------------------------------------------------------------------------
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return -1
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """FlopCounterMode counts the CUDA attention kernels only; count the CPU flash-attention ops the same way."""
+    import torch
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    try:
+        if fwd is not None:
+            fc.register_flop_formula(fwd)(
+                lambda q, k, v, *args, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v))
+        if bwd is not None:
+            fc.register_flop_formula(bwd)(
+                lambda g, q, k, v, *args, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v))
+    except (RuntimeError, ValueError):  # already registered (newer torch)
+        pass
+
+
+def _run_worker(spec: dict) -> dict:
+    import resource
+
+    import torch
+
+    from meduet.engines.ema import EMATeacher
+    from meduet.losses.meduet import mae_step_losses, meduet_step_losses
+    from meduet.networks.meduet import MaskedAutoencoder, MeDUET
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+    arch = dict(in_channels=spec["channels"], input_size=spec["size"], patch_size=spec["patch"], dim=spec["dim"],
+                depth=spec["depth"], num_heads=spec["heads"], mlp_ratio=spec["mlp_ratio"], dec_dim=spec["dec_dim"],
+                dec_depth=spec["dec_depth"], dec_heads=spec["dec_heads"])
+    name = spec["model"]
+    b, s = spec["batch"], spec["size"]
+    x = torch.randn(b, spec["channels"], s, s, s)
+    dom = torch.arange(b) % spec["domains"]
+    if name == "mae":
+        model = MaskedAutoencoder(**arch, mask_ratio=spec["mask_ratio"])
+        teacher = None
+    else:
+        model = MeDUET(**arch, num_domains=spec["domains"])
+        teacher = EMATeacher(model)
+    cfg = dict(ABLATIONS.get(name, {}), mix_ratio=spec["mix_ratio"], mftd_start_step=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    total_steps = spec["warmup"] + spec["iters"] + 10
+
+    def losses(step: int):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            if name == "mae":
+                return mae_step_losses(model, x)
+            return meduet_step_losses(model, teacher, x, dom, step, cfg)
+
+    def train_step(step: int, split: dict | None = None) -> float:
+        t0 = time.perf_counter()
+        out = losses(step)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        t3 = time.perf_counter()
+        if teacher is not None:
+            teacher.update(model, step, total_steps)
+        t4 = time.perf_counter()
+        if split is not None:
+            for key, dt in (("forward", t1 - t0), ("backward", t2 - t1), ("clip+optimizer", t3 - t2), ("ema", t4 - t3)):
+                split.setdefault(key, []).append(dt)
+        return t4 - t0
+
+    rss_before = _rss_kib()
+    for i in range(spec["warmup"]):
+        train_step(i)
+    times = [train_step(spec["warmup"] + i) for i in range(spec["iters"])]
+    result = {
+        "model": name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "times": times,
+        "median": statistics.median(times),
+        "min": min(times),
+        "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "rss_before_kib": rss_before,
+    }
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_sdpa_flops()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = losses(total_steps)
+        out["loss"].backward()
+    result["gflop"] = counter.get_total_flops() / 1e9
+    opt.zero_grad(set_to_none=True)
+
+    if spec.get("profile") and name != "mae":
+        from torch.profiler import ProfilerActivity, profile
+
+        split: dict = {}
+        for i in range(2):
+            train_step(total_steps + i, split)
+        result["split"] = {k: statistics.median(v) for k, v in split.items()}
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = losses(total_steps)
+        phases = {}
+        for ev in prof.key_averages():
+            if ev.key.startswith("meduet/"):
+                phases[ev.key] = ev.cpu_time_total / 1e6
+        result["phases"] = phases
+        result["top_ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parent side
+# ----------------------------------------------------------------------------------------------------------------
+def _spawn(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    raise RuntimeError(f"worker {spec['model']} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def _spec(a: argparse.Namespace, model: str) -> dict:
+    return {
+        "model": model, "channels": a.latent_channels, "size": a.latent_size, "batch": a.batch, "dim": a.dim,
+        "depth": a.depth, "heads": a.heads, "patch": a.patch, "dec_dim": a.dec_dim, "dec_depth": a.dec_depth,
+        "dec_heads": a.dec_heads, "mlp_ratio": a.mlp_ratio, "domains": a.domains, "dtype": a.dtype,
+        "threads": a.threads, "iters": a.iters, "warmup": a.warmup, "mix_ratio": a.mix_ratio,
+        "mask_ratio": a.mask_ratio, "profile": a.profile,
+    }
+
+
+def _config_line(a: argparse.Namespace) -> str:
+    n = (a.latent_size // a.patch) ** 3
+    return (f"latent {a.latent_channels}x{a.latent_size}^3 ({n} tokens), batch {a.batch}, encoder dim {a.dim} depth "
+            f"{a.depth} heads {a.heads}, latent patch {a.patch}, decoder dim {a.dec_dim} depth {a.dec_depth}, mlp ratio "
+            f"{a.mlp_ratio:g}, {a.domains} domains, {a.dtype}, {a.threads} threads; {a.iters} timed steps after "
+            f"{a.warmup} warm-up, {a.rounds} round(s)")
+
+
+def run(a: argparse.Namespace) -> tuple[str, str]:
+    models = list(dict.fromkeys(a.models))
+    results: dict[str, list[dict]] = {m: [] for m in models}
+    for r in range(a.rounds):
+        order = models if r % 2 == 0 else models[::-1]
+        for m in order:
+            spec = _spec(a, m)
+            spec["profile"] = a.profile and r == 0 and m == "meduet"
+            print(f"[round {r + 1}/{a.rounds}] {m} ...", file=sys.stderr, flush=True)
+            res = _spawn(spec, a.max_seconds)
+            print(f"  median {res['median']:.3f} s/step, peak {res['peak_kib'] / 1024:.0f} MiB", file=sys.stderr)
+            results[m].append(res)
+
+    def med(m: str) -> float:
+        return statistics.median(t for res in results[m] for t in res["times"])
+
+    base = med("mae") if "mae" in results else None
+    base_flop = results["mae"][0]["gflop"] if "mae" in results else None
+    lines = [
+        "| step | params (M) | median s/step | min s/step | ratio vs MAE | GFLOP/step (fwd+bwd) | FLOP ratio vs MAE "
+        "| peak RSS (MiB) | RSS increase (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in models:
+        rs = results[m]
+        t = med(m)
+        peak = max(res["peak_kib"] for res in rs) / 1024
+        inc = max(res["peak_kib"] - res["rss_before_kib"] for res in rs) / 1024
+        gf = rs[0]["gflop"]
+        ratio = f"{t / base:.2f}x" if base else "-"
+        fratio = f"{gf / base_flop:.2f}x" if base_flop else "-"
+        lines.append(f"| {MODELS[m]} (`{m}`) | {rs[0]['params'] / 1e6:.2f} | {t:.3f} | "
+                     f"{min(res['min'] for res in rs):.3f} | {ratio} | {gf:.1f} | {fratio} | {peak:.0f} | {inc:.0f} |")
+    table = "\n".join(lines)
+    extra = []
+    prof = next((res for res in results.get("meduet", []) if "phases" in res), None)
+    if prof:
+        sp = prof["split"]
+        tot = sum(sp.values())
+        extra.append("Full MeDUET step, wall-clock split (median of 2 profiled steps): " + ", ".join(
+            f"{k} {v:.3f} s ({100 * v / tot:.0f}%)" for k, v in sp.items()) + ".")
+        ph = prof["phases"]
+        fwd = sum(ph.values())
+        extra.append("Forward of the full step by phase (`torch.profiler` scopes in `meduet_step_losses`): " + ", ".join(
+            f"`{k}` {v:.3f} s ({100 * v / fwd:.0f}%)" for k, v in sorted(ph.items(), key=lambda kv: -kv[1])) + ".")
+        print("\nTop ops of one full MeDUET forward:\n" + prof["top_ops"], file=sys.stderr)
+    body = table + ("\n\n" + "\n\n".join(extra) if extra else "")
+    return _config_line(a), body
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BENCHMARKS.md
+# ----------------------------------------------------------------------------------------------------------------
+SECTION_INTRO = """Produced by `bench/pretrain_step.py`. One *step* is what the trainer does per batch: the losses of
+`meduet_step_losses` (dual reconstruction, content and style domain terms, MFTD after its start step, SiQC), backward,
+grad-norm clipping, AdamW and the EMA-teacher update for MeDUET; `mae_step_losses` (mask ratio 0.5, encoder on the
+visible tokens only), backward, clipping and AdamW for the masked-autoencoder baseline with the same encoder/decoder
+at the same width and batch. Random weights and latents; every model in a fresh child process; "peak RSS" is the
+child's `ru_maxrss`, "RSS increase" that minus its RSS before the first step. GFLOP are counted by
+`torch.utils.flop_counter.FlopCounterMode` for one step's forward + backward. The machine is shared, so the absolute
+times are noisy; the ratio comes from one run (children back to back).
+"""
+
+
+def write_md(path: Path, config: str, command: str, body: str, notes: str) -> None:
+    """Replace (or append) this benchmark's section of ``path``; other sections are left as they are."""
+    stamp = time.strftime("%Y-%m-%d")
+    block = (f"{SECTION_TITLE}\n\n{SECTION_INTRO}\nCommand (run {stamp}, {platform.machine()}, "
+             f"{os.cpu_count()} CPUs):\n\n```bash\n{command}\n```\n\nConfiguration: {config}.\n\n{body}\n")
+    if notes:
+        block += f"\n{notes.strip()}\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION_TITLE), None)
+    if start is None:
+        path.write_text(text.rstrip("\n") + "\n\n" + block)
+        return
+    stop = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    tail = "".join(lines[stop:])
+    path.write_text("".join(lines[:start]) + block + ("\n" + tail if tail else ""))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--latent-channels", type=int, default=4)
+    p.add_argument("--latent-size", type=int, default=24, help="cubic latent crop side")
+    p.add_argument("--batch", type=int, default=8, help="samples per step (MeDUET: batch/2 mixed pairs)")
+    p.add_argument("--dim", type=int, default=192, help="encoder width")
+    p.add_argument("--depth", type=int, default=6, help="encoder blocks")
+    p.add_argument("--heads", type=int, default=6, help="encoder heads")
+    p.add_argument("--patch", type=int, default=4, help="latent patch side")
+    p.add_argument("--dec-dim", type=int, default=96, help="decoder width")
+    p.add_argument("--dec-depth", type=int, default=2, help="decoder blocks")
+    p.add_argument("--dec-heads", type=int, default=None, help="decoder heads (default: --heads if it divides --dec-dim)")
+    p.add_argument("--mlp-ratio", type=float, default=4.0)
+    p.add_argument("--domains", type=int, default=10)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = CPU autocast")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in the children")
+    p.add_argument("--iters", type=int, default=10, help="timed steps per child")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before")
+    p.add_argument("--rounds", type=int, default=1, help="run the children this many times, alternating the order")
+    p.add_argument("--mix-ratio", type=float, default=0.5)
+    p.add_argument("--mask-ratio", type=float, default=0.5, help="MAE mask ratio")
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mae", "meduet"])
+    p.add_argument("--profile", action="store_true", help="phase split of the full MeDUET step")
+    p.add_argument("--max-seconds", type=float, default=3600.0, help="timeout per child")
+    p.add_argument("--write-md", action="store_true", help=f"write the table into BENCHMARKS.md ({SECTION_TITLE!r})")
+    p.add_argument("--md-path", type=Path, default=REPO / "BENCHMARKS.md")
+    p.add_argument("--md-notes", type=Path, default=None, help="markdown file appended to the section (analysis)")
+    p.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.worker:
+        print(RESULT_TAG + json.dumps(_run_worker(json.loads(a.worker))), flush=True)
+        return 0
+    if "mae" not in a.models:
+        a.models = ["mae", *a.models]
+    config, body = run(a)
+    command = ".venv/bin/python bench/pretrain_step.py " + " ".join(shlex.quote(s) for s in (argv or sys.argv[1:]))
+    print(f"\n{SECTION_TITLE}\n\n{config}\n\n{body}")
+    if a.write_md:
+        notes = a.md_notes.read_text() if a.md_notes else ""
+        write_md(a.md_path, config, command.strip(), body, notes)  # re-reads the file right before writing
+        print(f"\nwrote {a.md_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

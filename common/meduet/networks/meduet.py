@@ -1,0 +1,540 @@
+"""The MeDUET network (token mixing, content/style factor heads, recombination, dual reconstruction, domain
+heads, learnable SiQC temperature) and the masked-autoencoder baseline with the same backbone.
+
+Shapes (``p`` latent patch, ``g`` token grid, ``N = g1 g2 g3``, ``D`` encoder width, ``Ds`` style width,
+``P = C p^3`` values per patch):
+
+* A training batch ``x (2K, C, S1, S2, S3)`` holds ``K`` *pairs*: sample ``k`` (source **A**) is mixed with
+  sample ``k + K`` (source **B**).
+* The mix mask ``M (K, N)`` is boolean: ``True`` where the mixed sequence carries A's token, ``False`` where
+  it carries B's. Every row has exactly ``round(mix_ratio * N)`` True entries (half-up rounding), so
+  ``mix_ratio`` is A's share of the positions; it must leave both sources at least one token.
+* Everything that is "per source" is stacked as ``[A rows (K); B rows (K)]``, i.e. in the order of the input
+  batch: ``visible = cat([M, ~M])`` is each source's own positions, ``hidden = ~visible``.
+
+What ``MeDUET.forward`` computes (the student side of one training step; the losses live in
+``meduet.losses.meduet``):
+
+1. embed both sources (patch embedding + fixed positions), mix them token-wise with ``M``, run the encoder on
+   the ``K`` mixed sequences;
+2. factor heads per token: ``content = Linear(D, D)``, ``style = Linear(D, Ds)`` then a *normalised*
+   depthwise 3D smoothing over the token grid restricted to the source's own tokens (``StyleSmoothing``), so
+   a source's style never sees the other source's tokens. Demixing is positional: a source's factors are the
+   factor tokens at its own positions (kept on the full grid, with the other source's positions masked);
+3. recombination ``Linear(D + Ds, D)`` of ``[content, style]``;
+4. decoder streams (one decoder call for all of them): stream A = recombined tokens at A's positions and the
+   mask token at B's; stream B = the same with the complementary mask ``~M`` of the *same pair*; optionally
+   the style-swapped streams A<-sB (A's content with B's pooled style, A's positions) and B<-sA;
+5. domain heads on pooled factors: content (through gradient reversal) and style -> domain logits;
+6. optionally the student re-encodes the first 2 or 4 reconstructed views (unpatchified, with gradients)
+   as full unmixed sequences, in one encoder call.
+
+Design decisions not fixed by the paper (documented here once):
+
+* Style smoothing is a normalised convolution: ``conv(s * m) / conv(m)`` with the same positive depthwise
+  kernel (parameterised as ``exp(log_weight)``, initialised uniform), which is a learnable weighted average
+  over the source's real neighbours. Positivity keeps the denominator >= the centre weight > 0 on the source's
+  own positions; a free-sign kernel could make it vanish. Outputs at the other source's positions are zero.
+* Pooled factors are plain means over the source's own tokens (over all tokens for unmixed inputs).
+* The style swap uses the other source's *pooled* style vector broadcast over this source's content tokens,
+  because the two sources occupy different positions (and, for ``mix_ratio != 0.5``, different numbers of
+  positions); this is what makes any mixing ratio work.
+* The domain heads are linear by default (``domain_hidden=0``); ``domain_hidden > 0`` gives a one-hidden-layer
+  MLP.
+* The SiQC temperatures (content, style) are ``exp(log_tau)``; with ``learn_temperature=True`` ``log_tau`` is
+  an ``nn.Parameter`` (so the optimiser updates it) and is clamped to ``[log 0.01, log 1]`` when used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from meduet.losses.meduet import grad_reverse
+from meduet.networks.latent_vit import (
+    Grid,
+    LatentDecoder,
+    LatentViT,
+    to_3tuple,
+    tokens_to_map,
+    unpatchify,
+)
+
+__all__ = [
+    "MEDUET_PRESETS",
+    "TAU_RANGE",
+    "sample_mix_mask",
+    "sample_visible_mask",
+    "masked_mean",
+    "StyleSmoothing",
+    "FactorHeads",
+    "Recombination",
+    "FactorEncoder",
+    "MeDUET",
+    "MaskedAutoencoder",
+    "build_meduet",
+    "build_mae",
+]
+
+#: Network sizes, DiT-style. ``tiny``: tests (seconds on CPU); ``demo``: minutes on 2 CPU cores; ``paper``:
+#: the seed paper's ViT-B on 4x24^3 MAISI latents (216 tokens). ``style_dim`` defaults to ``dim // 4``.
+MEDUET_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(input_size=8, patch_size=2, dim=32, depth=2, num_heads=2, mlp_ratio=4.0,
+                 dec_dim=32, dec_depth=1, dec_heads=2),
+    "demo": dict(input_size=8, patch_size=2, dim=96, depth=4, num_heads=4, mlp_ratio=4.0,
+                 dec_dim=64, dec_depth=2, dec_heads=4),
+    "paper": dict(input_size=24, patch_size=4, dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                  dec_dim=384, dec_depth=8, dec_heads=12),
+}
+
+#: Clamp range of the SiQC temperature.
+TAU_RANGE = (0.01, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# masks
+# ----------------------------------------------------------------------------------------------------------------
+def _count(ratio: float, n: int, what: str) -> int:
+    count = int(math.floor(ratio * n + 0.5))
+    if not 0 < count < n:
+        raise ValueError(f"{what}={ratio} gives {count} of {n} tokens; it must leave at least one token on each side")
+    return count
+
+
+def _exactly_k_true(rows: int, n: int, k: int, device, generator: torch.Generator | None) -> torch.Tensor:
+    noise = torch.rand(rows, n, device=device, generator=generator)
+    ranks = noise.argsort(dim=1).argsort(dim=1)
+    return ranks < k
+
+
+def sample_mix_mask(pairs: int, num_tokens: int, ratio: float = 0.5, device=None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random mix mask ``(pairs, num_tokens)`` bool with exactly ``round(ratio * N)`` True (= source A) per row."""
+    return _exactly_k_true(pairs, num_tokens, _count(ratio, num_tokens, "mix_ratio"), device, generator)
+
+
+def sample_visible_mask(batch: int, num_tokens: int, mask_ratio: float = 0.5, device=None,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """MAE mask ``(batch, N)`` bool, True = visible; exactly ``round(mask_ratio * N)`` hidden tokens per row."""
+    hidden = _count(mask_ratio, num_tokens, "mask_ratio")
+    return _exactly_k_true(batch, num_tokens, num_tokens - hidden, device, generator)
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``tokens (B, N, F)`` over positions where ``mask (B, N)`` is True (all if None) -> ``(B, F)``."""
+    if mask is None:
+        return tokens.mean(dim=1)
+    w = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# factor heads
+# ----------------------------------------------------------------------------------------------------------------
+class StyleSmoothing(nn.Module):
+    """Depthwise 3D smoothing of style tokens over a source's own token neighbours (normalised convolution).
+
+    ``forward(style (B, N, Ds), visible (B, N) bool | None, grid) -> (B, N, Ds)``: the tokens are scattered onto
+    the ``grid`` with zeros where ``visible`` is False, and ``conv(s * m) / conv(m)`` is taken with the same
+    positive per-channel kernel ``exp(log_weight)`` (``kernel_size``^3, zero padding), so the result at a
+    visible position is a weighted average of visible neighbours only; non-visible outputs are zero. With
+    ``visible=None`` every token is real (borders are still normalised by the number of real neighbours).
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError("kernel_size must be odd")
+        self.channels, self.kernel_size = channels, kernel_size
+        self.log_weight = nn.Parameter(torch.zeros(channels, 1, kernel_size, kernel_size, kernel_size))
+
+    def forward(self, style: torch.Tensor, visible: torch.Tensor | None, grid: Sequence[int]) -> torch.Tensor:
+        b, n, c = style.shape
+        g = to_3tuple(grid)
+        weight = self.log_weight.exp().to(style.dtype)
+        pad = self.kernel_size // 2
+        s = style.transpose(1, 2).reshape(b, c, *g)
+        if visible is None:
+            m = style.new_ones(1, 1, *g)
+        else:
+            m = visible.to(style.dtype).reshape(b, 1, *g)
+            s = s * m
+        num = F.conv3d(s, weight, padding=pad, groups=c)
+        den = F.conv3d(m, weight, padding=pad)  # one input channel -> Ds channels, each with its own kernel
+        out = num / den.clamp_min(1e-6)
+        if visible is not None:
+            out = out * m
+        return out.reshape(b, c, n).transpose(1, 2)
+
+
+class FactorHeads(nn.Module):
+    """Per-token factor heads: ``content = Linear(D, D)``, ``style = StyleSmoothing(Linear(D, Ds))``."""
+
+    def __init__(self, dim: int, style_dim: int, smooth_kernel: int = 3) -> None:
+        super().__init__()
+        self.content = nn.Linear(dim, dim)
+        self.style = nn.Linear(dim, style_dim)
+        self.smooth = StyleSmoothing(style_dim, smooth_kernel)
+
+    def forward(self, tokens: torch.Tensor, grid: Sequence[int],
+                visible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokens (B, N, D) -> content (B, N, D), smoothed style (B, N, Ds)`` (style over ``visible`` only)."""
+        return self.content(tokens), self.smooth(self.style(tokens), visible, grid)
+
+
+class Recombination(nn.Module):
+    """``Linear(D + Ds -> D)`` of ``[content, style]``; ``style`` may be per token ``(B, N, Ds)`` or one vector
+    per sample ``(B, 1, Ds)`` broadcast over the tokens (the SiQC style swap). The weight is applied as two blocks,
+    which is the same linear map without materialising the concatenation."""
+
+    def __init__(self, dim: int, style_dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.proj = nn.Linear(dim + style_dim, dim)
+
+    def content_part(self, content: torch.Tensor) -> torch.Tensor:
+        return F.linear(content, self.proj.weight[:, : self.dim])
+
+    def style_part(self, style: torch.Tensor) -> torch.Tensor:
+        return F.linear(style, self.proj.weight[:, self.dim:], self.proj.bias)
+
+    def forward(self, content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        return self.content_part(content) + self.style_part(style)
+
+
+class FactorEncoder(nn.Module):
+    """Encoder with factor heads: the deployable part of MeDUET (what the EMA teacher copies, what the
+    downstream bundles load).
+
+    ``encode(x (B, C, S1, S2, S3))`` on unmixed full inputs (any grid divisible by ``patch_size``) returns a dict:
+
+    * ``tokens (B, N, D)``: encoder output; ``content_tokens (B, N, D)``; ``style_tokens (B, N, Ds)`` (smoothed);
+    * ``content (B, D)``, ``style (B, Ds)``: means over all tokens;
+    * ``content_map (B, D, g1, g2, g3)``: content tokens on the token grid.
+
+    ``forward(x)`` is ``encode(x)``.
+    """
+
+    def __init__(self, in_channels: int = 4, input_size: int | Sequence[int] = 24, patch_size: int = 4,
+                 dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 style_dim: int | None = None, smooth_kernel: int = 3, qkv_bias: bool = True,
+                 dropout_rate: float = 0.0) -> None:
+        super().__init__()
+        self.style_dim = style_dim or dim // 4
+        self.encoder = LatentViT(in_channels, input_size, patch_size, dim, depth, num_heads, mlp_ratio,
+                                 qkv_bias, dropout_rate)
+        self.factors = FactorHeads(dim, self.style_dim, smooth_kernel)
+        nn.init.xavier_uniform_(self.factors.content.weight)
+        nn.init.zeros_(self.factors.content.bias)
+        nn.init.xavier_uniform_(self.factors.style.weight)
+        nn.init.zeros_(self.factors.style.bias)
+
+    def ema_source(self) -> nn.Module:
+        return self
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens, grid = self.encoder.embed(x)
+        tokens = self.encoder.forward_tokens(tokens)
+        content, style = self.factors(tokens, grid)
+        return {
+            "tokens": tokens,
+            "content_tokens": content,
+            "style_tokens": style,
+            "content": content.mean(dim=1),
+            "style": style.mean(dim=1),
+            "content_map": tokens_to_map(content, grid),
+        }
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.encode(x)
+
+
+def _domain_head(in_dim: int, num_domains: int, hidden: int) -> nn.Module:
+    if hidden <= 0:
+        return nn.Linear(in_dim, num_domains)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, num_domains))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MeDUET
+# ----------------------------------------------------------------------------------------------------------------
+class MeDUET(nn.Module):
+    """MeDUET: token-mixed latent ViT with content/style factor heads, dual reconstruction and domain heads.
+
+    Args:
+        in_channels: latent channels ``C`` (4 for MAISI).
+        input_size: default latent crop size (only sets the cached position buffers; any size divisible by
+            ``patch_size`` works).
+        patch_size: latent patch ``p``.
+        dim, depth, num_heads, mlp_ratio: encoder (paper: 768, 12, 12, 4).
+        dec_dim, dec_depth, dec_heads: decoder (paper: 384, 8, 12); ``dec_heads`` defaults to ``num_heads`` if it
+            divides ``dec_dim``, else 1.
+        style_dim: ``Ds``, default ``dim // 4`` (192 for the paper).
+        num_domains: number of sites/datasets for the domain heads.
+        domain_hidden: 0 = linear domain heads; > 0 = MLP with that hidden width.
+        siqc_temperature: SiQC temperature (initial value when learnable).
+        learn_temperature: make ``log_tau`` (content, style) an optimised ``nn.Parameter``.
+        smooth_kernel: style smoothing kernel size.
+        qkv_bias, dropout_rate: transformer options.
+
+    Submodules: ``backbone`` (``FactorEncoder``: ``backbone.encoder``, ``backbone.factors``), ``recombine``,
+    ``decoder``, ``domain_content_head``, ``domain_style_head``; ``log_tau`` (parameter or buffer).
+    ``arch`` holds the constructor arguments (for checkpoints).
+    """
+
+    def __init__(self, in_channels: int = 4, input_size: int | Sequence[int] = 24, patch_size: int = 4,
+                 dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 dec_dim: int = 384, dec_depth: int = 8, dec_heads: int | None = None,
+                 style_dim: int | None = None, num_domains: int = 2, domain_hidden: int = 0,
+                 siqc_temperature: float = 0.07, learn_temperature: bool = False, smooth_kernel: int = 3,
+                 qkv_bias: bool = True, dropout_rate: float = 0.0) -> None:
+        super().__init__()
+        style_dim = style_dim or dim // 4
+        if dec_heads is None:
+            dec_heads = num_heads if dec_dim % num_heads == 0 else 1
+        if num_domains < 1:
+            raise ValueError("num_domains must be >= 1")
+        self.arch = dict(in_channels=in_channels, input_size=input_size, patch_size=patch_size, dim=dim,
+                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, dec_dim=dec_dim,
+                         dec_depth=dec_depth, dec_heads=dec_heads, style_dim=style_dim, num_domains=num_domains,
+                         domain_hidden=domain_hidden, siqc_temperature=siqc_temperature,
+                         learn_temperature=learn_temperature, smooth_kernel=smooth_kernel, qkv_bias=qkv_bias,
+                         dropout_rate=dropout_rate)
+        self.in_channels, self.patch_size, self.dim, self.style_dim = in_channels, patch_size, dim, style_dim
+        self.num_domains = num_domains
+        self.backbone = FactorEncoder(in_channels, input_size, patch_size, dim, depth, num_heads, mlp_ratio,
+                                      style_dim, smooth_kernel, qkv_bias, dropout_rate)
+        self.recombine = Recombination(dim, style_dim)
+        self.decoder = LatentDecoder(dim, in_channels, input_size, patch_size, dec_dim, dec_depth, dec_heads,
+                                     mlp_ratio, qkv_bias, dropout_rate)
+        self.domain_content_head = _domain_head(dim, num_domains, domain_hidden)
+        self.domain_style_head = _domain_head(style_dim, num_domains, domain_hidden)
+        nn.init.xavier_uniform_(self.recombine.proj.weight)
+        nn.init.zeros_(self.recombine.proj.bias)
+        log_tau = torch.full((2,), math.log(siqc_temperature))
+        if learn_temperature:
+            self.log_tau = nn.Parameter(log_tau)
+        else:
+            self.register_buffer("log_tau", log_tau)
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def encoder(self) -> LatentViT:
+        return self.backbone.encoder
+
+    @property
+    def factors(self) -> FactorHeads:
+        return self.backbone.factors
+
+    def ema_source(self) -> nn.Module:
+        """The part the EMA teacher copies and follows: encoder + factor heads."""
+        return self.backbone
+
+    def temperature(self) -> torch.Tensor:
+        """SiQC temperatures ``(2,)`` = (content, style), clamped to ``TAU_RANGE``."""
+        return self.log_tau.clamp(math.log(TAU_RANGE[0]), math.log(TAU_RANGE[1])).exp()
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Downstream API on unmixed inputs; see ``FactorEncoder.encode``."""
+        return self.backbone.encode(x)
+
+    # ------------------------------------------------------------------ training forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        mix_mask: torch.Tensor | None = None,
+        *,
+        mix_ratio: float = 0.5,
+        streams: int = 2,
+        reencode: int = 0,
+        domain_content: bool = True,
+        domain_style: bool = True,
+        grl_lambda: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Student side of one MeDUET step on a batch of ``K`` pairs.
+
+        Args:
+            x: ``(2K, C, S1, S2, S3)``; rows ``k`` and ``k + K`` are mixed.
+            mix_mask: ``(K, N)`` bool (True = source A's token); sampled with ``mix_ratio`` if None.
+            streams: decoder streams: 0 (no decoding), 2 (dual reconstruction A, B), 4 (+ style-swapped A<-sB,
+                B<-sA).
+            reencode: number of reconstructed views re-encoded by the student (0, 2 = x_hat_A, x_hat_B, 4 = +
+                the swapped views); must be <= ``streams``. Gradients flow through the reconstructions.
+            domain_content, domain_style: compute the domain logits (content through gradient reversal with
+                coefficient ``grl_lambda``).
+
+        Returns a dict (``V = reencode``):
+            ``mix_mask (K, N)``, ``visible (2K, N)`` (each source's own positions, A rows then B rows),
+            ``content_tokens (K, N, D)`` / ``style_tokens (K, N, Ds)`` (each position holds its own source's
+            factor), ``content (2K, D)`` / ``style (2K, Ds)`` pooled per source over its own positions;
+            optional ``domain_content_logits``/``domain_style_logits (2K, num_domains)``;
+            ``pred (streams*K, N, C p^3)`` in stream order [A, B, A<-sB, B<-sA];
+            ``view_content_tokens (V*K, N, D)``, ``view_style_tokens (V*K, N, Ds)``, ``view_content (V*K, D)``,
+            ``view_style (V*K, Ds)`` for views [x_hat_A, x_hat_B, x_hat_A<-sB, x_hat_B<-sA][:V];
+            ``temperature (2,)`` = ``self.temperature()`` (returned here so that a learnable temperature is part
+            of the forward graph, which DDP needs).
+
+        All student computation of a step happens inside this call, so a ``DistributedDataParallel`` wrapper
+        sees every parameter use.
+        """
+        if streams not in (0, 2, 4) or reencode not in (0, 2, 4) or reencode > streams:
+            raise ValueError(f"streams must be 0/2/4 and reencode 0/2/4 <= streams, got {streams}, {reencode}")
+        b = x.shape[0]
+        if b < 2 or b % 2:
+            raise ValueError(f"MeDUET needs an even batch of at least 2 (pairs k, k+K), got {b}")
+        k = b // 2
+        with torch.profiler.record_function("meduet/mixed_encode"):
+            tokens, grid = self.encoder.embed(x)
+            n = tokens.shape[1]
+            if mix_mask is None:
+                mix_mask = sample_mix_mask(k, n, mix_ratio, x.device, generator)
+            if mix_mask.shape != (k, n) or mix_mask.dtype != torch.bool:
+                raise ValueError(f"mix_mask must be bool of shape {(k, n)}, got {mix_mask.dtype} {tuple(mix_mask.shape)}")
+            m = mix_mask.unsqueeze(-1)
+            z = self.encoder.forward_tokens(torch.where(m, tokens[:k], tokens[k:]))
+            visible = torch.cat([mix_mask, ~mix_mask], dim=0)
+            content = self.factors.content(z)
+            style_per_source = self.factors.smooth(self.factors.style(z).repeat(2, 1, 1), visible, grid)
+            style = torch.where(m, style_per_source[:k], style_per_source[k:])
+            content_pooled = masked_mean(content.repeat(2, 1, 1), visible)
+            style_pooled = masked_mean(style_per_source, visible)
+        out: dict[str, torch.Tensor] = {
+            "mix_mask": mix_mask,
+            "visible": visible,
+            "content_tokens": content,
+            "style_tokens": style,
+            "content": content_pooled,
+            "style": style_pooled,
+            "temperature": self.temperature(),
+        }
+        if domain_content:
+            out["domain_content_logits"] = self.domain_content_head(grad_reverse(content_pooled, grl_lambda))
+        if domain_style:
+            out["domain_style_logits"] = self.domain_style_head(style_pooled)
+        if streams:
+            with torch.profiler.record_function("meduet/decode"):
+                c_part = self.recombine.content_part(content)
+                rec = c_part + self.recombine.style_part(style)
+                dec_tokens, dec_visible = [rec, rec], [mix_mask, ~mix_mask]
+                if streams == 4:
+                    # A's content with B's pooled style (A positions) and B's content with A's pooled style
+                    s_part = self.recombine.style_part(style_pooled.unsqueeze(1))  # (2K, 1, D)
+                    dec_tokens += [c_part + s_part[k:], c_part + s_part[:k]]
+                    dec_visible += [mix_mask, ~mix_mask]
+                pred = self.decoder(torch.cat(dec_tokens), torch.cat(dec_visible), grid)
+            out["pred"] = pred
+            if reencode:
+                with torch.profiler.record_function("meduet/reencode"):
+                    views = unpatchify(pred[: reencode * k], self.patch_size, grid, self.in_channels)
+                    enc = self.backbone.encode(views)
+                out.update({
+                    "view_content_tokens": enc["content_tokens"],
+                    "view_style_tokens": enc["style_tokens"],
+                    "view_content": enc["content"],
+                    "view_style": enc["style"],
+                })
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# masked-autoencoder baseline
+# ----------------------------------------------------------------------------------------------------------------
+class MaskedAutoencoder(nn.Module):
+    """Masked-autoencoder baseline with MeDUET's backbone (no mixing, no factors).
+
+    ``forward(x (B, C, S1, S2, S3), visible=None)``: a random ``visible (B, N)`` mask keeps exactly
+    ``N - round(mask_ratio * N)`` tokens per sample; the encoder runs on the visible tokens only (MAE-style),
+    its outputs are put back on the grid and the decoder fills the rest with the mask token and predicts every
+    patch. Returns ``{"pred": (B, N, C p^3), "visible": (B, N)}``; the loss (MSE on hidden patches) is
+    ``meduet.losses.meduet.mae_step_losses``.
+
+    ``encode(x)`` has the same keys as ``FactorEncoder.encode`` with ``content_tokens = tokens``,
+    ``content`` = mean token, ``content_map`` = the token map, and ``style_tokens = style = None`` (the
+    baseline has no style factor).
+    """
+
+    def __init__(self, in_channels: int = 4, input_size: int | Sequence[int] = 24, patch_size: int = 4,
+                 dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 dec_dim: int = 384, dec_depth: int = 8, dec_heads: int | None = None, mask_ratio: float = 0.5,
+                 qkv_bias: bool = True, dropout_rate: float = 0.0) -> None:
+        super().__init__()
+        if dec_heads is None:
+            dec_heads = num_heads if dec_dim % num_heads == 0 else 1
+        self.arch = dict(in_channels=in_channels, input_size=input_size, patch_size=patch_size, dim=dim,
+                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, dec_dim=dec_dim,
+                         dec_depth=dec_depth, dec_heads=dec_heads, mask_ratio=mask_ratio, qkv_bias=qkv_bias,
+                         dropout_rate=dropout_rate)
+        self.in_channels, self.patch_size, self.dim, self.mask_ratio = in_channels, patch_size, dim, mask_ratio
+        self.encoder = LatentViT(in_channels, input_size, patch_size, dim, depth, num_heads, mlp_ratio, qkv_bias,
+                                 dropout_rate)
+        self.decoder = LatentDecoder(dim, in_channels, input_size, patch_size, dec_dim, dec_depth, dec_heads,
+                                     mlp_ratio, qkv_bias, dropout_rate)
+
+    def ema_source(self) -> nn.Module:
+        return self
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        tokens, grid = self.encoder.embed(x)
+        tokens = self.encoder.forward_tokens(tokens)
+        return {
+            "tokens": tokens,
+            "content_tokens": tokens,
+            "style_tokens": None,
+            "content": tokens.mean(dim=1),
+            "style": None,
+            "content_map": tokens_to_map(tokens, grid),
+        }
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None, *, mask_ratio: float | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        tokens, grid = self.encoder.embed(x)
+        b, n, d = tokens.shape
+        if visible is None:
+            visible = sample_visible_mask(b, n, self.mask_ratio if mask_ratio is None else mask_ratio, x.device,
+                                          generator)
+        counts = visible.sum(dim=1)
+        if visible.shape != (b, n) or bool((counts != counts[0]).any()) or int(counts[0]) == 0:
+            raise ValueError("visible must be (B, N) bool with the same positive number of visible tokens per row")
+        # indices of the visible tokens, ascending, same count per row
+        ids = torch.argsort((~visible).to(torch.int8), dim=1, stable=True)[:, : int(counts[0])]
+        idx = ids.unsqueeze(-1).expand(-1, -1, d)
+        z = self.encoder.forward_tokens(torch.gather(tokens, 1, idx))
+        full = torch.zeros_like(tokens).scatter(1, idx, z)
+        return {"pred": self.decoder(full, visible, grid), "visible": visible}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# builders
+# ----------------------------------------------------------------------------------------------------------------
+def _preset(preset: str | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    if preset is None:
+        base: dict[str, Any] = {}
+    elif isinstance(preset, str):
+        if preset not in MEDUET_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(MEDUET_PRESETS)}")
+        base = dict(MEDUET_PRESETS[preset])
+    else:
+        base = dict(preset)
+    base.update(overrides)
+    return base
+
+
+def build_meduet(preset: str | Mapping[str, Any] | None = "tiny", **overrides: Any) -> MeDUET:
+    """``MeDUET(**MEDUET_PRESETS[preset] | overrides)``."""
+    return MeDUET(**_preset(preset, overrides))
+
+
+def build_mae(preset: str | Mapping[str, Any] | None = "tiny", **overrides: Any) -> MaskedAutoencoder:
+    """``MaskedAutoencoder`` with the backbone of a MeDUET preset (MeDUET-only keys are dropped)."""
+    kw = _preset(preset, overrides)
+    for key in ("style_dim", "num_domains", "domain_hidden", "siqc_temperature", "learn_temperature",
+                "smooth_kernel"):
+        kw.pop(key, None)
+    return MaskedAutoencoder(**kw)
+
