@@ -103,10 +103,11 @@ def _build(model: str, width: str):
     import torch.nn as nn
 
     arch = _architecture(width)
-    if model == "maisi":
+    if model in ("maisi", "maisi-loopnorm"):
         from meduet.networks.vae import build_vae
 
-        net = build_vae(arch)
+        # "maisi": build_vae as the bundles use it; "maisi-loopnorm": MAISI's own per-group norm (fast_norm=False)
+        net = build_vae(arch) if model == "maisi" else build_vae(arch, fast_norm=False)
         enc, dec = net.encode_mean, net.decode
     elif model == "aekl":
         from monai.networks.nets import AutoencoderKL
@@ -187,6 +188,11 @@ def _run_worker(spec: dict) -> dict:
     out: dict = {"spec": spec, "vmsize_start_kib": _proc_status_kib("VmSize")}
     try:
         net, enc, dec, latent_c, f = _build(spec["model"], spec["width"])
+        norms: dict[str, int] = {}
+        for m in net.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                norms[type(m).__name__] = norms.get(type(m).__name__, 0) + 1
+        out["norm_modules"] = norms
         s = spec["size"]
         if s % f:
             raise ValueError(f"size {s} is not divisible by the downsampling factor {f}")
@@ -438,6 +444,22 @@ class Runner:
 # -- formatting ---------------------------------------------------------------------------------------------------
 
 
+MODEL_NAMES = {
+    "maisi": "MeduetVAE (`build_vae` default)",
+    "maisi-loopnorm": "MeduetVAE `fast_norm=False` (MAISI's per-group norm)",
+    "aekl": "AutoencoderKL",
+}
+
+
+def _model_name(runner: "Runner", model: str) -> str:
+    """The label plus the group-norm class the child actually found in the built network."""
+    name = MODEL_NAMES[model]
+    for r in runner.results:
+        if r["spec"]["model"] == model and r.get("norm_modules"):
+            return f"{name} [{', '.join(sorted(r['norm_modules']))}]"
+    return name
+
+
 def _gib(kib) -> str:
     return "–" if kib is None else f"{kib / KIB_PER_GIB:.2f}"
 
@@ -484,6 +506,15 @@ def _val(r, key):
 def main_tables(runner: Runner, sizes: list[int], base_sizes: list[int]) -> str:
     a = runner.args
     out = []
+    if a.patchwise:
+        _patch_tables(runner, sizes, out)
+    _baseline_tables(runner, base_sizes, out)
+    return "\n".join(out)
+
+
+def _patch_tables(runner: Runner, sizes: list[int], out: list[str]) -> None:
+    a = runner.args
+    out.append(f"Network: {_model_name(runner, 'maisi')} (group-norm class as found in the built network).\n")
     out.append(
         "| size | op | path | status | time s (median) | Mvoxel/s | peak RSS GiB | delta RSS GiB | windows |\n"
         "|---|---|---|---|---|---|---|---|---|"
@@ -515,36 +546,41 @@ def main_tables(runner: Runner, sizes: list[int], base_sizes: list[int]) -> str:
                 f"| {s}^3 | {op} | {_ratio(_val(p, 'time_s'), _val(w, 'time_s'))} "
                 f"| {_ratio(_val(p, 'peak_kib'), _val(w, 'peak_kib'))} | {_ratio(_val(p, 'delta_kib'), _val(w, 'delta_kib'))} |"
             )
-    if base_sizes:
+
+
+def _baseline_tables(runner: Runner, base_sizes: list[int], out: list[str]) -> None:
+    a = runner.args
+    if base_sizes and a.baseline_models:
         out.append("")
         out.append(
-            "Baseline: the same whole-volume passes with `monai.networks.nets.AutoencoderKL` at the same width "
-            "(no attention):\n"
+            "Baselines: the same whole-volume passes, same width (no attention); ratio = MeduetVAE (`build_vae` "
+            "default) time / this model's time, so > 1 means the MeduetVAE default is slower:\n"
         )
         out.append(
-            "| size | op | MeduetVAE (MAISI) s | AutoencoderKL s | MAISI / AutoencoderKL time | MAISI peak GiB | AutoencoderKL peak GiB | MAISI / AEKL delta RSS |\n"
-            "|---|---|---|---|---|---|---|---|"
+            "| size | op | model | time s | MeduetVAE default / model | peak RSS GiB | delta RSS GiB |\n"
+            "|---|---|---|---|---|---|---|"
         )
         for s in base_sizes:
-            sums = {"maisi": 0.0, "aekl": 0.0}
-            for op in ("encode", "decode"):
-                m, k = runner.get("maisi", "whole", op, s), runner.get("aekl", "whole", op, s)
-                tm, tk = _val(m, "time_s"), _val(k, "time_s")
-                for key, t in (("maisi", tm), ("aekl", tk)):
-                    sums[key] = None if (t is None or sums[key] is None) else sums[key] + t
-                out.append(
-                    f"| {s}^3 | {op} | {_time_cell(m) if tm else _status_cell(m, a.mem_cap_gb)} "
-                    f"| {_time_cell(k) if tk else _status_cell(k, a.mem_cap_gb)} | {_ratio(tm, tk)} "
-                    f"| {_gib(_val(m, 'peak_kib'))} | {_gib(_val(k, 'peak_kib'))} "
-                    f"| {_ratio(_val(m, 'delta_kib'), _val(k, 'delta_kib'))} |"
-                )
-            if sums["maisi"] and sums["aekl"]:
-                out.append(
-                    f"| {s}^3 | **encode + decode** | {sums['maisi']:.1f} | {sums['aekl']:.1f} "
-                    f"| **{_ratio(sums['maisi'], sums['aekl'])}** | | | |"
-                )
-            else:
-                out.append(f"| {s}^3 | encode + decode | – | – | – | | | |")
+            sums: dict[str, float | None] = {}
+            for op in ("encode", "decode", "encode + decode"):
+                ref = None
+                for model in ["maisi", *a.baseline_models]:
+                    if op == "encode + decode":
+                        t = sums.get(model)
+                        r = None
+                    else:
+                        r = runner.get(model, "whole", op, s)
+                        t = _val(r, "time_s")
+                        sums[model] = None if (t is None or sums.get(model, 0.0) is None) else sums.get(model, 0.0) + t
+                    if model == "maisi":
+                        ref = t
+                    cell = (f"{t:.1f}" if t else "–") if op == "encode + decode" else (_time_cell(r) if t else _status_cell(r, a.mem_cap_gb))
+                    bold = "**" if op == "encode + decode" else ""
+                    out.append(
+                        f"| {s}^3 | {bold}{op}{bold} | {_model_name(runner, model)} | {cell} "
+                        f"| {bold}{_ratio(ref, t) if model != 'maisi' else '1'}{bold} "
+                        f"| {_gib(_val(r, 'peak_kib'))} | {_gib(_val(r, 'delta_kib'))} |"
+                    )
     profs = [r for r in runner.results if r["spec"]["op"] == "profile"]
     if profs:
         out.append("")
@@ -554,7 +590,7 @@ def main_tables(runner: Runner, sizes: list[int], base_sizes: list[int]) -> str:
         )
         out.append("| model | encode + decode s | GroupNorm | Conv3d | rest (SiLU, adds, upsampling, Python) |\n|---|---|---|---|---|")
         for r in profs:
-            name = "MeduetVAE (MAISI)" if r["spec"]["model"] == "maisi" else "AutoencoderKL"
+            name = _model_name(runner, r["spec"]["model"])
             if r["status"] != "ok":
                 out.append(f"| {name} | {_status_cell(r, a.mem_cap_gb)} | | | |")
                 continue
@@ -563,7 +599,6 @@ def main_tables(runner: Runner, sizes: list[int], base_sizes: list[int]) -> str:
                 f"| {name} | {tot:.1f} | {r['groupnorm_s']:.1f} s ({100 * r['groupnorm_s'] / tot:.0f}%) "
                 f"| {r['conv_s']:.1f} s ({100 * r['conv_s'] / tot:.0f}%) | {r['other_s']:.1f} s ({100 * r['other_s'] / tot:.0f}%) |"
             )
-    return "\n".join(out)
 
 
 def _config_lines(args: argparse.Namespace, runner: Runner) -> str:
@@ -612,16 +647,18 @@ def run_main(args: argparse.Namespace) -> tuple[Runner, str, str]:
             # adjacent in time so that each ratio compares runs under similar machine load
             runner.run(runner.spec("maisi", "whole", op, s))
             if s in base_sizes:
-                runner.run(runner.spec("aekl", "whole", op, s))
-            if s in sizes:
+                for model in args.baseline_models:
+                    runner.run(runner.spec(model, "whole", op, s))
+            if s in sizes and args.patchwise:
                 runner.run(runner.spec("maisi", "patch", op, s))
     if args.profile:
         ps = min(base_sizes or sizes)
-        for model in ("maisi", "aekl"):
+        for model in ["maisi", *args.baseline_models]:
             runner.run(runner.spec(model, "whole", "profile", ps, warmup=1))
     body = main_tables(runner, sizes, base_sizes)
     notes = _config_lines(args, runner)
-    title = f"### Throughput and memory, width `{args.width_preset}`, sizes {', '.join(f'{s}^3' for s in sizes)}"
+    what = "Throughput and memory" if args.patchwise else "Whole-volume baselines"
+    title = f"### {what}, width `{args.width_preset}`, sizes {', '.join(f'{s}^3' for s in all_sizes)}"
     return runner, title, f"{notes}\n\n{body}"
 
 
@@ -633,6 +670,7 @@ def run_find_max(args: argparse.Namespace) -> tuple[Runner, str, str]:
         over = {"max_windows": args.find_max_windows} if method == "patch" else {}
         probes: list[str] = []
         verdict: dict[int, str] = {}
+        how: dict[int, str] = {}
 
         def probe(size: int) -> str:
             """'ok', 'fail' (memory) or 'unknown' (timeout / too slow / error)."""
@@ -642,13 +680,14 @@ def run_find_max(args: argparse.Namespace) -> tuple[Runner, str, str]:
                 st = r["status"]
                 tag = {"ok": "ok", "oom": "> cap", "skip-mem": "> cap (predicted)", "killed": "killed"}.get(st, st)
                 if st == "ok":
-                    tag += f" peak {_gib(r['peak_kib'])} GiB"
+                    tag += f" peak {_gib(r['peak_kib'])} GiB, {r['time_s']:.0f} s{' (est.)' if r.get('estimated') else ''}"
                 elif st == "oom":
                     tag += f" (at {_gib(r.get('peak_kib'))} GiB)"
                 probes.append(f"{size}^3 {op}: {tag}")
                 if st == "ok":
                     continue
                 worst = "fail" if st in ("oom", "skip-mem", "killed") else "unknown"
+                how[size] = f"{op} {'predicted > cap, not run' if st == 'skip-mem' else tag}"
                 break
             verdict[size] = worst
             return worst
@@ -680,19 +719,20 @@ def run_find_max(args: argparse.Namespace) -> tuple[Runner, str, str]:
         best = cands[lo] if lo >= 0 else None
         first_fail = cands[hi] if hi < len(cands) else None
         unk = sorted(cands[i] for i in unknown if i > lo and (hi >= len(cands) or i < hi))
-        rows.append((method, best, first_fail, unk, probes))
+        fail_cell = f"{first_fail}^3 ({how[first_fail]})" if first_fail else "–"
+        rows.append((method, best, fail_cell, unk, probes))
     out = [
         "| path | largest side that encoded AND decoded under the cap | smallest side that failed (> cap) | undecided (timeout / too slow) | probes, in order |",
         "|---|---|---|---|---|",
     ]
     for method, best, fail, unk, probes in rows:
-        name = "patch-wise" + (f" (est. times, {args.find_max_windows} windows run)" if args.find_max_windows else "")
+        name = "patch-wise" + (f" ({args.find_max_windows} network windows per pass)" if args.find_max_windows else "")
         if method == "whole":
             name = "whole-volume"
-        lim = "" if fail is not None else f" (search limit {args.find_max_limit})"
+        lim = "" if fail != "–" else f" (search limit {args.find_max_limit})"
         out.append(
             f"| {name} | {f'{best}^3' if best else 'none'}{lim if best == args.find_max_limit else ''} "
-            f"| {f'{fail}^3' if fail else '–'} | {', '.join(f'{u}^3' for u in unk) or '–'} | {'; '.join(probes)} |"
+            f"| {fail} | {', '.join(f'{u}^3' for u in unk) or '–'} | {'; '.join(probes)} |"
         )
     a = args
     notes = _config_lines(args, runner)
@@ -759,6 +799,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline-sizes", type=int, nargs="*", default=None,
                    help="sizes for the AutoencoderKL baseline (default: 64 and 128, those <= max(--sizes)); "
                    "pass no value to skip it")
+    p.add_argument("--baseline-models", nargs="*", choices=("aekl", "maisi-loopnorm"), default=["aekl"],
+                   help="whole-volume baselines next to MeduetVAE as build_vae makes it: aekl = MONAI AutoencoderKL, "
+                   "maisi-loopnorm = MeduetVAE with fast_norm=False (MAISI's per-group group norm)")
+    p.add_argument("--no-patchwise", dest="patchwise", action="store_false",
+                   help="only the whole-volume passes and baselines (no patch-wise rows)")
     p.add_argument("--profile", action="store_true",
                    help="also split a whole-volume encode+decode (smallest baseline size) into GroupNorm/Conv3d/rest")
     p.add_argument("--mem-cap-gb", type=float, default=16.0, help="RLIMIT_AS of every child, GiB (0: no cap)")
