@@ -13,20 +13,22 @@ what a trainer does per batch, timed end to end:
 Optional ablation rows (``--models``): ``meduet_rec_dom`` (reconstruction + domain terms only: no teacher, no
 re-encoding), ``meduet_no_siqc`` (+ MFTD), ``meduet_no_mftd`` (+ SiQC).
 
-Every model runs in a fresh child process (this script re-invoked with ``--worker``) with
-``torch.set_num_threads(--threads)``; it reports the median (and min) seconds per step over ``--iters`` steps
-after ``--warmup`` steps, its peak RSS (``ru_maxrss``) and that minus its RSS right before the first step, and the
-floating-point operations of one step counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
-convolutions, attention; forward + backward). With ``--rounds R`` the children run R times in alternating order
-and the per-model medians of all rounds are pooled, which evens out load changes on a shared machine.
-``--profile`` adds, for the full MeDUET step, the forward time per phase (``torch.profiler`` record-function
-scopes of ``meduet_step_losses``) and the wall-clock split forward / backward / optimiser / EMA.
+Timing: one child process (this script re-invoked with ``--worker``, ``torch.set_num_threads(--threads)``) builds
+every requested model and runs their steps *interleaved* (one step of each model per round, order rotated every
+round; ``--warmup`` untimed rounds, then ``--iters`` timed ones). The ratio vs MAE is the median over rounds of
+(model step time / MAE step time in the same round), so load changes on a shared machine hit both sides alike.
+Memory: every model also runs alone in a fresh child (warm-up + 2 steps), which reports its peak RSS
+(``ru_maxrss``), that minus its RSS right before the first step, and the floating-point operations of one step
+counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention incl. the CPU
+flash-attention kernels; forward + backward). ``--profile`` adds, for the full MeDUET step, the wall-clock split
+forward / backward / optimiser / EMA and the forward time per phase (``torch.profiler`` record-function scopes
+``meduet/*`` of ``meduet_step_losses`` and ``MeDUET.forward``).
 
 Defaults are the issue's configuration: latent 4x24^3, batch 8, encoder dim 192, depth 6, 6 heads, latent patch 4,
 decoder dim 96, depth 2, mlp ratio 4, 10 domains, fp32, 2 threads::
 
     .venv/bin/python bench/pretrain_step.py                       # the table
-    .venv/bin/python bench/pretrain_step.py --profile --rounds 2 --models mae meduet meduet_rec_dom --write-md
+    .venv/bin/python bench/pretrain_step.py --profile --models mae meduet meduet_rec_dom meduet_no_siqc --write-md
 """
 
 from __future__ import annotations
@@ -90,97 +92,126 @@ def _register_cpu_sdpa_flops() -> None:
         pass
 
 
-def _run_worker(spec: dict) -> dict:
-    import resource
+class _Runner:
+    """One model with its optimiser (and EMA teacher) doing complete training steps on a fixed random batch."""
 
-    import torch
+    def __init__(self, name: str, spec: dict) -> None:
+        import torch
 
-    from meduet.engines.ema import EMATeacher
-    from meduet.losses.meduet import mae_step_losses, meduet_step_losses
-    from meduet.networks.meduet import MaskedAutoencoder, MeDUET
+        from meduet.engines.ema import EMATeacher
+        from meduet.networks.meduet import MaskedAutoencoder, MeDUET
 
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
-    arch = dict(in_channels=spec["channels"], input_size=spec["size"], patch_size=spec["patch"], dim=spec["dim"],
-                depth=spec["depth"], num_heads=spec["heads"], mlp_ratio=spec["mlp_ratio"], dec_dim=spec["dec_dim"],
-                dec_depth=spec["dec_depth"], dec_heads=spec["dec_heads"])
-    name = spec["model"]
-    b, s = spec["batch"], spec["size"]
-    x = torch.randn(b, spec["channels"], s, s, s)
-    dom = torch.arange(b) % spec["domains"]
-    if name == "mae":
-        model = MaskedAutoencoder(**arch, mask_ratio=spec["mask_ratio"])
-        teacher = None
-    else:
-        model = MeDUET(**arch, num_domains=spec["domains"])
-        teacher = EMATeacher(model)
-    cfg = dict(ABLATIONS.get(name, {}), mix_ratio=spec["mix_ratio"], mftd_start_step=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
-    total_steps = spec["warmup"] + spec["iters"] + 10
+        torch.manual_seed(0)
+        arch = dict(in_channels=spec["channels"], input_size=spec["size"], patch_size=spec["patch"],
+                    dim=spec["dim"], depth=spec["depth"], num_heads=spec["heads"], mlp_ratio=spec["mlp_ratio"],
+                    dec_dim=spec["dec_dim"], dec_depth=spec["dec_depth"], dec_heads=spec["dec_heads"])
+        b, s = spec["batch"], spec["size"]
+        self.name = name
+        self.x = torch.randn(b, spec["channels"], s, s, s)
+        self.dom = torch.arange(b) % spec["domains"]
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+        if name == "mae":
+            self.model = MaskedAutoencoder(**arch, mask_ratio=spec["mask_ratio"])
+            self.teacher = None
+        else:
+            self.model = MeDUET(**arch, num_domains=spec["domains"])
+            self.teacher = EMATeacher(self.model)
+        # every objective active from step 0: MFTD's warm-up is over
+        self.cfg = dict(ABLATIONS.get(name, {}), mix_ratio=spec["mix_ratio"], mftd_start_step=0)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+        self.total_steps = 10_000
+        self.step_index = 0
 
-    def losses(step: int):
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            if name == "mae":
-                return mae_step_losses(model, x)
-            return meduet_step_losses(model, teacher, x, dom, step, cfg)
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
 
-    def train_step(step: int, split: dict | None = None) -> float:
+    def losses(self):
+        import torch
+
+        from meduet.losses.meduet import mae_step_losses, meduet_step_losses
+
+        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
+            if self.name == "mae":
+                return mae_step_losses(self.model, self.x)
+            return meduet_step_losses(self.model, self.teacher, self.x, self.dom, self.step_index, self.cfg)
+
+    def step(self, split: dict | None = None) -> float:
+        import torch
+
         t0 = time.perf_counter()
-        out = losses(step)
+        out = self.losses()
         t1 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
         t3 = time.perf_counter()
-        if teacher is not None:
-            teacher.update(model, step, total_steps)
+        if self.teacher is not None:
+            self.teacher.update(self.model, self.step_index, self.total_steps)
         t4 = time.perf_counter()
+        self.step_index += 1
         if split is not None:
             for key, dt in (("forward", t1 - t0), ("backward", t2 - t1), ("clip+optimizer", t3 - t2), ("ema", t4 - t3)):
                 split.setdefault(key, []).append(dt)
         return t4 - t0
 
+    def gflop(self) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        _register_cpu_sdpa_flops()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.losses()["loss"].backward()
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / 1e9
+
+
+def _memory_worker(spec: dict) -> dict:
+    """Fresh process, one model: peak RSS over warm-up + 2 steps, parameter count, GFLOP of one step."""
+    import resource
+
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    runner = _Runner(spec["model"], spec)
     rss_before = _rss_kib()
-    for i in range(spec["warmup"]):
-        train_step(i)
-    times = [train_step(spec["warmup"] + i) for i in range(spec["iters"])]
-    result = {
-        "model": name,
-        "params": sum(p.numel() for p in model.parameters()),
-        "times": times,
-        "median": statistics.median(times),
-        "min": min(times),
-        "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        "rss_before_kib": rss_before,
-    }
-    from torch.utils.flop_counter import FlopCounterMode
+    for _ in range(spec["warmup"] + 2):
+        runner.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"model": spec["model"], "params": runner.params(), "peak_kib": peak, "rss_before_kib": rss_before,
+            "gflop": runner.gflop()}
 
-    _register_cpu_sdpa_flops()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = losses(total_steps)
-        out["loss"].backward()
-    result["gflop"] = counter.get_total_flops() / 1e9
-    opt.zero_grad(set_to_none=True)
 
-    if spec.get("profile") and name != "mae":
+def _timing_worker(spec: dict) -> dict:
+    """One process, all models, steps interleaved (model order rotated every round) so that load changes on a
+    shared machine hit every model alike; then, optionally, the phase profile of the full MeDUET step."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    runners = [_Runner(name, spec) for name in spec["models"]]
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    for i in range(spec["warmup"] + spec["iters"]):
+        order = runners[i % len(runners):] + runners[: i % len(runners)]
+        for r in order:
+            dt = r.step()
+            if i >= spec["warmup"]:
+                times[r.name].append(dt)
+    result: dict = {"times": times}
+    full = next((r for r in runners if r.name == "meduet"), None)
+    if spec.get("profile") and full is not None:
         from torch.profiler import ProfilerActivity, profile
 
         split: dict = {}
-        for i in range(2):
-            train_step(total_steps + i, split)
+        for _ in range(3):
+            full.step(split)
         result["split"] = {k: statistics.median(v) for k, v in split.items()}
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            out = losses(total_steps)
-        phases = {}
-        for ev in prof.key_averages():
-            if ev.key.startswith("meduet/"):
-                phases[ev.key] = ev.cpu_time_total / 1e6
-        result["phases"] = phases
+            out = full.losses()
+        full.opt.zero_grad(set_to_none=True)
+        result["phases"] = {ev.key: ev.cpu_time_total / 1e6 for ev in prof.key_averages() if ev.key.startswith("meduet/")}
         result["top_ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        del out
     return result
 
 
@@ -194,16 +225,16 @@ def _spawn(spec: dict, timeout: float) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
-    raise RuntimeError(f"worker {spec['model']} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    raise RuntimeError(f"worker {spec['mode']} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
-def _spec(a: argparse.Namespace, model: str) -> dict:
+def _spec(a: argparse.Namespace, mode: str, **extra) -> dict:
     return {
-        "model": model, "channels": a.latent_channels, "size": a.latent_size, "batch": a.batch, "dim": a.dim,
+        "mode": mode, "channels": a.latent_channels, "size": a.latent_size, "batch": a.batch, "dim": a.dim,
         "depth": a.depth, "heads": a.heads, "patch": a.patch, "dec_dim": a.dec_dim, "dec_depth": a.dec_depth,
         "dec_heads": a.dec_heads, "mlp_ratio": a.mlp_ratio, "domains": a.domains, "dtype": a.dtype,
         "threads": a.threads, "iters": a.iters, "warmup": a.warmup, "mix_ratio": a.mix_ratio,
-        "mask_ratio": a.mask_ratio, "profile": a.profile,
+        "mask_ratio": a.mask_ratio, "profile": a.profile, **extra,
     }
 
 
@@ -211,57 +242,47 @@ def _config_line(a: argparse.Namespace) -> str:
     n = (a.latent_size // a.patch) ** 3
     return (f"latent {a.latent_channels}x{a.latent_size}^3 ({n} tokens), batch {a.batch}, encoder dim {a.dim} depth "
             f"{a.depth} heads {a.heads}, latent patch {a.patch}, decoder dim {a.dec_dim} depth {a.dec_depth}, mlp ratio "
-            f"{a.mlp_ratio:g}, {a.domains} domains, {a.dtype}, {a.threads} threads; {a.iters} timed steps after "
-            f"{a.warmup} warm-up, {a.rounds} round(s)")
+            f"{a.mlp_ratio:g}, {a.domains} domains, {a.dtype}, {a.threads} threads; {a.iters} timed steps per model "
+            f"after {a.warmup} warm-up, interleaved")
 
 
 def run(a: argparse.Namespace) -> tuple[str, str]:
     models = list(dict.fromkeys(a.models))
-    results: dict[str, list[dict]] = {m: [] for m in models}
-    for r in range(a.rounds):
-        order = models if r % 2 == 0 else models[::-1]
-        for m in order:
-            spec = _spec(a, m)
-            spec["profile"] = a.profile and r == 0 and m == "meduet"
-            print(f"[round {r + 1}/{a.rounds}] {m} ...", file=sys.stderr, flush=True)
-            res = _spawn(spec, a.max_seconds)
-            print(f"  median {res['median']:.3f} s/step, peak {res['peak_kib'] / 1024:.0f} MiB", file=sys.stderr)
-            results[m].append(res)
-
-    def med(m: str) -> float:
-        return statistics.median(t for res in results[m] for t in res["times"])
-
-    base = med("mae") if "mae" in results else None
-    base_flop = results["mae"][0]["gflop"] if "mae" in results else None
+    mem = {}
+    for m in models:
+        print(f"[memory] {m} ...", file=sys.stderr, flush=True)
+        mem[m] = _spawn(_spec(a, "memory", model=m), a.max_seconds)
+        print(f"  peak {mem[m]['peak_kib'] / 1024:.0f} MiB, {mem[m]['gflop']:.1f} GFLOP/step", file=sys.stderr)
+    print(f"[timing] {' '.join(models)} interleaved ...", file=sys.stderr, flush=True)
+    timing = _spawn(_spec(a, "timing", models=models), a.max_seconds)
+    times = timing["times"]
+    base = times["mae"]
     lines = [
-        "| step | params (M) | median s/step | min s/step | ratio vs MAE | GFLOP/step (fwd+bwd) | FLOP ratio vs MAE "
-        "| peak RSS (MiB) | RSS increase (MiB) |",
+        "| step | params (M) | median s/step | min s/step | ratio vs MAE (median of paired steps) | GFLOP/step "
+        "(fwd+bwd) | FLOP ratio vs MAE | peak RSS (MiB) | RSS increase (MiB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in models:
-        rs = results[m]
-        t = med(m)
-        peak = max(res["peak_kib"] for res in rs) / 1024
-        inc = max(res["peak_kib"] - res["rss_before_kib"] for res in rs) / 1024
-        gf = rs[0]["gflop"]
-        ratio = f"{t / base:.2f}x" if base else "-"
-        fratio = f"{gf / base_flop:.2f}x" if base_flop else "-"
-        lines.append(f"| {MODELS[m]} (`{m}`) | {rs[0]['params'] / 1e6:.2f} | {t:.3f} | "
-                     f"{min(res['min'] for res in rs):.3f} | {ratio} | {gf:.1f} | {fratio} | {peak:.0f} | {inc:.0f} |")
-    table = "\n".join(lines)
+        t = times[m]
+        ratio = statistics.median(x / y for x, y in zip(t, base))
+        info = mem[m]
+        lines.append(
+            f"| {MODELS[m]} (`{m}`) | {info['params'] / 1e6:.2f} | {statistics.median(t):.3f} | {min(t):.3f} | "
+            f"{ratio:.2f}x | {info['gflop']:.1f} | {info['gflop'] / mem['mae']['gflop']:.2f}x | "
+            f"{info['peak_kib'] / 1024:.0f} | {(info['peak_kib'] - info['rss_before_kib']) / 1024:.0f} |")
     extra = []
-    prof = next((res for res in results.get("meduet", []) if "phases" in res), None)
-    if prof:
-        sp = prof["split"]
+    if "split" in timing:
+        sp = timing["split"]
         tot = sum(sp.values())
-        extra.append("Full MeDUET step, wall-clock split (median of 2 profiled steps): " + ", ".join(
+        extra.append("Full MeDUET step, wall-clock split (median of 3 steps): " + ", ".join(
             f"{k} {v:.3f} s ({100 * v / tot:.0f}%)" for k, v in sp.items()) + ".")
-        ph = prof["phases"]
+        ph = timing["phases"]
         fwd = sum(ph.values())
-        extra.append("Forward of the full step by phase (`torch.profiler` scopes in `meduet_step_losses`): " + ", ".join(
-            f"`{k}` {v:.3f} s ({100 * v / fwd:.0f}%)" for k, v in sorted(ph.items(), key=lambda kv: -kv[1])) + ".")
-        print("\nTop ops of one full MeDUET forward:\n" + prof["top_ops"], file=sys.stderr)
-    body = table + ("\n\n" + "\n\n".join(extra) if extra else "")
+        extra.append("Its forward by phase (`torch.profiler` scopes of `meduet_step_losses` / `MeDUET.forward`): "
+                     + ", ".join(f"`{k}` {v:.3f} s ({100 * v / fwd:.0f}%)"
+                                 for k, v in sorted(ph.items(), key=lambda kv: -kv[1])) + ".")
+        print("\nTop ops of one full MeDUET forward:\n" + timing["top_ops"], file=sys.stderr)
+    body = "\n".join(lines) + ("\n\n" + "\n\n".join(extra) if extra else "")
     return _config_line(a), body
 
 
@@ -269,13 +290,14 @@ def run(a: argparse.Namespace) -> tuple[str, str]:
 # BENCHMARKS.md
 # ----------------------------------------------------------------------------------------------------------------
 SECTION_INTRO = """Produced by `bench/pretrain_step.py`. One *step* is what the trainer does per batch: the losses of
-`meduet_step_losses` (dual reconstruction, content and style domain terms, MFTD after its start step, SiQC), backward,
+`meduet_step_losses` (dual reconstruction, content and style domain terms, MFTD past its start step, SiQC), backward,
 grad-norm clipping, AdamW and the EMA-teacher update for MeDUET; `mae_step_losses` (mask ratio 0.5, encoder on the
 visible tokens only), backward, clipping and AdamW for the masked-autoencoder baseline with the same encoder/decoder
-at the same width and batch. Random weights and latents; every model in a fresh child process; "peak RSS" is the
-child's `ru_maxrss`, "RSS increase" that minus its RSS before the first step. GFLOP are counted by
-`torch.utils.flop_counter.FlopCounterMode` for one step's forward + backward. The machine is shared, so the absolute
-times are noisy; the ratio comes from one run (children back to back).
+at the same width and batch. Random weights and latents. Times: all models in one process, steps interleaved (order
+rotated each round); the ratio is the median over rounds of the paired step-time ratio. Memory and GFLOP: each model
+alone in a fresh child process; "peak RSS" is its `ru_maxrss`, "RSS increase" that minus its RSS before the first
+step; GFLOP counted by `torch.utils.flop_counter.FlopCounterMode` (forward + backward of one step). The machine is
+shared with other work, so absolute times are noisy; the ratios come from this one run.
 """
 
 
@@ -319,7 +341,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in the children")
     p.add_argument("--iters", type=int, default=10, help="timed steps per child")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before")
-    p.add_argument("--rounds", type=int, default=1, help="run the children this many times, alternating the order")
     p.add_argument("--mix-ratio", type=float, default=0.5)
     p.add_argument("--mask-ratio", type=float, default=0.5, help="MAE mask ratio")
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mae", "meduet"])
@@ -335,7 +356,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.worker:
-        print(RESULT_TAG + json.dumps(_run_worker(json.loads(a.worker))), flush=True)
+        spec = json.loads(a.worker)
+        worker = _memory_worker if spec["mode"] == "memory" else _timing_worker
+        print(RESULT_TAG + json.dumps(worker(spec)), flush=True)
         return 0
     if "mae" not in a.models:
         a.models = ["mae", *a.models]

@@ -40,7 +40,10 @@ def _model(**kw) -> MeDUET:
 
 
 def _pre_hook(module, store: list):
-    return module.register_forward_pre_hook(lambda m, args: store.append([a.detach().clone() if torch.is_tensor(a) else a for a in args]))
+    def hook(m, args):
+        store.append([a.detach().clone() if torch.is_tensor(a) else a for a in args])
+
+    return module.register_forward_pre_hook(hook)
 
 
 # ------------------------------------------------------------------------------------------------ patches/positions

@@ -250,7 +250,8 @@ def mftd_loss(student_content: torch.Tensor, student_style: torch.Tensor, teache
     """
     k = hidden.shape[0] // 2
     total = student_content.new_zeros(())
-    for weight, s, t in ((content_weight, student_content, teacher_content), (style_weight, student_style, teacher_style)):
+    pairs = ((content_weight, student_content, teacher_content), (style_weight, student_style, teacher_style))
+    for weight, s, t in pairs:
         if weight == 0:
             continue
         d = token_distance(s, t.detach(), distance)

@@ -21,7 +21,6 @@ and cached.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -149,7 +148,8 @@ class _Positions(nn.Module):
         return self._cache[key]
 
 
-def _blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, dropout_rate: float) -> nn.ModuleList:
+def _blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
+            dropout_rate: float) -> nn.ModuleList:
     """``depth`` MONAI ``TransformerBlock``s (pre-norm, GELU MLP, SDPA attention).
 
     ``TransformerBlock`` always builds a ``norm_cross_attn`` LayerNorm that it only uses with cross-attention;

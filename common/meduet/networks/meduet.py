@@ -57,7 +57,6 @@ import torch.nn.functional as F
 
 from meduet.losses.meduet import grad_reverse
 from meduet.networks.latent_vit import (
-    Grid,
     LatentDecoder,
     LatentViT,
     to_3tuple,
@@ -395,7 +394,8 @@ class MeDUET(nn.Module):
             if mix_mask is None:
                 mix_mask = sample_mix_mask(k, n, mix_ratio, x.device, generator)
             if mix_mask.shape != (k, n) or mix_mask.dtype != torch.bool:
-                raise ValueError(f"mix_mask must be bool of shape {(k, n)}, got {mix_mask.dtype} {tuple(mix_mask.shape)}")
+                raise ValueError(f"mix_mask must be bool of shape {(k, n)}, "
+                                 f"got {mix_mask.dtype} {tuple(mix_mask.shape)}")
             m = mix_mask.unsqueeze(-1)
             z = self.encoder.forward_tokens(torch.where(m, tokens[:k], tokens[k:]))
             visible = torch.cat([mix_mask, ~mix_mask], dim=0)
