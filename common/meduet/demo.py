@@ -84,7 +84,7 @@ def stage_vae(d: Demo) -> None:
     if brain.is_file():
         d.run("meduet_vae: evaluate on the MNI152 brain (MR, never trained on)",
               bundle_cmd("meduet_vae", "evaluate", d.preset, output_dir=str(vae_out / "brain"),
-                         datalist="data/sample/brain/datalist.json"))
+                         datalist="data/sample/brain/datalist.json", compare_ckpt=None))
     d.run("meduet_vae: cache latents", bundle_cmd("meduet_vae", "encode", d.preset))
 
     lines = ["## Stage 1 — meduet_vae (3D KL-VAE, MAISI architecture)\n"]
