@@ -44,3 +44,15 @@ def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample")
     assert main(["--out", str(out), "--size", "32", "--subjects", "8", "--sites", "4", "--brain-size", "32"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny torch ops on one thread: on a shared 2-core machine, OpenMP contention makes each
+    tiny op milliseconds slower with two."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

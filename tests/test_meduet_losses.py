@@ -27,13 +27,7 @@ from meduet.networks.latent_vit import patchify
 from meduet.networks.meduet import MeDUET, build_mae, build_meduet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny ops: with 2 threads on a shared 2-core machine, OpenMP contention makes each op milliseconds slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 OFFSETS = torch.tensor([[1.5, 0.0, 0.0, -1.0], [0.0, 1.5, -1.0, 0.0], [-1.0, 0.0, 1.5, 0.5]])

@@ -25,13 +25,7 @@ from meduet.networks.meduet import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny ops: with 2 threads on a shared 2-core machine, OpenMP contention makes each op milliseconds slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(**kw) -> MeDUET:
