@@ -1,0 +1,139 @@
+"""Pretraining loop pieces for meduet_pretrain: a MONAI ``Trainer`` running the MeDUET (or masked-autoencoder)
+objective on batches of latent crops, and the learning-rate schedule.
+
+The objectives themselves live in ``meduet.losses.meduet``; this engine only scales the latents, calls the step
+loss function, checks the loss is finite, steps the optimiser/schedule and updates the EMA teacher.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from monai.engines import Trainer
+from torch.utils.data import DataLoader
+
+from meduet.engines.ema import EMATeacher
+from meduet.engines.vae import NonFiniteLossError
+from meduet.losses.meduet import MAELossConfig, MeDUETLossConfig, mae_step_losses, meduet_step_losses
+
+__all__ = ["PretrainTrainer", "warmup_cosine_schedule"]
+
+
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps`` then cosine decay to ``min_ratio`` x the base rate at ``total_steps``.
+
+    Stepped once per iteration.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class PretrainTrainer(Trainer):
+    """Latent self-supervised pretraining (MeDUET or the masked-autoencoder baseline) as an ignite engine.
+
+    Args:
+        device, max_epochs, train_data_loader, epoch_length: as MONAI's ``Trainer``; batches are dicts with
+            ``latent`` ``(B, C, S, S, S)`` and (for MeDUET) ``domain_index`` ``(B,)``. MeDUET pairs sample ``k``
+            with ``k + B/2``, so ``B`` must be even.
+        network: ``MeDUET`` or ``MaskedAutoencoder`` (possibly DDP-wrapped).
+        optimizer: e.g. AdamW(lr 1e-4, betas (0.9, 0.95), weight decay 0.01).
+        objective: ``"meduet"`` or ``"mae"``.
+        loss_config: mapping for ``MeDUETLossConfig`` / ``MAELossConfig`` (weights, switches, start steps).
+        teacher: the EMA teacher (MeDUET's MFTD/SiQC keys); updated after every optimiser step.
+        latent_scale_factor: multiplies the cached latents (the VAE's 1/std) before the model sees them.
+        lr_scheduler: stepped once per iteration.
+        grad_clip: max gradient norm (``None``: no clipping).
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        train_handlers: MONAI/ignite handlers.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        objective: str = "meduet",
+        loss_config: Mapping[str, Any] | None = None,
+        teacher: EMATeacher | None = None,
+        latent_scale_factor: float = 1.0,
+        lr_scheduler: Any = None,
+        grad_clip: float | None = 1.0,
+        epoch_length: int | None = None,
+        amp: bool = False,
+        train_handlers: Sequence | None = None,
+    ) -> None:
+        super().__init__(
+            device=torch.device(device) if isinstance(device, str) else device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            handlers=train_handlers,
+            amp=False,
+            decollate=False,
+        )
+        if objective not in ("meduet", "mae"):
+            raise ValueError(f"objective must be 'meduet' or 'mae', got {objective!r}")
+        if objective == "meduet" and teacher is None:
+            raise ValueError("the MeDUET objective needs an EMA teacher (meduet.engines.ema.EMATeacher)")
+        self.network = network
+        self.optimizer = optimizer
+        self.objective = objective
+        cfg_cls = MeDUETLossConfig if objective == "meduet" else MAELossConfig
+        self.loss_config = cfg_cls.from_mapping(dict(loss_config or {}))
+        self.teacher = teacher
+        self.latent_scale_factor = float(latent_scale_factor)
+        self.lr_scheduler = lr_scheduler
+        self.grad_clip = grad_clip
+        self.use_bf16 = bool(amp) and self.state.device.type == "cuda"
+        self.total_steps = 1
+        self.add_event_handler(Events.STARTED, self._count_steps)
+
+    def _count_steps(self, engine: Trainer) -> None:
+        self.total_steps = max(1, int(engine.state.max_epochs) * int(engine.state.epoch_length or 1))
+
+    def _iteration(self, engine: Trainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
+        x = batchdata["latent"].to(engine.state.device, non_blocking=engine.non_blocking)
+        x = (x.as_tensor() if hasattr(x, "as_tensor") else x).float() * self.latent_scale_factor
+        step = int(engine.state.iteration) - 1  # ignite counts from 1 and has already incremented
+        self.network.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=engine.state.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            if self.objective == "meduet":
+                if x.shape[0] % 2:
+                    raise ValueError(f"MeDUET mixes pairs of samples: the batch size must be even, got {x.shape[0]}")
+                domain = torch.as_tensor(batchdata["domain_index"]).long().to(engine.state.device).view(-1)
+                terms = meduet_step_losses(self.network, self.teacher, x, domain, step, self.loss_config)
+            else:
+                terms = mae_step_losses(self.network, x, self.loss_config)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite pretraining loss at epoch {engine.state.epoch} iteration {engine.state.iteration}; "
+                "stopped before saving, the last good checkpoint is kept (lower the learning rate)"
+            )
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step used
+        self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        losses = {k: float(v.detach()) for k, v in terms.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+        if self.teacher is not None:
+            losses["teacher_momentum"] = float(self.teacher.update(self.network, step, self.total_steps))
+        losses["lr"] = lr
+        return {"loss": loss.detach(), "losses": losses}
