@@ -94,7 +94,7 @@ class TrainingCheckpointer:
     Args:
         save_dir: folder of the two files (a bundle's ``models/``).
         save_dict: named objects with ``state_dict``/``load_state_dict`` (networks, optimisers, schedulers,
-            EMA models, the trainer engine itself is added automatically).
+            EMA models, the trainer engine itself is added automatically); ``None`` entries are skipped.
         model_key: which entry of ``save_dict`` is exported as ``model.pt``.
         save_interval: save every N epochs (and always at the end of training).
         resume: when ``checkpoint.pt`` exists at start, restore everything from it and continue.
@@ -120,7 +120,7 @@ class TrainingCheckpointer:
         if model_key not in save_dict:
             raise MeduetConfigError(f"TrainingCheckpointer: model_key '{model_key}' not in save_dict {list(save_dict)}")
         self.save_dir = Path(save_dir)
-        self.save_dict = dict(save_dict)
+        self.save_dict = {k: v for k, v in save_dict.items() if v is not None}  # e.g. no teacher for a baseline
         self.model_key = model_key
         self.save_interval = max(1, int(save_interval))
         self.resume = resume

@@ -20,7 +20,7 @@ from meduet.engines.ema import EMATeacher
 from meduet.engines.vae import NonFiniteLossError
 from meduet.losses.meduet import MAELossConfig, MeDUETLossConfig, mae_step_losses, meduet_step_losses
 
-__all__ = ["PretrainTrainer", "warmup_cosine_schedule"]
+__all__ = ["PretrainTrainer", "warmup_cosine_schedule", "read_latent_datalist"]
 
 
 def warmup_cosine_schedule(
@@ -137,3 +137,40 @@ class PretrainTrainer(Trainer):
             losses["teacher_momentum"] = float(self.teacher.update(self.network, step, self.total_steps))
         losses["lr"] = lr
         return {"loss": loss.detach(), "losses": losses}
+
+
+ENCODE_HINT = (
+    "make it with meduet_vae's encode workflow: python -m monai.bundle run --config_file "
+    "\"['bundles/meduet_vae/configs/encode.yaml','bundles/meduet_vae/configs/presets/demo.yaml']\""
+)
+
+
+def read_latent_datalist(path: str, split: str | None = None) -> Any:
+    """Read meduet_vae's latent datalist: the whole dict, or with ``split`` that split's items with absolute
+    ``latent`` paths and a ``domain_index``. A missing cache is a one-line error naming the command that makes it."""
+    import json
+    import os
+
+    from meduet.errors import MeduetConfigError, MeduetInputError
+
+    if not os.path.isfile(path):
+        raise MeduetConfigError(f"latent datalist '{path}' does not exist; {ENCODE_HINT}")
+    with open(path) as f:
+        data = json.load(f)
+    if "latent_channels" not in data or "domains" not in data:
+        raise MeduetInputError(f"{path}: not a latent datalist written by meduet_vae's encode.yaml; {ENCODE_HINT}")
+    if split is None:
+        return data
+    if split not in data:
+        raise MeduetInputError(f"{path}: has no split '{split}'")
+    base = os.path.dirname(os.path.abspath(path))
+    domains = list(data["domains"])
+    items = []
+    for i, item in enumerate(data[split]):
+        latent = os.path.join(base, item["latent"])
+        if not os.path.isfile(latent):
+            raise MeduetInputError(f"{path}: item {i} of '{split}': latent file '{latent}' does not exist; {ENCODE_HINT}")
+        if item.get("domain") not in domains:
+            raise MeduetInputError(f"{path}: item {i} of '{split}': domain {item.get('domain')!r} not in {domains}")
+        items.append({**item, "latent": latent, "domain_index": domains.index(item["domain"])})
+    return items

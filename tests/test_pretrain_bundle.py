@@ -1,0 +1,64 @@
+"""bundles/meduet_pretrain train.yaml at the tiny preset, run as `python -m monai.bundle run training ...`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import bundle_run
+from meduet.data import write_datalist
+from meduet.engines.checkpoint import load_checkpoint
+from meduet.engines.pretrain import read_latent_datalist
+from meduet.errors import MeduetConfigError, MeduetInputError
+
+
+@pytest.fixture(scope="module")
+def latent_cache(tmp_path_factory) -> Path:
+    """A latent datalist in meduet_vae encode.yaml's format: 3 sites, 4-channel latents of 10-12 voxels a side."""
+    root = tmp_path_factory.mktemp("latents")
+    rng = np.random.default_rng(0)
+    domains = ["site0", "site1", "site2"]
+    items = []
+    for i in range(8):
+        shape = (10 + i % 3, 11, 12, 4)
+        lat = rng.normal(size=shape).astype(np.float32) + np.array([1.0, 0, -1, 0.5]) * (i % 3)
+        rel = f"latents/case{i}.nii.gz"
+        (root / "latents").mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(lat, np.diag([6.0, 6.0, 6.0, 1.0])), root / rel)
+        items.append({"latent": rel, "image": f"case{i}.nii.gz", "domain": domains[i % 3],
+                      "latent_shape": [4, *shape[:3]]})
+    write_datalist(root / "datalist.json", {
+        "domains": domains, "latent_channels": 4, "downsample_factor": 4, "latent_scale_factor": 0.8,
+        "training": items, "validation": [], "test": items[:2]})
+    return root / "datalist.json"
+
+
+@pytest.mark.parametrize("objective", ["meduet", "mae"])
+def test_tiny_training_writes_resumable_checkpoints(latent_cache, tmp_path, objective):
+    root = tmp_path / objective
+    bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(latent_cache),
+               "--objective", objective, run_id="training")
+    ckpt = load_checkpoint(root / "models" / "checkpoint.pt")
+    assert ckpt["engine"]["epoch"] == 2 and ckpt["engine"]["iteration"] == 4  # 8 latents, batch 4, 2 epochs
+    assert ("teacher" in ckpt) == (objective == "meduet")
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert any(k.startswith("decoder") or "decoder" in k for k in state)
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_latent_datalist_errors(latent_cache, tmp_path):
+    with pytest.raises(MeduetConfigError, match="encode"):
+        read_latent_datalist(str(tmp_path / "missing.json"))
+    items = read_latent_datalist(str(latent_cache), "training")
+    assert items[1]["domain_index"] == 1 and Path(items[1]["latent"]).is_absolute()
+    bad = json.loads(latent_cache.read_text())
+    bad["training"][0]["domain"] = "site9"
+    (tmp_path / "dl.json").write_text(json.dumps(bad))
+    (tmp_path / "latents").symlink_to(latent_cache.parent / "latents")
+    with pytest.raises(MeduetInputError, match="site9"):
+        read_latent_datalist(str(tmp_path / "dl.json"), "training")
