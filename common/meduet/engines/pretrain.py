@@ -17,7 +17,7 @@ from monai.engines import Trainer
 from torch.utils.data import DataLoader
 
 from meduet.engines.ema import EMATeacher
-from meduet.engines.vae import NonFiniteLossError
+from meduet.engines.trainer import MeduetTrainer
 from meduet.losses.meduet import MAELossConfig, MeDUETLossConfig, mae_step_losses, meduet_step_losses
 
 __all__ = ["PretrainTrainer", "warmup_cosine_schedule", "read_latent_datalist"]
@@ -40,7 +40,7 @@ def warmup_cosine_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class PretrainTrainer(Trainer):
+class PretrainTrainer(MeduetTrainer):
     """Latent self-supervised pretraining (MeDUET or the masked-autoencoder baseline) as an ignite engine.
 
     Args:
@@ -77,28 +77,18 @@ class PretrainTrainer(Trainer):
         train_handlers: Sequence | None = None,
     ) -> None:
         super().__init__(
-            device=torch.device(device) if isinstance(device, str) else device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            handlers=train_handlers,
-            amp=False,
-            decollate=False,
+            device, max_epochs, train_data_loader, network, optimizer, lr_scheduler=lr_scheduler,
+            grad_clip=grad_clip, epoch_length=epoch_length, amp=amp, train_handlers=train_handlers,
         )
         if objective not in ("meduet", "mae"):
             raise ValueError(f"objective must be 'meduet' or 'mae', got {objective!r}")
         if objective == "meduet" and teacher is None:
             raise ValueError("the MeDUET objective needs an EMA teacher (meduet.engines.ema.EMATeacher)")
-        self.network = network
-        self.optimizer = optimizer
         self.objective = objective
         cfg_cls = MeDUETLossConfig if objective == "meduet" else MAELossConfig
         self.loss_config = cfg_cls.from_mapping(dict(loss_config or {}))
         self.teacher = teacher
         self.latent_scale_factor = float(latent_scale_factor)
-        self.lr_scheduler = lr_scheduler
-        self.grad_clip = grad_clip
-        self.use_bf16 = bool(amp) and self.state.device.type == "cuda"
         self.total_steps = 1
         self.add_event_handler(Events.STARTED, self._count_steps)
 
@@ -111,7 +101,7 @@ class PretrainTrainer(Trainer):
         step = int(engine.state.iteration) - 1  # ignite counts from 1 and has already incremented
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=engine.state.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+        with self.autocast():
             if self.objective == "meduet":
                 if x.shape[0] % 2:
                     raise ValueError(f"MeDUET mixes pairs of samples: the batch size must be even, got {x.shape[0]}")
@@ -120,18 +110,8 @@ class PretrainTrainer(Trainer):
             else:
                 terms = mae_step_losses(self.network, x, self.loss_config)
         loss = terms["loss"]
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite pretraining loss at epoch {engine.state.epoch} iteration {engine.state.iteration}; "
-                "stopped before saving, the last good checkpoint is kept (lower the learning rate)"
-            )
-        loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step used
-        self.optimizer.step()
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
+        self.check_finite(engine, pretraining=loss)
+        lr = self.optimizer_step(loss)
         losses = {k: float(v.detach()) for k, v in terms.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
         if self.teacher is not None:
             losses["teacher_momentum"] = float(self.teacher.update(self.network, step, self.total_steps))

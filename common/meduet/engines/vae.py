@@ -24,6 +24,7 @@ from monai.losses import PatchAdversarialLoss
 from torch.utils.data import DataLoader
 
 from meduet.engines.checkpoint import unwrap
+from meduet.engines.trainer import MeduetTrainer, NonFiniteLossError
 from meduet.networks.vae import MeduetVAE, encode_patchwise, reconstruct_patchwise
 
 __all__ = [
@@ -38,10 +39,6 @@ __all__ = [
     "DecoderFinetuneTrainer",
     "decoder_parameters",
 ]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced NaN/Inf; raised before any checkpoint of that state is written."""
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -78,7 +75,7 @@ def loss_terms(output: dict[str, Any]) -> dict[str, float]:
     return dict(output["losses"])
 
 
-class VAEGANTrainer(Trainer):
+class VAEGANTrainer(MeduetTrainer):
     """KL-autoencoder + patch discriminator trainer.
 
     Args:
@@ -124,22 +121,13 @@ class VAEGANTrainer(Trainer):
         non_blocking: bool = False,
     ) -> None:
         super().__init__(
-            device=torch.device(device) if isinstance(device, str) else device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            key_metric=key_train_metric,
-            additional_metrics=additional_metrics,
+            device, max_epochs, train_data_loader, network, optimizer, lr_scheduler=lr_scheduler,
+            grad_clip=grad_clip, epoch_length=epoch_length, amp=amp, train_handlers=train_handlers,
+            non_blocking=non_blocking, key_metric=key_train_metric, additional_metrics=additional_metrics,
             metric_cmp_fn=metric_cmp_fn,
-            handlers=train_handlers,
-            amp=False,
-            decollate=False,
         )
         if (discriminator is None) != (d_optimizer is None):
             raise ValueError("discriminator and d_optimizer must be given together")
-        self.network = network
-        self.optimizer = optimizer
         self.discriminator = discriminator
         self.d_optimizer = d_optimizer
         self.kl_weight = kl_weight
@@ -147,19 +135,13 @@ class VAEGANTrainer(Trainer):
         self.perceptual_weight = perceptual_weight
         self.adv_warmup_iterations = adv_warmup_iterations
         self.perceptual_loss = perceptual_loss
-        self.grad_clip = grad_clip
-        self.lr_scheduler = lr_scheduler
         self.d_lr_scheduler = d_lr_scheduler
-        self.use_bf16 = bool(amp) and self.state.device.type == "cuda"
         self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
         self.l1 = torch.nn.L1Loss()
         self._latent_sum = 0.0
         self._latent_sq = 0.0
         self._latent_n = 0
         self.add_event_handler(Events.EPOCH_STARTED, lambda _: self.reset_latent_stats())
-
-    def _autocast(self):
-        return torch.autocast(device_type=self.state.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
 
     def latent_std(self) -> float | None:
         """Standard deviation of the latent means seen since the last reset (``None`` before any)."""
@@ -171,14 +153,6 @@ class VAEGANTrainer(Trainer):
     def reset_latent_stats(self) -> None:
         self._latent_sum, self._latent_sq, self._latent_n = 0.0, 0.0, 0
 
-    def _check_finite(self, engine: Trainer, **terms: torch.Tensor) -> None:
-        bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
-        if bad:
-            raise NonFiniteLossError(
-                f"non-finite {', '.join(bad)} loss at epoch {engine.state.epoch} iteration {engine.state.iteration}; "
-                "stopped before saving, the last good checkpoint is kept (lower the learning rate or check the input)"
-            )
-
     def _iteration(self, engine: Trainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
@@ -188,7 +162,7 @@ class VAEGANTrainer(Trainer):
 
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
+        with self.autocast():
             recon, z_mu, z_sigma = self.network(images)
             rec = self.l1(recon.float(), images)
             kl = kl_divergence(z_mu.float(), z_sigma.float())
@@ -203,25 +177,20 @@ class VAEGANTrainer(Trainer):
                 g_adv = self.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
                 loss_g = loss_g + self.adv_weight * g_adv
                 terms["adv_g"] = g_adv
-        self._check_finite(engine, total=loss_g, **terms)
-        loss_g.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-        self.optimizer.step()
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
+        self.check_finite(engine, total=loss_g, **terms)
+        self.optimizer_step(loss_g)
 
         if adv_on:
             self.discriminator.train()  # type: ignore[union-attr]
             self.d_optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-            with self._autocast():
+            with self.autocast():
                 # one forward over [fake; real] (instance norm keeps samples apart): DDP allows one pass per backward
                 both = torch.cat([recon.detach().float(), images], dim=0).contiguous()
                 logits_fake, logits_real = self.discriminator(both)[-1].chunk(2, dim=0)  # type: ignore[misc]
                 d_fake = self.adv_loss(logits_fake, target_is_real=False, for_discriminator=True)
                 d_real = self.adv_loss(logits_real, target_is_real=True, for_discriminator=True)
                 loss_d = self.adv_weight * 0.5 * (d_fake + d_real)
-            self._check_finite(engine, discriminator=loss_d)
+            self.check_finite(engine, discriminator=loss_d)
             loss_d.backward()
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.grad_clip)  # type: ignore[union-attr]
@@ -263,7 +232,7 @@ def refresh_vae_meta(vae: torch.nn.Module, trainer: VAEGANTrainer | None = None,
     net.meta["config_hash"] = hashlib.sha256(record.encode()).hexdigest()[:16]
 
 
-class DecoderFinetuneTrainer(Trainer):
+class DecoderFinetuneTrainer(MeduetTrainer):
     """3D MedDiffusion's second VAE stage: frozen encoder, decoder fine-tuned on patch-wise encoded volumes.
 
     Each iteration encodes whole volumes (or large crops) patch by patch (``patch_size``, no overlap, exactly as
@@ -291,19 +260,10 @@ class DecoderFinetuneTrainer(Trainer):
         train_handlers: Sequence | None = None,
     ) -> None:
         super().__init__(
-            device=torch.device(device) if isinstance(device, str) else device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            handlers=train_handlers,
-            amp=False,
-            decollate=False,
+            device, max_epochs, train_data_loader, network, optimizer, grad_clip=grad_clip,
+            epoch_length=epoch_length, amp=amp, train_handlers=train_handlers,
         )
-        self.network = network
-        self.optimizer = optimizer
         self.patch_size = patch_size
-        self.grad_clip = grad_clip
-        self.use_bf16 = bool(amp) and self.state.device.type == "cuda"
         vae = unwrap(network)
         for p in vae.encoder.parameters():
             p.requires_grad_(False)
@@ -320,18 +280,11 @@ class DecoderFinetuneTrainer(Trainer):
         with torch.no_grad():
             z = encode_patchwise(vae, images, patch_size=self.patch_size, overlap=0.0)  # type: ignore[arg-type]
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=self.state.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+        with self.autocast():
             recon = vae.decode(z)
             loss = torch.nn.functional.l1_loss(recon.float(), images)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite decoder loss at epoch {engine.state.epoch} iteration {engine.state.iteration}; "
-                "stopped before saving, the last good checkpoint is kept (lower the learning rate)"
-            )
-        loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(decoder_parameters(vae), self.grad_clip)
-        self.optimizer.step()
+        self.check_finite(engine, decoder=loss)
+        self.optimizer_step(loss, decoder_parameters(vae))
         value = float(loss.detach())
         return {"image": images, "pred": recon.detach(), "loss": loss.detach(), "losses": {"rec": value, "total": value}}
 

@@ -1,0 +1,88 @@
+"""The loop pieces every meduet trainer shares, on top of MONAI's ``Trainer`` (an ignite engine):
+one main optimiser with gradient clipping and a per-iteration LR schedule, bf16 autocast on CUDA, and a stop on a
+non-finite loss before anything of that state is saved."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from monai.engines import Trainer
+from torch.utils.data import DataLoader
+
+__all__ = ["MeduetTrainer", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced NaN/Inf; raised before any checkpoint of that state is written."""
+
+
+class MeduetTrainer(Trainer):
+    """Base trainer: subclasses implement ``_iteration`` with ``autocast``, ``check_finite`` and ``optimizer_step``.
+
+    Args:
+        device, max_epochs, train_data_loader, epoch_length, train_handlers: as MONAI's ``Trainer``.
+        network: the trained network (possibly DDP-wrapped).
+        optimizer: its optimiser.
+        lr_scheduler: stepped once per iteration (``None``: constant rate).
+        grad_clip: max gradient norm (``None``/0: no clipping).
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        workflow_kwargs: more ``monai.engines.Workflow`` arguments (key metrics, ``non_blocking``, ...).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any = None,
+        grad_clip: float | None = 1.0,
+        epoch_length: int | None = None,
+        amp: bool = False,
+        train_handlers: Sequence | None = None,
+        **workflow_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            device=torch.device(device) if isinstance(device, str) else device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            handlers=train_handlers,
+            amp=False,  # MONAI's amp is fp16 + GradScaler; we use bf16 autocast, which needs no scaler
+            decollate=False,
+            **workflow_kwargs,
+        )
+        self.network = network
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.grad_clip = grad_clip
+        self.use_bf16 = bool(amp) and self.state.device.type == "cuda"
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.state.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def check_finite(self, engine: Trainer, **terms: torch.Tensor) -> None:
+        """Raise ``NonFiniteLossError`` naming the terms that are NaN/Inf."""
+        bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite {', '.join(bad)} loss at epoch {engine.state.epoch} iteration {engine.state.iteration}; "
+                "stopped before saving, the last good checkpoint is kept (lower the learning rate or check the input)"
+            )
+
+    def optimizer_step(self, loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter] | None = None) -> float:
+        """Backward, clip (``parameters``, default the network's), step the optimiser and the schedule.
+
+        Returns the learning rate this step used."""
+        loss.backward()
+        if self.grad_clip:
+            params = self.network.parameters() if parameters is None else parameters
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        return lr
