@@ -46,6 +46,26 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory, tiny_data) -> Path:
+    """meduet_vae's bundle root after one tiny training run (3 epochs) and decoder fine-tuning; shared by the VAE
+    bundle tests and the downstream stages. Tests must not modify its models/."""
+    root = tmp_path_factory.mktemp("vae_bundle")
+    data = ["--bundle_root", str(root), "--dataset_dir", str(tiny_data / "phantoms")]
+    bundle_run("meduet_vae", "train", *data, "--max_epochs", "3", run_id="training")
+    bundle_run("meduet_vae", "train_decoder", *data, run_id="training")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_latents(tiny_vae, tiny_data) -> Path:
+    """The latent datalist of the tiny phantoms encoded by ``tiny_vae`` (meduet_vae encode.yaml)."""
+    out = tiny_vae / "latents_shared"
+    bundle_run("meduet_vae", "encode", "--bundle_root", str(tiny_vae), "--dataset_dir", str(tiny_data / "phantoms"),
+               "--latent_dir", str(out))
+    return out / "datalist.json"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tiny torch ops on one thread: on a shared 2-core machine, OpenMP contention makes each

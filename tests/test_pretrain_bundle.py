@@ -43,10 +43,11 @@ def test_tiny_training_writes_resumable_checkpoints(latent_cache, tmp_path, obje
     root = tmp_path / objective
     bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(latent_cache),
                "--objective", objective, run_id="training")
-    ckpt = load_checkpoint(root / "models" / "checkpoint.pt")
+    models = root / "models" / ("baseline_mae" if objective == "mae" else "")  # the baseline keeps its own files
+    ckpt = load_checkpoint(models / "checkpoint.pt")
     assert ckpt["engine"]["epoch"] == 2 and ckpt["engine"]["iteration"] == 4  # 8 latents, batch 4, 2 epochs
     assert ("teacher" in ckpt) == (objective == "meduet")
-    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    state = torch.load(models / "model.pt", weights_only=True)
     assert any(k.startswith("decoder") or "decoder" in k for k in state)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
@@ -62,3 +63,51 @@ def test_latent_datalist_errors(latent_cache, tmp_path):
     (tmp_path / "latents").symlink_to(latent_cache.parent / "latents")
     with pytest.raises(MeduetInputError, match="site9"):
         read_latent_datalist(str(tmp_path / "dl.json"), "training")
+
+
+def test_torchrun_two_processes_gloo(latent_cache, tmp_path, monkeypatch):
+    """multi_gpu_train.yaml: 2 processes (gloo, CPU), DDP + DistributedSampler; the ranks end with the same weights."""
+    import os
+    import socket
+    import sys
+
+    from conftest import REPO
+
+    root = tmp_path / "ddp"
+    # appended after the bundle's own `training` list (after destroy_process_group): each rank saves its own
+    # final student and EMA teacher weights
+    dump = tmp_path / "dump_ranks.yaml"
+    dump.write_text(
+        "+training:\n"
+        "  - \"$torch.save({'model': meduet.engines.checkpoint.unwrap(@network).state_dict(), "
+        "'teacher': @teacher.state_dict()['module']}, "
+        "os.path.join(@bundle_root, 'rank' + os.environ['RANK'] + '.pt'))\"\n"
+    )
+    cfg_dir = REPO / "bundles" / "meduet_pretrain" / "configs"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={port}"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # 8 latents -> 4 per rank, per-rank batch 2 (one pair) -> 2 iterations per epoch; MFTD starts at step 2
+    bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(latent_cache),
+               "--objective", "meduet", "--batch_size", "2", run_id="training",
+               extra_configs=("multi_gpu_train", os.path.relpath(dump.with_suffix(""), cfg_dir)),
+               launcher=launcher, timeout=300)
+    ckpt = load_checkpoint(root / "models" / "checkpoint.pt")
+    assert ckpt["engine"]["epoch"] == 2 and ckpt["engine"]["iteration"] == 4
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # saved unwrapped
+    model = torch.load(root / "models" / "model.pt", weights_only=True)
+    floats = {k: v for k, v in model.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    assert floats and all(torch.isfinite(v).all() for v in floats.values())
+    ranks = [torch.load(root / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for k, v in floats.items():  # model.pt is rank 0's final student
+        assert torch.equal(v, ranks[0]["model"][k]), k
+    for part in ("model", "teacher"):  # DDP kept the ranks in sync although they trained on different latents
+        assert ranks[0][part].keys() == ranks[1][part].keys()
+        for k, v in ranks[0][part].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, ranks[1][part][k]), f"{part}.{k} differs between ranks"
+    for k, v in ranks[0]["teacher"].items():
+        assert torch.equal(v, ckpt["teacher"]["module"][k]), k

@@ -27,13 +27,9 @@ def _train_args(root: Path, data: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_data) -> Path:
-    """One uninterrupted tiny training run, then decoder fine-tuning."""
-    root = tmp_path_factory.mktemp("vae_bundle")
-    bundle_run("meduet_vae", "train", *_train_args(root, tiny_data), run_id="training")
-    bundle_run("meduet_vae", "train_decoder", "--bundle_root", str(root), "--dataset_dir", str(tiny_data / "phantoms"),
-               run_id="training")
-    return root
+def trained(tiny_vae) -> Path:
+    """One uninterrupted tiny training run of EPOCHS epochs, then decoder fine-tuning (conftest's ``tiny_vae``)."""
+    return tiny_vae
 
 
 def test_training_writes_what_the_next_stage_needs(trained, tiny_data):

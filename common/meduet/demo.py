@@ -126,9 +126,60 @@ def stage_vae(d: Demo) -> None:
     d.sections.append("\n".join(lines))
 
 
+def stage_pretrain(d: Demo) -> None:
+    out = d.out / "pretrain"
+    d.run("meduet_pretrain: train MeDUET", bundle_cmd("meduet_pretrain", "train", d.preset, "training", resume=False))
+    d.run("meduet_pretrain: train the masked-autoencoder baseline",
+          bundle_cmd("meduet_pretrain", "train", d.preset, "training", resume=False, objective="mae"))
+    d.run("meduet_pretrain: disentanglement report on the test split",
+          bundle_cmd("meduet_pretrain", "evaluate", d.preset, output_dir=str(out)))
+    d.run("meduet_pretrain: extract content/style embeddings", bundle_cmd("meduet_pretrain", "extract", d.preset))
+
+    m = json.loads((out / "metrics.json").read_text())
+    f = m["factors"]
+    lines = ["## Stage 2 — meduet_pretrain (content/style-disentangled latent ViT)\n",
+             f"Computed by `evaluate.yaml` on the {m['cases']} test cases ({m['subjects']} subjects x "
+             f"{len(m['sites'])} sites, none used in pretraining; sites {', '.join(m['sites'])}). Site probe: "
+             "balanced accuracy of a linear probe predicting the site, cross-validated leave-one-subject-out; "
+             "anatomy probe: predicting the subject, leave-one-site-out; similarity ratio: mean inter-group / "
+             "intra-group similarity (1 = no grouping, lower = clusters). "
+             f"Chance: {_fmt(f['chance']['site'])}.\n",
+             "| features | site probe | site inter/intra similarity | anatomy probe | anatomy inter/intra |",
+             "|---|---|---|---|---|"]
+    for name, r in f.items():
+        if name == "chance":
+            continue
+        lines.append(f"| {name} | {_fmt(r['site_probe_balanced_accuracy'])} | {_fmt(r['site_similarity']['ratio'])} "
+                     f"| {_fmt(r.get('anatomy_probe_balanced_accuracy', '-'))} "
+                     f"| {_fmt(r.get('anatomy_similarity', {}).get('ratio', '-'))} |")
+    lines.append("\nTargets of the issue, as they came out: " + ", ".join(
+        f"`{k}`: {'met' if v else 'NOT met'}" for k, v in m["targets_met"].items()) + "\n")
+    lines.append(f"![embeddings]({d.rel(out / m['plot'])})\n")
+    sw = m.get("style_swap") or {}
+    if sw.get("pairs"):
+        mean = sw["mean"]
+        lines.append(
+            "Style swap (content of case A decoded with the pooled style of case B from another site and subject), "
+            "measured against the real scan T of A's subject at B's site: *intensity gap* = mean over label "
+            "regions of |region mean - T's region mean| (image range 0-1), *gap closed* = 1 - gap(swap)/gap(A's "
+            "own style); *anatomy* = share of the image variance inside the body explained by A's label regions "
+            "(eta^2), relative to T's on its own labels.\n\n"
+            "| A -> B style | gap, A's style | gap, swapped | gap closed | eta^2 swap / T |\n|---|---|---|---|---|")
+        for r in sw["pairs"]:
+            lines.append(f"| {r['content_case']} -> {r['style_site']} | {_fmt(r['intensity_gap_rec'])} | "
+                         f"{_fmt(r['intensity_gap_swap'])} | {_fmt(r['gap_closed'])} | {_fmt(r['anatomy_kept'])} |")
+        lines.append(f"| mean | {_fmt(mean['intensity_gap_rec'])} | {_fmt(mean['intensity_gap_swap'])} | "
+                     f"{_fmt(mean['gap_closed'])} | {_fmt(mean['anatomy_kept'])} |\n")
+        lines.append(f"![style swap]({d.rel(out / sw['picture'])})\n")
+    lines.append("Embeddings of every latent (pooled content/style and token maps) for the next stages: "
+                 "`bundles/meduet_pretrain/embeddings/phantoms/embeddings.json`.\n")
+    d.sections.append("\n".join(lines))
+
+
 STAGES: list[tuple[str, Callable[[Demo], None]]] = [
     ("sample", stage_sample_data),
     ("vae", stage_vae),
+    ("pretrain", stage_pretrain),
 ]
 
 

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["save_orthoslices"]
+__all__ = ["save_orthoslices", "save_pair_grid"]
 
 
 def _as_3d(v) -> np.ndarray:
@@ -58,3 +58,32 @@ def save_orthoslices(
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def save_pair_grid(path: str | Path, rows: Sequence[Sequence[tuple[str, object]]], title: str = "",
+                   vrange: Sequence[float] = (0.0, 1.0)) -> Path:
+    """Write a PNG grid of 2D slices: one figure row per entry of ``rows``, each a list of ``(caption, slice)``;
+    all panels share the display range ``vrange`` (grey)."""
+    from meduet.io import atomic_path
+
+    ncol = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.4 * ncol, 2.5 * len(rows)), squeeze=False,
+                             layout="constrained")
+    for r, row in enumerate(rows):
+        for c in range(ncol):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(row):
+                ax.axis("off")
+                continue
+            caption, img = row[c]
+            ax.imshow(np.rot90(np.asarray(img, dtype=np.float32)), cmap="gray", vmin=vrange[0], vmax=vrange[1],
+                      interpolation="nearest")
+            ax.set_title(caption, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    return Path(path)

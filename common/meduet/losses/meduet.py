@@ -116,6 +116,9 @@ class MeDUETLossConfig(_FromMapping):
         rec_on: ``"hidden"`` (MSE where the source was hidden, the paper's MAE-like target) or ``"all"``.
         norm_target: normalise each target patch to zero mean / unit variance (off: latents are standardised).
         grl_lambda: gradient-reversal coefficient of the content domain loss.
+        content_adversary: ``"grl"`` (the paper's gradient reversal) or ``"confusion"`` (the content domain head
+            learns on detached content; the encoder minimises the cross-entropy of the frozen head's prediction
+            to the uniform distribution, scaled by ``grl_lambda``). See ``MeDUET.forward``.
         mftd_start_step: MFTD is active for ``step >= mftd_start_step`` (warm-up before the teacher is
             meaningful; 10k of the paper's ~200k steps by default - presets for short runs set it lower).
         siqc_start_step: same for SiQC (on from the start, as in the public code).
@@ -129,6 +132,7 @@ class MeDUETLossConfig(_FromMapping):
     rec_on: str = "hidden"
     norm_target: bool = False
     grl_lambda: float = 1.0
+    content_adversary: str = "grl"
     mftd_start_step: int = 10_000
     siqc_start_step: int = 0
     mftd_distance: str = "cosine"
@@ -148,6 +152,8 @@ class MeDUETLossConfig(_FromMapping):
     def __post_init__(self) -> None:
         if self.rec_on not in ("hidden", "all"):
             raise MeduetConfigError(f"rec_on must be 'hidden' or 'all', got {self.rec_on!r}")
+        if self.content_adversary not in ("grl", "confusion"):
+            raise MeduetConfigError(f"content_adversary must be 'grl' or 'confusion', got {self.content_adversary!r}")
         if self.mftd_distance not in ("cosine", "smooth_l1", "mse"):
             raise MeduetConfigError(f"mftd_distance must be cosine/smooth_l1/mse, got {self.mftd_distance!r}")
         if not 0.0 < self.mix_ratio < 1.0:
@@ -367,7 +373,7 @@ def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None,
 
     out = model(x, mix_mask, mix_ratio=cfg.mix_ratio, streams=streams, reencode=reencode,
                 domain_content=cfg.use_domain_content, domain_style=cfg.use_domain_style,
-                grl_lambda=cfg.grl_lambda, generator=generator)
+                grl_lambda=cfg.grl_lambda, content_adversary=cfg.content_adversary, generator=generator)
     mix_mask = out["mix_mask"]
     k = mix_mask.shape[0]
     losses: dict[str, torch.Tensor] = {}
@@ -380,6 +386,11 @@ def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None,
             total = total + cfg.w_rec * losses["rec"]
 
         losses.update(domain_losses(domain_index, out.get("domain_content_logits"), out.get("domain_style_logits")))
+        if "domain_content_confusion_logits" in out:
+            # the encoder's side of the confusion adversary: cross-entropy to the uniform distribution
+            conf = -F.log_softmax(out["domain_content_confusion_logits"].float(), dim=1).mean()
+            losses["domain_content_confusion"] = conf.detach()
+            losses["domain_content"] = losses["domain_content"] + cfg.grl_lambda * conf
         if "domain_content" in losses:
             total = total + cfg.w_domain_content * losses["domain_content"]
         if "domain_style" in losses:

@@ -55,7 +55,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from meduet.errors import MeduetConfigError
 from meduet.losses.meduet import grad_reverse
+from meduet.networks.vae import decode_record, encode_record
 from meduet.networks.latent_vit import (
     LatentDecoder,
     LatentViT,
@@ -76,8 +78,15 @@ __all__ = [
     "FactorEncoder",
     "MeDUET",
     "MaskedAutoencoder",
+    "PretrainedEncoder",
     "build_meduet",
     "build_mae",
+    "build_encoder",
+    "latent_record",
+    "with_latent_record",
+    "load_pretrain",
+    "load_encoder",
+    "PRETRAIN_FIX",
 ]
 
 #: Network sizes, DiT-style. ``tiny``: tests (seconds on CPU); ``demo``: minutes on 2 CPU cores; ``paper``:
@@ -130,6 +139,53 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
         return tokens.mean(dim=1)
     w = mask.to(tokens.dtype).unsqueeze(-1)
     return (tokens * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoint record
+# ----------------------------------------------------------------------------------------------------------------
+#: Constructor arguments that change only how a network computes or which crop size its cached positions use,
+#: never which weights it has: ignored when a checkpoint's architecture is compared with a network's.
+_NON_WEIGHT_ARGS = ("input_size", "dropout_rate", "siqc_temperature", "mask_ratio")
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+class _CheckpointRecord:
+    """Mixin: the network's kind, architecture and ``meta`` (what downstream stages need: latent scale factor,
+    latent channels, domains, preprocessing, the VAE's config hash) travel in the state dict as ``_extra_state``
+    (a fixed-size JSON byte tensor, see ``meduet.networks.vae.encode_record``), so ``model.pt`` stays a flat state
+    dict for ``monai.bundle.load`` / ``CheckpointLoader`` / MONAI Label and ``load_pretrain(path)`` rebuilds the
+    network from the file alone. Loading a record whose architecture differs from the network's is an error."""
+
+    kind: str = ""
+    arch: dict[str, Any]
+    meta: dict[str, Any]
+
+    def get_extra_state(self) -> torch.Tensor:
+        return encode_record({"kind": self.kind, "architecture": _jsonable(self.arch), **self.meta})
+
+    def set_extra_state(self, state: Any) -> None:
+        record = decode_record(state)
+        if not record:
+            return
+        kind = record.get("kind")
+        if kind and kind != self.kind:
+            raise MeduetConfigError(
+                f"checkpoint holds a '{kind}' network but this is '{self.kind}'; set objective to '{kind}' "
+                "or load it with meduet.networks.meduet.load_pretrain(path)")
+        saved, own = record.get("architecture") or {}, _jsonable(self.arch)
+        diff = {k: (saved[k], own[k]) for k in saved.keys() & own.keys()
+                if k not in _NON_WEIGHT_ARGS and saved[k] != own[k]}
+        if diff:
+            raise MeduetConfigError(
+                f"checkpoint was trained with another architecture {diff} (checkpoint, network); use the same "
+                "model_preset, or build the network from the file with meduet.networks.meduet.load_pretrain(path)")
+        self.meta = {k: v for k, v in record.items() if k not in ("kind", "architecture")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -262,7 +318,7 @@ def _domain_head(in_dim: int, num_domains: int, hidden: int) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 # MeDUET
 # ----------------------------------------------------------------------------------------------------------------
-class MeDUET(nn.Module):
+class MeDUET(_CheckpointRecord, nn.Module):
     """MeDUET: token-mixed latent ViT with content/style factor heads, dual reconstruction and domain heads.
 
     Args:
@@ -283,8 +339,11 @@ class MeDUET(nn.Module):
 
     Submodules: ``backbone`` (``FactorEncoder``: ``backbone.encoder``, ``backbone.factors``), ``recombine``,
     ``decoder``, ``domain_content_head``, ``domain_style_head``; ``log_tau`` (parameter or buffer).
-    ``arch`` holds the constructor arguments (for checkpoints).
+    ``arch`` holds the constructor arguments and ``meta`` the latent facts; both travel in the state dict
+    (``_extra_state``), see ``load_pretrain``.
     """
+
+    kind = "meduet"
 
     def __init__(self, in_channels: int = 4, input_size: int | Sequence[int] = 24, patch_size: int = 4,
                  dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
@@ -304,6 +363,7 @@ class MeDUET(nn.Module):
                          domain_hidden=domain_hidden, siqc_temperature=siqc_temperature,
                          learn_temperature=learn_temperature, smooth_kernel=smooth_kernel, qkv_bias=qkv_bias,
                          dropout_rate=dropout_rate)
+        self.meta: dict[str, Any] = {}
         self.in_channels, self.patch_size, self.dim, self.style_dim = in_channels, patch_size, dim, style_dim
         self.num_domains = num_domains
         self.backbone = FactorEncoder(in_channels, input_size, patch_size, dim, depth, num_heads, mlp_ratio,
@@ -342,6 +402,32 @@ class MeDUET(nn.Module):
         """Downstream API on unmixed inputs; see ``FactorEncoder.encode``."""
         return self.backbone.encode(x)
 
+    def render(self, content_tokens: torch.Tensor, style: torch.Tensor, grid: Sequence[int],
+               generator: torch.Generator | None = None, as_hidden: bool | None = None) -> torch.Tensor:
+        """Decode factors back to a latent: ``content_tokens (B, N, D)`` recombined with ``style`` (per token
+        ``(B, N, Ds)``, or one vector per sample ``(B, Ds)``/``(B, 1, Ds)`` broadcast over the tokens, e.g. another
+        case's pooled style for a style swap) -> ``(B, C, g1 p, g2 p, g3 p)`` in the scaled latent space (divide by
+        ``latent_scale_factor`` before the VAE decoder).
+
+        With the paper's reconstruction target (``rec_on="hidden"``) the decoder only learns the positions a source
+        did *not* see, so every patch is rendered as a hidden one (``as_hidden``): two decoder passes with a random
+        half mask and its complement, each patch taken from the pass in which it was hidden. A network pretrained
+        with ``rec_on="all"`` also reconstructs visible positions and is rendered in one pass with every token
+        visible. ``as_hidden=None`` follows ``meta["rec_on"]`` (default hidden).
+        """
+        if style.ndim == 2:
+            style = style.unsqueeze(1)
+        tokens = self.recombine(content_tokens, style)
+        if as_hidden is None:
+            as_hidden = self.meta.get("rec_on", "hidden") == "hidden"
+        if not as_hidden:
+            return unpatchify(self.decoder(tokens, None, grid), self.patch_size, grid, self.in_channels)
+        b, n = tokens.shape[:2]
+        visible = sample_mix_mask(b, n, 0.5, tokens.device, generator)
+        pred = self.decoder(torch.cat([tokens, tokens]), torch.cat([visible, ~visible]), grid)
+        full = torch.where(visible.unsqueeze(-1), pred[b:], pred[:b])
+        return unpatchify(full, self.patch_size, grid, self.in_channels)
+
     # ------------------------------------------------------------------ training forward
     def forward(
         self,
@@ -354,6 +440,7 @@ class MeDUET(nn.Module):
         domain_content: bool = True,
         domain_style: bool = True,
         grl_lambda: float = 1.0,
+        content_adversary: str = "grl",
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """Student side of one MeDUET step on a batch of ``K`` pairs.
@@ -367,6 +454,12 @@ class MeDUET(nn.Module):
                 the swapped views); must be <= ``streams``. Gradients flow through the reconstructions.
             domain_content, domain_style: compute the domain logits (content through gradient reversal with
                 coefficient ``grl_lambda``).
+            content_adversary: ``"grl"`` (the paper: the content domain head sees the content through gradient
+                reversal) or ``"confusion"``: the head is trained on *detached* pooled content
+                (``domain_content_logits``), and ``domain_content_confusion_logits`` are the same head with
+                *frozen* parameters on the live content, for a loss pushing its prediction to uniform. With GRL
+                the encoder can win by making the head confidently *wrong*, which keeps the site decodable;
+                confusion has no such optimum.
 
         Returns a dict (``V = reencode``):
             ``mix_mask (K, N)``, ``visible (2K, N)`` (each source's own positions, A rows then B rows),
@@ -414,7 +507,15 @@ class MeDUET(nn.Module):
             "temperature": self.temperature(),
         }
         if domain_content:
-            out["domain_content_logits"] = self.domain_content_head(grad_reverse(content_pooled, grl_lambda))
+            if content_adversary == "grl":
+                out["domain_content_logits"] = self.domain_content_head(grad_reverse(content_pooled, grl_lambda))
+            elif content_adversary == "confusion":
+                head = self.domain_content_head
+                out["domain_content_logits"] = head(content_pooled.detach())
+                frozen = {n: p.detach() for n, p in head.named_parameters()}
+                out["domain_content_confusion_logits"] = torch.func.functional_call(head, frozen, (content_pooled,))
+            else:
+                raise ValueError(f"content_adversary must be 'grl' or 'confusion', got {content_adversary!r}")
         if domain_style:
             out["domain_style_logits"] = self.domain_style_head(style_pooled)
         if streams:
@@ -445,7 +546,7 @@ class MeDUET(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # masked-autoencoder baseline
 # ----------------------------------------------------------------------------------------------------------------
-class MaskedAutoencoder(nn.Module):
+class MaskedAutoencoder(_CheckpointRecord, nn.Module):
     """Masked-autoencoder baseline with MeDUET's backbone (no mixing, no factors).
 
     ``forward(x (B, C, S1, S2, S3), visible=None)``: a random ``visible (B, N)`` mask keeps exactly
@@ -459,6 +560,8 @@ class MaskedAutoencoder(nn.Module):
     baseline has no style factor).
     """
 
+    kind = "mae"
+
     def __init__(self, in_channels: int = 4, input_size: int | Sequence[int] = 24, patch_size: int = 4,
                  dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  dec_dim: int = 384, dec_depth: int = 8, dec_heads: int | None = None, mask_ratio: float = 0.5,
@@ -470,6 +573,7 @@ class MaskedAutoencoder(nn.Module):
                          depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, dec_dim=dec_dim,
                          dec_depth=dec_depth, dec_heads=dec_heads, mask_ratio=mask_ratio, qkv_bias=qkv_bias,
                          dropout_rate=dropout_rate)
+        self.meta: dict[str, Any] = {}
         self.in_channels, self.patch_size, self.dim, self.mask_ratio = in_channels, patch_size, dim, mask_ratio
         self.encoder = LatentViT(in_channels, input_size, patch_size, dim, depth, num_heads, mlp_ratio, qkv_bias,
                                  dropout_rate)
@@ -538,3 +642,138 @@ def build_mae(preset: str | Mapping[str, Any] | None = "tiny", **overrides: Any)
         kw.pop(key, None)
     return MaskedAutoencoder(**kw)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# deployable encoder and loading
+# ----------------------------------------------------------------------------------------------------------------
+class PretrainedEncoder(_CheckpointRecord, nn.Module):
+    """The deployable part of a meduet_pretrain checkpoint: the latent ViT with (for MeDUET) its content/style
+    factor heads, without decoder, recombination or domain heads.
+
+    Its parameter names are those of the training network (``backbone.*`` for MeDUET, ``encoder.*`` for the
+    masked-autoencoder baseline), so ``monai.bundle.load`` / ``CheckpointLoader`` / ``copy_model_state`` fill it
+    from meduet_pretrain's ``model.pt`` by name and skip the rest.
+
+    ``forward(x (B, C, S1, S2, S3))`` -> factor map ``(B, D + Ds, g1, g2, g3)``: content channels first, then the
+    (smoothed) style channels; for the baseline ``(B, D, g1, g2, g3)`` token features. ``encode(x)`` returns the
+    dict of ``FactorEncoder.encode``. Inputs are *scaled* latents (cached latent x ``latent_scale_factor``) with
+    every spatial size divisible by ``patch_size``.
+    """
+
+    def __init__(self, objective: str = "meduet", in_channels: int = 4, input_size: int | Sequence[int] = 24,
+                 patch_size: int = 4, dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 style_dim: int | None = None, smooth_kernel: int = 3, qkv_bias: bool = True,
+                 dropout_rate: float = 0.0) -> None:
+        super().__init__()
+        if objective not in ("meduet", "mae"):
+            raise ValueError(f"objective must be 'meduet' or 'mae', got {objective!r}")
+        self.kind = objective
+        self.patch_size, self.in_channels, self.dim = patch_size, in_channels, dim
+        self.arch = dict(in_channels=in_channels, input_size=input_size, patch_size=patch_size, dim=dim,
+                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                         dropout_rate=dropout_rate)
+        self.meta: dict[str, Any] = {}
+        if objective == "meduet":
+            self.arch.update(style_dim=style_dim or dim // 4, smooth_kernel=smooth_kernel)
+            self.backbone = FactorEncoder(in_channels, input_size, patch_size, dim, depth, num_heads, mlp_ratio,
+                                          style_dim, smooth_kernel, qkv_bias, dropout_rate)
+            self.style_dim = self.backbone.style_dim
+        else:
+            self.encoder = LatentViT(in_channels, input_size, patch_size, dim, depth, num_heads, mlp_ratio,
+                                     qkv_bias, dropout_rate)
+            self.style_dim = 0
+
+    @property
+    def out_channels(self) -> int:
+        return self.dim + self.style_dim
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        if self.kind == "meduet":
+            return self.backbone.encode(x)
+        tokens, grid = self.encoder.embed(x)
+        tokens = self.encoder.forward_tokens(tokens)
+        return {"tokens": tokens, "content_tokens": tokens, "style_tokens": None, "content": tokens.mean(dim=1),
+                "style": None, "content_map": tokens_to_map(tokens, grid)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.encode(x)
+        if out["style_tokens"] is None:
+            return out["content_map"]
+        grid = out["content_map"].shape[2:]
+        return torch.cat([out["content_map"], tokens_to_map(out["style_tokens"], grid)], dim=1)
+
+
+_ENCODER_KEYS = ("in_channels", "input_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "style_dim",
+                 "smooth_kernel", "qkv_bias", "dropout_rate")
+
+
+def build_encoder(preset: str | Mapping[str, Any] | None = "tiny", objective: str = "meduet",
+                  **overrides: Any) -> PretrainedEncoder:
+    """``PretrainedEncoder`` with the backbone of a MeDUET preset (decoder/domain keys are dropped)."""
+    kw = {k: v for k, v in _preset(preset, overrides).items() if k in _ENCODER_KEYS}
+    if objective != "meduet":
+        kw.pop("style_dim", None)
+        kw.pop("smooth_kernel", None)
+    return PretrainedEncoder(objective, **kw)
+
+
+#: Latent-datalist keys (meduet_vae encode.yaml) copied into the pretraining checkpoint's record.
+_LATENT_KEYS = ("latent_channels", "downsample_factor", "latent_scale_factor", "latent_std", "latent_mean",
+                "domains", "heldout_domains", "labels", "modality", "preprocessing", "vae_config_hash")
+
+
+def latent_record(latents: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """The facts of meduet_vae's latent cache a downstream stage needs, plus ``extra`` (e.g. ``crop_size``)."""
+    rec = {k: _jsonable(latents[k]) for k in _LATENT_KEYS if k in latents}
+    rec.update({k: _jsonable(v) for k, v in extra.items()})
+    return rec
+
+
+def with_latent_record(network: nn.Module, latents: Mapping[str, Any], **extra: Any) -> nn.Module:
+    """Set ``network.meta`` from the latent datalist (for configs); returns the network."""
+    network.meta = latent_record(latents, **extra)
+    return network
+
+
+PRETRAIN_FIX = ("train meduet_pretrain first (python -m monai.bundle run training --config_file "
+                "\"['bundles/meduet_pretrain/configs/train.yaml','bundles/meduet_pretrain/configs/presets/demo.yaml']\") "
+                "or download the bundle")
+
+
+def _read_record(path: Any, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    from meduet.networks.vae import _read_state_dict
+
+    state = _read_state_dict(path, what, PRETRAIN_FIX)
+    record = decode_record(state.get("_extra_state"))
+    if not record.get("architecture") or record.get("kind") not in ("meduet", "mae"):
+        raise MeduetConfigError(f"{what} '{path}' has no meduet_pretrain record (not a model.pt of meduet_pretrain); "
+                                f"{PRETRAIN_FIX}")
+    return state, record
+
+
+def load_pretrain(path: Any, device: str | torch.device = "cpu") -> MeDUET | MaskedAutoencoder:
+    """Rebuild the trained ``MeDUET`` / ``MaskedAutoencoder`` from meduet_pretrain's ``model.pt`` alone
+    (architecture and latent facts travel inside; ``network.meta`` holds the latter). Returned in eval mode."""
+    state, record = _read_record(path, "pretraining checkpoint")
+    cls = MeDUET if record["kind"] == "meduet" else MaskedAutoencoder
+    net = cls(**record["architecture"])
+    net.load_state_dict(state, strict=True)
+    return net.to(device).eval()
+
+
+def load_encoder(path: Any, device: str | torch.device = "cpu") -> PretrainedEncoder:
+    """The deployable ``PretrainedEncoder`` (encoder + factor heads) of meduet_pretrain's ``model.pt``."""
+    state, record = _read_record(path, "pretraining checkpoint")
+    arch = {k: v for k, v in record["architecture"].items() if k in _ENCODER_KEYS}
+    if record["kind"] != "meduet":
+        arch.pop("style_dim", None)
+        arch.pop("smooth_kernel", None)
+    enc = PretrainedEncoder(record["kind"], **arch)
+    own = enc.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise MeduetConfigError(f"pretraining checkpoint '{path}' lacks {len(missing)} encoder weights "
+                                f"(e.g. {missing[:2]}); {PRETRAIN_FIX}")
+    enc.load_state_dict({k: state[k] for k in own}, strict=True)
+    return enc.to(device).eval()

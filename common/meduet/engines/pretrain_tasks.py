@@ -1,0 +1,467 @@
+"""meduet_pretrain workflows besides training: embedding extraction (extract.yaml, inference.json) and the
+disentanglement report (evaluate.yaml).
+
+Whole cached latents are encoded (not crops): each latent is scaled by ``latent_scale_factor``, padded at its far
+ends by edge replication up to a multiple of the latent patch, and run through the encoder unmixed. Pooled
+vectors are means over all tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from meduet.data.datalist import write_datalist
+from meduet.engines.checkpoint import atomic_save
+from meduet.engines.pretrain import read_latent_datalist
+from meduet.engines.vae_tasks import case_name
+from meduet.errors import MeduetConfigError
+from meduet.io import atomic_path
+from meduet.networks.meduet import load_encoder, load_pretrain
+
+__all__ = [
+    "load_latent",
+    "pad_to_multiple",
+    "encode_latents",
+    "EmbeddingWriter",
+    "extract_embeddings",
+    "check_compatible",
+    "evaluate_disentanglement",
+    "style_swap_study",
+]
+
+
+def _progress(it, desc: str):
+    return tqdm(it, desc=desc, disable=os.environ.get("MEDUET_PROGRESS") == "0")
+
+
+def load_latent(path: str | Path) -> torch.Tensor:
+    """A cached latent (4D NIfTI, channels last, as meduet_vae encode.yaml writes it) as ``(C, X, Y, Z)`` float."""
+    import nibabel as nib
+
+    arr = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    if arr.ndim != 4:
+        raise MeduetConfigError(f"latent '{path}' is not 4D (channels last); re-run meduet_vae's encode workflow")
+    return torch.from_numpy(np.moveaxis(arr, -1, 0).copy())
+
+
+def pad_to_multiple(z: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Pad ``(B, C, X, Y, Z)`` at the far ends (edge replication) to multiples of ``multiple``; returns the padded
+    tensor and the original spatial shape (crop ``[..., :X, :Y, :Z]`` to undo)."""
+    shape = tuple(int(s) for s in z.shape[2:])
+    pads = [(-s) % multiple for s in shape]
+    if any(pads):
+        z = F.pad(z, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
+    return z, shape  # type: ignore[return-value]
+
+
+def check_compatible(record: dict[str, Any], latents: dict[str, Any], ckpt: str, datalist: str) -> None:
+    """The pretraining checkpoint and the latent datalist must come from the same VAE (config hash, channels)."""
+    for key in ("vae_config_hash", "latent_channels"):
+        a, b = record.get(key), latents.get(key)
+        if a is not None and b is not None and a != b:
+            raise MeduetConfigError(
+                f"'{ckpt}' was pretrained on latents with {key}={a!r} but '{datalist}' has {key}={b!r}; "
+                "encode the data with the VAE the encoder was pretrained on (or pretrain on this cache)")
+
+
+def crop_size_of(network: torch.nn.Module) -> tuple[int, int, int]:
+    """The latent crop size the network was pretrained on (its record's ``crop_size``, else ``input_size``)."""
+    from meduet.networks.latent_vit import to_3tuple
+
+    crop = (getattr(network, "meta", {}) or {}).get("crop_size") or network.arch["input_size"]
+    return to_3tuple(crop)
+
+
+def factor_map(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Content (then style, if the network has one) token maps of ``x``: ``(B, D [+ Ds], g1, g2, g3)``."""
+    from meduet.networks.latent_vit import tokens_to_map
+
+    enc = network.encode(x)
+    if enc.get("style_tokens") is None:
+        return enc["content_map"]
+    return torch.cat([enc["content_map"], tokens_to_map(enc["style_tokens"], enc["content_map"].shape[2:])], dim=1)
+
+
+def _windows(z: torch.Tensor, crop: Sequence[int], predictor, overlap: float = 0.5) -> torch.Tensor:
+    """MONAI sliding windows of the pretraining crop size over a latent padded to patch multiples (and to at
+    least one crop), so the ViT always sees the token grid it was trained on."""
+    from monai.inferers import sliding_window_inference
+
+    return sliding_window_inference(z, roi_size=list(crop), sw_batch_size=8, predictor=predictor, overlap=overlap,
+                                    mode="constant")
+
+
+def _prepare(z: torch.Tensor, patch: int, crop: Sequence[int]) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    x, shape = pad_to_multiple(z, patch)
+    short = [max(0, int(c) - int(s)) for c, s in zip(crop, x.shape[2:])]
+    if any(short):
+        x = F.pad(x, (0, short[2], 0, short[1], 0, short[0]), mode="replicate")
+    return x, shape
+
+
+@torch.no_grad()
+def encode_latents(network: torch.nn.Module, latents: Sequence[torch.Tensor], latent_scale_factor: float,
+                   device: str | torch.device = "cpu", desc: str = "encode",
+                   crop: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Embeddings of whole latents ``(C, X, Y, Z)``: the factor map by sliding windows of the pretraining crop
+    size (``crop``, default from the network's record; overlap 0.5), and pooled vectors as its means.
+
+    Returns CPU tensors without the batch axis: ``content (D,)``, ``content_map (D, g1, g2, g3)`` and, for MeDUET,
+    ``style (Ds,)``, ``style_map (Ds, g...)`` (the token grid of the latent padded to patch multiples).
+    """
+    network = network.to(device).eval()
+    patch, dim = int(network.patch_size), int(network.dim)
+    crop = crop_size_of(network) if crop is None else tuple(crop)
+    out = []
+    for z in _progress(latents, desc):
+        x, _ = _prepare(z[None].float().to(device) * latent_scale_factor, patch, crop)
+        fmap = _windows(x, crop, lambda t: factor_map(network, t))[0].cpu()
+        row = {"content_map": fmap[:dim], "content": fmap[:dim].flatten(1).mean(1)}
+        if fmap.shape[0] > dim:
+            row["style_map"] = fmap[dim:]
+            row["style"] = fmap[dim:].flatten(1).mean(1)
+        out.append(row)
+    return out
+
+
+class EmbeddingWriter:
+    """Ignite handler for inference.json: after every iteration writes ``<output_dir>/<case>.pt`` with the pooled
+    ``content`` / ``style`` vectors and the ``content_map`` / ``style_map`` taken from the evaluator's ``pred`` (the
+    ``PretrainedEncoder`` factor map ``(D [+ Ds], g1, g2, g3)`` per item; content channels first), and at the end
+    ``<output_dir>/embeddings.json`` listing them with each item's ``domain``. Items name their case by
+    ``latent_path`` (else the input's file name)."""
+
+    def __init__(self, output_dir: str, content_dim: int) -> None:
+        self.output_dir = Path(output_dir)
+        self.content_dim = int(content_dim)
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._write)
+        engine.add_event_handler(Events.COMPLETED, self._index)
+
+    def _write(self, engine) -> None:
+        from monai.data import decollate_batch
+
+        batch, outputs = engine.state.batch, engine.state.output
+        batch = batch if isinstance(batch, list) else decollate_batch(batch)
+        outputs = outputs if isinstance(outputs, list) else decollate_batch(outputs)
+        for item, out in zip(batch, outputs):
+            fmap = out["pred"]
+            fmap = (fmap.as_tensor() if hasattr(fmap, "as_tensor") else fmap).detach().float().cpu()
+            path = item.get("latent_path") or getattr(item.get("image"), "meta", {}).get("filename_or_obj", "case")
+            name = case_name({"image": str(path)})
+            rec = {"content_map": fmap[: self.content_dim], "content": fmap[: self.content_dim].flatten(1).mean(1)}
+            if fmap.shape[0] > self.content_dim:
+                rec["style_map"] = fmap[self.content_dim:]
+                rec["style"] = rec["style_map"].flatten(1).mean(1)
+            atomic_save(rec, self.output_dir / f"{name}.pt")
+            self.rows.append({"latent": str(path), "domain": item.get("domain"), "embedding": f"{name}.pt"})
+
+    def _index(self, engine) -> None:
+        write_datalist(self.output_dir / "embeddings.json", {"content_dim": self.content_dim, "test": self.rows})
+
+
+def extract_embeddings(
+    pretrain_ckpt: str,
+    latent_datalist: str,
+    output_dir: str,
+    splits: Sequence[str] = ("training", "validation", "test"),
+    maps: bool = True,
+    device: str | torch.device = "cpu",
+) -> str:
+    """Content and style embeddings of every item of the latent datalist's ``splits``.
+
+    Writes ``<output_dir>/<split>/<case>.pt`` (``content (D,)``, ``style (Ds,)``, with ``maps``:
+    ``content_map (D, g1, g2, g3)``, ``style_map (Ds, g...)``; ``torch.load(weights_only=True)`` reads them) and
+    ``<output_dir>/embeddings.json``: the items (with ``embedding`` paths relative to it, ``domain``,
+    ``domain_index``) and what a downstream stage needs (``objective``, ``content_dim``, ``style_dim``,
+    ``domains``, the latent facts). Returns the index path.
+    """
+    network = load_encoder(pretrain_ckpt, device)
+    latents = read_latent_datalist(latent_datalist)
+    check_compatible(network.meta, latents, pretrain_ckpt, latent_datalist)
+    scale = float(latents["latent_scale_factor"])
+    out = Path(output_dir)
+    index: dict[str, Any] = {
+        "name": f"{latents.get('name', 'latents')}_embeddings",
+        "pretrain_ckpt": os.path.abspath(pretrain_ckpt),
+        "latent_datalist": os.path.abspath(latent_datalist),
+        "objective": network.kind,
+        "content_dim": network.dim,
+        "style_dim": network.style_dim,
+        "patch_size": network.patch_size,
+        **{k: latents[k] for k in ("domains", "heldout_domains", "labels", "latent_channels", "downsample_factor",
+                                   "latent_scale_factor", "vae_config_hash") if k in latents},
+    }
+    for split in splits:
+        if split not in latents:
+            continue
+        items = read_latent_datalist(latent_datalist, split)
+        encoded = encode_latents(network, [load_latent(it["latent"]) for it in items], scale, device,
+                                 desc=f"extract {split}")
+        rows = []
+        for item, enc in zip(items, encoded):
+            name = case_name(item)
+            rel = f"{split}/{name}.pt"
+            keep = {k: v for k, v in enc.items() if maps or not k.endswith("_map")}
+            atomic_save(keep, out / rel)
+            rows.append({**item, "embedding": rel})
+        index[split] = rows
+    path = write_datalist(out / "embeddings.json", index)
+    print(f"meduet_pretrain extract: {sum(len(index.get(s, [])) for s in splits)} embeddings -> {path}")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------------------------
+def _factor_metrics(features: dict[str, np.ndarray], sites: list[str], subjects: list[str]) -> dict[str, Any]:
+    from meduet.metrics.disentanglement import chance_level, probe_accuracy, similarity_ratio
+
+    res: dict[str, Any] = {}
+    multi_subject = len(set(subjects)) > 1 and all(subjects.count(s) > 1 for s in set(subjects))
+    for name, x in features.items():
+        r: dict[str, Any] = {
+            # predict the site of cases whose subject the probe never saw (leave-one-subject-out)
+            "site_probe_balanced_accuracy": probe_accuracy(x, sites, groups=subjects if multi_subject else None),
+            "site_similarity": similarity_ratio(x, sites),
+        }
+        if multi_subject and len(set(sites)) > 1:
+            # predict the subject (anatomy) at sites the probe never saw (leave-one-site-out)
+            r["anatomy_probe_balanced_accuracy"] = probe_accuracy(x, subjects, groups=sites)
+            r["anatomy_similarity"] = similarity_ratio(x, subjects)
+        res[name] = r
+    res["chance"] = {"site": chance_level(sites), "anatomy": chance_level(subjects)}
+    return res
+
+
+def _plot_embeddings(path: Path, features: dict[str, np.ndarray], sites: list[str], subjects: list[str],
+                     method: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from meduet.metrics.disentanglement import embed_2d
+
+    names = list(features)
+    fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 8.0), squeeze=False)
+    for col, name in enumerate(names):
+        xy = embed_2d(features[name], method)
+        for row, (labels, what) in enumerate(((sites, "site"), (subjects, "anatomy (subject)"))):
+            ax = axes[row][col]
+            cats = sorted(set(labels))
+            cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+            for i, cat in enumerate(cats):
+                sel = np.array([lab == cat for lab in labels])
+                ax.scatter(xy[sel, 0], xy[sel, 1], s=28, color=cmap(i % cmap.N), label=cat)
+            ax.set_title(f"{name} — coloured by {what}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == len(names) - 1:
+                ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(f"{method.upper()} of pooled embeddings (held-out cases)")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+def _eta_squared(image: np.ndarray, label: np.ndarray) -> float:
+    """Fraction of the image's variance inside the body explained by the label regions' means."""
+    body = label > 0
+    v, lab = image[body].astype(np.float64), label[body].astype(np.int64)
+    total = ((v - v.mean()) ** 2).sum()
+    if total <= 0:
+        return 0.0
+    sums, counts = np.bincount(lab, weights=v), np.bincount(lab)
+    means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+    return float(1.0 - ((v - means[lab]) ** 2).sum() / total)
+
+
+def _region_means(image: np.ndarray, label: np.ndarray, regions: Sequence[int]) -> np.ndarray:
+    return np.array([image[label == r].mean() for r in regions], dtype=np.float64)
+
+
+@torch.no_grad()
+def style_swap_study(model, vae, latents: dict[str, Any], items: list[dict[str, Any]], output_dir: Path,
+                     swaps: int = 4, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Render case A's content with case B's pooled style and measure it against the real scan of A's subject at
+    B's site (T), which the phantom data has.
+
+    For each pair (A = subject i at site a, B = subject j at site b, i != j, a != b, with T = subject i at site b in
+    ``items``), decoded through the VAE on A's preprocessed grid:
+
+    * ``rec`` = A's content with A's own pooled style, ``swap`` = A's content with B's pooled style;
+    * intensity: ``d(x) = mean over label regions r > 0 present in both of |mean_r(x) - mean_r(T)|`` (A's label
+      for x, T's label for T; no spatial alignment needed); ``gap_closed = 1 - d(swap) / d(rec)`` (1 = the swap
+      has exactly the target site's intensities, 0 = unchanged);
+    * anatomy: ``eta2(x)`` = variance of the image inside the body explained by A's label regions; compared with
+      ``eta2(T)`` on T's own label (what a real scan of that site reaches); ``anatomy_kept = eta2(swap) /
+      eta2(T)``.
+    """
+    from meduet.data import get_load_transforms
+    from meduet.viz import save_pair_grid
+
+    prep = dict(latents.get("preprocessing") or {})
+    transform = get_load_transforms(**prep, keys=("image", "label"))
+    scale = float(latents["latent_scale_factor"])
+    by_key = {(it.get("subject"), it["domain"]): it for it in items}
+    subjects = sorted({it.get("subject") for it in items if it.get("subject") is not None})
+    sites = sorted({it["domain"] for it in items})
+    pairs = []
+    if len(subjects) > 1 and len(sites) > 1:
+        for k in range(len(subjects) * len(sites)):
+            if len(pairs) >= swaps:
+                break
+            i, j = subjects[k % len(subjects)], subjects[(k + 1) % len(subjects)]
+            a, b = sites[k % len(sites)], sites[(k + max(1, len(sites) // 2)) % len(sites)]
+            if a != b and (i, a) in by_key and (j, b) in by_key and (i, b) in by_key:
+                pairs.append((by_key[(i, a)], by_key[(j, b)], by_key[(i, b)]))
+    if not pairs:
+        return {"pairs": [], "note": "needs items with 'subject' keys rendered at several sites (phantom data)"}
+
+    def load(item):
+        data = transform({"image": item["image"], "label": item["label"]})
+        img, lab = data["image"], data["label"]
+        return (np.asarray(img)[0].astype(np.float32), np.rint(np.asarray(lab)[0]).astype(np.int64))
+
+    def decode(z: torch.Tensor, shape) -> np.ndarray:
+        z = z[..., : shape[0], : shape[1], : shape[2]] / scale
+        return vae.decode(z).clamp(0, 1)[0, 0].float().cpu().numpy()
+
+    crop = crop_size_of(model)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def render(z: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        def predictor(t: torch.Tensor) -> torch.Tensor:
+            enc = model.encode(t)
+            return model.render(enc["content_tokens"], style.to(t).expand(t.shape[0], -1),
+                                enc["content_map"].shape[2:], generator=gen)
+        return _windows(z, crop, predictor)
+
+    rows, panels = [], []
+    for a_item, b_item, t_item in pairs:
+        za, shape_a = _prepare(load_latent(a_item["latent"])[None].to(device) * scale, model.patch_size, crop)
+        (emb_a, emb_b) = encode_latents(model, [load_latent(a_item["latent"]), load_latent(b_item["latent"])],
+                                        scale, device, desc="style swap", crop=crop)
+        rec = decode(render(za, emb_a["style"][None]), shape_a)
+        swap = decode(render(za, emb_b["style"][None]), shape_a)
+        img_a, lab_a = load(a_item)
+        img_t, lab_t = load(t_item)
+        img_b, _ = load(b_item)
+        if rec.shape != img_a.shape:
+            raise MeduetConfigError(f"decoded shape {rec.shape} != preprocessed image {img_a.shape} for "
+                                    f"{a_item['image']}: the latent cache and the VAE preprocessing disagree")
+        regions = [r for r in range(1, int(max(lab_a.max(), lab_t.max())) + 1)
+                   if (lab_a == r).sum() >= 8 and (lab_t == r).sum() >= 8]
+        mu_t = _region_means(img_t, lab_t, regions)
+        d_rec = float(np.abs(_region_means(rec, lab_a, regions) - mu_t).mean())
+        d_swap = float(np.abs(_region_means(swap, lab_a, regions) - mu_t).mean())
+        eta_t, eta_swap, eta_rec = _eta_squared(img_t, lab_t), _eta_squared(swap, lab_a), _eta_squared(rec, lab_a)
+        rows.append({
+            "content_case": case_name(a_item), "style_case": case_name(b_item), "target_case": case_name(t_item),
+            "content_site": a_item["domain"], "style_site": b_item["domain"],
+            "intensity_gap_rec": d_rec, "intensity_gap_swap": d_swap,
+            "gap_closed": 1.0 - d_swap / max(d_rec, 1e-8),
+            "eta2_target": eta_t, "eta2_rec": eta_rec, "eta2_swap": eta_swap,
+            "anatomy_kept": eta_swap / max(eta_t, 1e-8),
+        })
+        z = img_a.shape[2] // 2
+        zt = img_t.shape[2] // 2
+        zb = img_b.shape[2] // 2
+        panels.append([
+            (f"A: {case_name(a_item)}", img_a[:, :, z]), (f"B (style): {case_name(b_item)}", img_b[:, :, zb]),
+            ("A content + A style", rec[:, :, z]), ("A content + B style", swap[:, :, z]),
+            (f"T (real): {case_name(t_item)}", img_t[:, :, zt]),
+        ])
+    save_pair_grid(output_dir / "style_swap.png", panels, title="Style swap: content of A rendered in B's style, "
+                   "compared with the real scan of A's subject at B's site (T)")
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in ("gap_closed", "anatomy_kept", "eta2_swap",
+                                                                  "eta2_rec", "eta2_target", "intensity_gap_rec",
+                                                                  "intensity_gap_swap")}
+    return {"pairs": rows, "mean": summary, "picture": "style_swap.png"}
+
+
+def evaluate_disentanglement(
+    pretrain_ckpt: str,
+    latent_datalist: str,
+    output_dir: str,
+    baseline_ckpt: str | None = None,
+    vae_ckpt: str | None = None,
+    split: str = "test",
+    method: str = "tsne",
+    swaps: int = 4,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """The disentanglement report (paper Figure 1) on the latent datalist's ``split`` (cases held out of
+    pretraining): probes and similarity ratios for MeDUET's pooled content and style (and the masked-autoencoder
+    baseline's pooled features when ``baseline_ckpt`` is given), t-SNE/PCA plots coloured by site and by anatomy
+    (subject), and with ``vae_ckpt`` the style-swap study. Writes ``metrics.json``, ``embeddings_2d.png``,
+    ``style_swap.png`` to ``output_dir`` and returns the metrics."""
+    device = torch.device(device)
+    out = Path(output_dir)
+    model = load_pretrain(pretrain_ckpt, device)
+    if model.kind != "meduet":
+        raise MeduetConfigError(f"'{pretrain_ckpt}' holds the masked-autoencoder baseline; pass it as baseline_ckpt "
+                                f"and a MeDUET checkpoint as pretrain_ckpt")
+    latents = read_latent_datalist(latent_datalist)
+    check_compatible(model.meta, latents, pretrain_ckpt, latent_datalist)
+    items = read_latent_datalist(latent_datalist, split)
+    if len(items) < 4:
+        raise MeduetConfigError(f"'{latent_datalist}' split '{split}' has {len(items)} items; the probes need more")
+    scale = float(latents["latent_scale_factor"])
+    z = [load_latent(it["latent"]) for it in items]
+    enc = encode_latents(model, z, scale, device, desc="encode (MeDUET)")
+    features = {"MeDUET content": np.stack([e["content"].numpy() for e in enc]),
+                "MeDUET style": np.stack([e["style"].numpy() for e in enc])}
+    if baseline_ckpt:
+        base = load_pretrain(baseline_ckpt, device)
+        check_compatible(base.meta, latents, baseline_ckpt, latent_datalist)
+        benc = encode_latents(base, z, scale, device, desc="encode (MAE baseline)")
+        features["MAE baseline"] = np.stack([e["content"].numpy() for e in benc])
+    sites = [it["domain"] for it in items]
+    subjects = [str(it.get("subject", case_name(it))) for it in items]
+    metrics: dict[str, Any] = {
+        "split": split, "cases": len(items), "sites": sorted(set(sites)), "subjects": len(set(subjects)),
+        "pretrain_ckpt": os.path.abspath(pretrain_ckpt), "baseline_ckpt": baseline_ckpt and os.path.abspath(baseline_ckpt),
+        "factors": _factor_metrics(features, sites, subjects),
+    }
+    _plot_embeddings(out / "embeddings_2d.png", features, sites, subjects, method)
+    metrics["plot"] = "embeddings_2d.png"
+    if vae_ckpt:
+        from meduet.networks.vae import load_vae, require_checkpoint
+
+        vae = load_vae(require_checkpoint(vae_ckpt), device)
+        if latents.get("vae_config_hash") and vae.meta.get("config_hash") not in (None, latents["vae_config_hash"]):
+            raise MeduetConfigError(f"VAE '{vae_ckpt}' is not the one that encoded '{latent_datalist}' (config hash "
+                                    f"{vae.meta.get('config_hash')} vs {latents['vae_config_hash']}); set vae_ckpt")
+        metrics["style_swap"] = style_swap_study(model, vae, latents, items, out, swaps, device)
+    f = metrics["factors"]
+    targets = {
+        "style_site_probe>=0.9": f["MeDUET style"]["site_probe_balanced_accuracy"] >= 0.9,
+        "content_site_probe<=chance+0.15": f["MeDUET content"]["site_probe_balanced_accuracy"]
+        <= f["chance"]["site"] + 0.15,
+    }
+    if "MAE baseline" in f:
+        targets["baseline_site_probe>content_site_probe"] = (
+            f["MAE baseline"]["site_probe_balanced_accuracy"] > f["MeDUET content"]["site_probe_balanced_accuracy"])
+    metrics["targets_met"] = targets
+    with atomic_path(out / "metrics.json", suffix=".json") as tmp:
+        Path(tmp).write_text(json.dumps(metrics, indent=2))
+    print(f"meduet_pretrain evaluate: {json.dumps(targets)} -> {out / 'metrics.json'}")
+    return metrics
+

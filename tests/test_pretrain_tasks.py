@@ -1,0 +1,193 @@
+"""meduet_pretrain beyond training: the checkpoint record, extract.yaml, evaluate.yaml, inference.json and
+monai.bundle.load, on a tiny VAE's real latent cache of the tiny phantoms."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import bundle_run
+from meduet.engines.pretrain_tasks import _eta_squared, encode_latents, load_latent
+from meduet.errors import MeduetConfigError
+from meduet.metrics.disentanglement import chance_level, probe_accuracy, similarity_ratio
+from meduet.networks.meduet import build_meduet, load_encoder, load_pretrain
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tiny_latents) -> Path:
+    """A bundle root with a tiny MeDUET (models/model.pt) and a tiny MAE baseline (models/baseline_mae/)."""
+    root = tmp_path_factory.mktemp("pretrain")
+    for objective in ("meduet", "mae"):
+        bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
+                   "--objective", objective, run_id="training")
+    return root
+
+
+def test_model_pt_carries_what_downstream_needs(pretrained, tiny_latents):
+    latents = json.loads(tiny_latents.read_text())
+    model = load_pretrain(pretrained / "models/model.pt")
+    assert model.kind == "meduet" and model.arch["dim"] == 32  # tiny preset
+    assert model.meta["latent_scale_factor"] == pytest.approx(latents["latent_scale_factor"])
+    assert model.meta["domains"] == latents["domains"]
+    assert model.meta["vae_config_hash"] == latents["vae_config_hash"]
+    assert model.meta["crop_size"] == [8, 8, 8] and model.meta["objective"] == "meduet"
+    baseline = load_pretrain(pretrained / "models/baseline_mae/model.pt")
+    assert baseline.kind == "mae" and (pretrained / "models/baseline_mae/checkpoint.pt").is_file()
+    # the deployable encoder computes exactly what the full network's encoder computes
+    enc = load_encoder(pretrained / "models/model.pt")
+    x = torch.randn(2, 4, 8, 12, 8)
+    with torch.no_grad():
+        ref, got = model.encode(x), enc.encode(x)
+        fmap = enc(x)
+    for key in ("content", "style", "content_tokens", "style_tokens"):
+        torch.testing.assert_close(got[key], ref[key])
+    assert fmap.shape == (2, 32 + 8, 4, 6, 4)
+    torch.testing.assert_close(fmap[:, :32].flatten(2).mean(-1), ref["content"])
+
+
+def test_checkpoint_mismatches_are_one_line_errors(pretrained, tmp_path):
+    state = torch.load(pretrained / "models/model.pt", weights_only=True)
+    with pytest.raises(MeduetConfigError, match="another architecture"):
+        build_meduet("demo", num_domains=len(load_pretrain(pretrained / "models/model.pt").meta["domains"])
+                     ).load_state_dict(state)
+    from meduet.networks.meduet import build_encoder
+
+    with pytest.raises(MeduetConfigError, match="'meduet' network but this is 'mae'"):
+        build_encoder("tiny", objective="mae").load_state_dict(state, strict=False)
+    torch.save({k: v for k, v in state.items() if k != "_extra_state"}, tmp_path / "bare.pt")
+    with pytest.raises(MeduetConfigError, match="no meduet_pretrain record"):
+        load_pretrain(tmp_path / "bare.pt")
+    with pytest.raises(MeduetConfigError, match="does not exist; train meduet_pretrain first"):
+        load_encoder(tmp_path / "missing.pt")
+
+
+def test_extract_writes_embeddings_of_every_item(pretrained, tiny_latents):
+    out = pretrained / "embeddings"
+    bundle_run("meduet_pretrain", "extract", "--bundle_root", str(pretrained), "--latent_datalist", str(tiny_latents),
+               "--output_dir", str(out))
+    index = json.loads((out / "embeddings.json").read_text())
+    latents = json.loads(tiny_latents.read_text())
+    assert index["objective"] == "meduet" and index["content_dim"] == 32 and index["style_dim"] == 8
+    assert index["domains"] == latents["domains"]
+    enc = load_encoder(pretrained / "models/model.pt")
+    for split in ("training", "validation", "test"):
+        assert len(index[split]) == len(latents[split])
+        for item in index[split]:
+            emb = torch.load(out / item["embedding"], weights_only=True)
+            assert emb["content"].shape == (32,) and emb["style"].shape == (8,)
+            assert emb["content_map"].shape[0] == 32 and emb["style_map"].shape[0] == 8
+            assert item["domain"] in latents["domains"] and item["domain_index"] == latents["domains"].index(item["domain"])
+    # recompute one: the stored vector is the encoder's pooled content of the scaled, padded whole latent
+    item = index["test"][0]
+    again = encode_latents(enc, [load_latent(item["latent"])], latents["latent_scale_factor"])[0]
+    torch.testing.assert_close(torch.load(out / item["embedding"], weights_only=True)["content"], again["content"])
+
+
+def test_extract_refuses_latents_of_another_vae(pretrained, tiny_latents, tmp_path):
+    other = json.loads(tiny_latents.read_text())
+    other["vae_config_hash"] = "0123456789abcdef"
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(other))
+    (tmp_path / "latents").symlink_to(tiny_latents.parent / "latents")
+    proc = bundle_run("meduet_pretrain", "extract", "--bundle_root", str(pretrained), "--latent_datalist", str(path),
+                      "--output_dir", str(tmp_path / "emb"), check=False)
+    assert proc.returncode != 0
+    assert "encode the data with the VAE the encoder was pretrained on" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "emb" / "embeddings.json").exists()
+
+
+def test_evaluate_reports_probes_plots_and_style_swap(pretrained, tiny_latents, tiny_vae):
+    out = pretrained / "eval"
+    bundle_run("meduet_pretrain", "evaluate", "--bundle_root", str(pretrained), "--latent_datalist",
+               str(tiny_latents), "--vae_ckpt", str(tiny_vae / "models/model.pt"), "--output_dir", str(out),
+               "--embedding_plot", "pca")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["cases"] == 8 and m["subjects"] == 2  # 2 test subjects x 4 sites
+    f = m["factors"]
+    assert set(f) == {"MeDUET content", "MeDUET style", "MAE baseline", "chance"}
+    assert f["chance"]["site"] == pytest.approx(0.25)
+    for name in ("MeDUET content", "MeDUET style", "MAE baseline"):
+        assert 0.0 <= f[name]["site_probe_balanced_accuracy"] <= 1.0
+        assert f[name]["site_similarity"]["ratio"] > 0
+    assert set(m["targets_met"]) == {"style_site_probe>=0.9", "content_site_probe<=chance+0.15",
+                                     "baseline_site_probe>content_site_probe"}
+    sw = m["style_swap"]
+    assert len(sw["pairs"]) >= 2
+    for row in sw["pairs"]:
+        assert row["content_site"] != row["style_site"] and row["content_case"] != row["style_case"]
+        assert row["target_case"].split("_")[0] == row["content_case"].split("_")[0]  # A's subject at B's site
+        assert all(np.isfinite(row[k]) for k in ("gap_closed", "anatomy_kept", "intensity_gap_swap"))
+    for png in ("embeddings_2d.png", "style_swap.png"):
+        assert (out / png).stat().st_size > 5000
+
+
+def test_inference_json_and_monai_bundle_load(pretrained, tiny_latents, tmp_path):
+    out = tmp_path / "infer"
+    bundle_run("meduet_pretrain", "inference", "--bundle_root", str(pretrained), "--output_dir", str(out),
+               "--dataset_dir", str(tiny_latents.parent), "--max_cases", "2")
+    index = json.loads((out / "embeddings.json").read_text())["test"]
+    assert len(index) == 2
+    extracted = {Path(it["latent"]).name: it for it in json.loads(
+        (pretrained / "embeddings/embeddings.json").read_text())["test"]} if (
+        pretrained / "embeddings/embeddings.json").exists() else {}
+    enc = load_encoder(pretrained / "models/model.pt")
+    scale = json.loads(tiny_latents.read_text())["latent_scale_factor"]
+    for it in index:
+        got = torch.load(out / it["embedding"], weights_only=True)
+        ref = encode_latents(enc, [load_latent(it["latent"])], scale)[0]
+        torch.testing.assert_close(got["content"], ref["content"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["style"], ref["style"], atol=1e-5, rtol=1e-5)
+        if Path(it["latent"]).name in extracted:
+            assert extracted[Path(it["latent"]).name]["domain"] == it["domain"]
+
+    # monai.bundle.load: the bundle folder as a user downloads it, the preset chosen by net_override
+    from monai.bundle import load
+
+    bundle_dir = tmp_path / "bundles"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "bundles/meduet_pretrain", bundle_dir / "meduet_pretrain",
+                    ignore=shutil.ignore_patterns("models", "runs", "eval", "embeddings"))
+    (bundle_dir / "meduet_pretrain/models").mkdir()
+    shutil.copy(pretrained / "models/model.pt", bundle_dir / "meduet_pretrain/models/model.pt")
+    net = load("meduet_pretrain", bundle_dir=str(bundle_dir), workflow_type="inference", device="cpu",
+               net_override={"preset": "tiny"})
+    x = torch.randn(1, 4, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), enc(x))
+    assert net.meta["latent_scale_factor"] == pytest.approx(scale)
+    with pytest.raises(MeduetConfigError, match="another architecture"):
+        load("meduet_pretrain", bundle_dir=str(bundle_dir), workflow_type="inference", device="cpu",
+             net_override={"preset": "demo"})
+
+
+def test_probe_and_similarity_measure_what_they_claim():
+    rng = np.random.default_rng(0)
+    subjects = np.repeat(np.arange(6), 6)
+    sites = np.tile(np.arange(6), 6)
+    site_code = rng.normal(size=(6, 16)) * 3.0
+    separable = site_code[sites] + rng.normal(size=(36, 16))
+    noise = rng.normal(size=(36, 16))
+    assert probe_accuracy(separable, sites, groups=subjects) == pytest.approx(1.0)
+    # on features without site information the probe is at chance on average (single draws of 36 cases scatter
+    # by about +-0.08)
+    noise_acc = [probe_accuracy(np.random.default_rng(s).normal(size=(36, 16)), sites, groups=subjects)
+                 for s in range(8)]
+    assert abs(np.mean(noise_acc) - chance_level(sites)) < 0.06
+    assert similarity_ratio(separable, sites)["ratio"] < 0.8
+    assert abs(similarity_ratio(noise, sites)["ratio"] - 1.0) < 0.1
+
+
+def test_eta_squared_follows_the_label_structure():
+    rng = np.random.default_rng(0)
+    label = np.zeros((16, 16, 16), np.int64)
+    label[2:14, 2:14, 2:14] = 1
+    label[5:9, 5:9, 5:9] = 2
+    means = np.array([0.0, 0.3, 0.8])
+    image = means[label] + rng.normal(scale=0.02, size=label.shape)
+    assert _eta_squared(image, label) > 0.95
+    shuffled = np.roll(image, 5, axis=0)  # same intensities, anatomy moved away from the labels
+    assert _eta_squared(shuffled, label) < 0.5
