@@ -112,6 +112,32 @@ def test_gradient_reversal_flips_encoder_gradient_of_content_domain_loss():
     torch.testing.assert_close(enc_half, 0.5 * enc_rev)
 
 
+def test_confusion_adversary_trains_head_on_detached_content_and_encoder_towards_uniform():
+    model, _ = _setup()
+    x, dom = _toy_batch(3)
+    mask = torch.rand(3, 64).argsort(1) < 32
+    out = model(x, mask, streams=0, domain_style=False, content_adversary="confusion")
+    # the classifier's cross-entropy reaches the head only
+    model.zero_grad()
+    F.cross_entropy(out["domain_content_logits"], dom).backward(retain_graph=True)
+    assert model.domain_content_head.weight.grad.abs().sum() > 0
+    assert model.encoder.patch_embed.weight.grad is None or model.encoder.patch_embed.weight.grad.abs().sum() == 0
+    # the confusion term reaches the encoder only
+    model.zero_grad()
+    conf = -F.log_softmax(out["domain_content_confusion_logits"], dim=1).mean()
+    conf.backward()
+    assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
+    assert model.domain_content_head.weight.grad is None or model.domain_content_head.weight.grad.abs().sum() == 0
+    # same logits, so the confusion term is the cross-entropy to the uniform distribution of the head's prediction
+    torch.testing.assert_close(out["domain_content_logits"], out["domain_content_confusion_logits"].detach())
+    # in the step losses: the encoder-side term is logged and minimised at a uniform prediction (log of #domains)
+    losses = meduet_step_losses(model, None, x, dom, 0, {"use_mftd": False, "use_siqc": False,
+                                                         "content_adversary": "confusion"})
+    assert losses["domain_content_confusion"] >= math.log(model.num_domains) - 1e-5
+    with pytest.raises(MeduetConfigError, match="content_adversary"):
+        MeDUETLossConfig(content_adversary="wasserstein")
+
+
 def test_domain_terms_and_accuracy_logged():
     model, teacher = _setup()
     x, dom = _toy_batch(3)

@@ -365,3 +365,30 @@ def test_mae_encoder_sees_only_visible_tokens():
     assert out["pred"].shape == (3, 64, 32)
     e = mae.encode(x)
     assert e["tokens"].shape == (3, 64, 32) and e["content"].shape == (3, 32) and e["style"] is None
+
+
+def test_render_decodes_factors_in_the_mode_the_decoder_was_trained_for():
+    torch.manual_seed(0)
+    model = build_meduet("tiny", num_domains=2).eval()
+    x = torch.randn(2, 4, 8, 8, 8)
+    with torch.no_grad():
+        enc = model.encode(x)
+        grid = enc["content_map"].shape[2:]
+        one_pass = model.render(enc["content_tokens"], enc["style_tokens"], grid, as_hidden=False)
+        tokens = model.recombine(enc["content_tokens"], enc["style_tokens"])
+        torch.testing.assert_close(one_pass, unpatchify(model.decoder(tokens, None, grid), 2, grid, 4))
+        # as hidden: each patch comes from the decoder pass in which its position was masked
+        g = torch.Generator().manual_seed(3)
+        hidden = model.render(enc["content_tokens"], enc["style_tokens"], grid, generator=g)
+        g = torch.Generator().manual_seed(3)
+        vis = sample_mix_mask(2, 64, 0.5, generator=g)
+        first = unpatchify(model.decoder(tokens, vis, grid), 2, grid, 4)
+        second = unpatchify(model.decoder(tokens, ~vis, grid), 2, grid, 4)
+        got, a, b = patchify(hidden, 2), patchify(first, 2), patchify(second, 2)
+        torch.testing.assert_close(got[~vis], a[~vis])
+        torch.testing.assert_close(got[vis], b[vis])
+        # a pooled style vector is broadcast over the tokens; the meta record picks the mode
+        pooled = model.render(enc["content_tokens"], enc["style"], grid, as_hidden=False)
+        assert pooled.shape == x.shape
+        model.meta = {"rec_on": "all"}
+        torch.testing.assert_close(model.render(enc["content_tokens"], enc["style_tokens"], grid), one_pass)
