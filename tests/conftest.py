@@ -66,6 +66,17 @@ def tiny_latents(tiny_vae, tiny_data) -> Path:
     return out / "datalist.json"
 
 
+@pytest.fixture(scope="session")
+def tiny_pretrain(tmp_path_factory, tiny_latents) -> Path:
+    """meduet_pretrain's bundle root with a tiny MeDUET (models/model.pt) and its masked-autoencoder baseline
+    (models/baseline_mae/model.pt), trained on ``tiny_latents``. Tests must not modify its models/."""
+    root = tmp_path_factory.mktemp("pretrain")
+    for objective in ("meduet", "mae"):
+        bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
+                   "--objective", objective, run_id="training")
+    return root
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tiny torch ops on one thread: on a shared 2-core machine, OpenMP contention makes each

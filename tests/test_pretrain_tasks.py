@@ -19,13 +19,9 @@ from meduet.networks.meduet import build_meduet, load_encoder, load_pretrain
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, tiny_latents) -> Path:
-    """A bundle root with a tiny MeDUET (models/model.pt) and a tiny MAE baseline (models/baseline_mae/)."""
-    root = tmp_path_factory.mktemp("pretrain")
-    for objective in ("meduet", "mae"):
-        bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
-                   "--objective", objective, run_id="training")
-    return root
+def pretrained(tiny_pretrain) -> Path:
+    """A bundle root with a tiny MeDUET (models/model.pt) and a tiny MAE baseline (conftest's ``tiny_pretrain``)."""
+    return tiny_pretrain
 
 
 def test_model_pt_carries_what_downstream_needs(pretrained, tiny_latents):

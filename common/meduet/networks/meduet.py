@@ -155,6 +155,22 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def _arch_diff(saved: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+    """Differences between two architecture records on their shared keys, recursing into nested dicts and
+    ignoring ``_NON_WEIGHT_ARGS`` at every level."""
+    diff: dict[str, Any] = {}
+    for k in saved.keys() & own.keys():
+        if k in _NON_WEIGHT_ARGS:
+            continue
+        a, b = saved[k], own[k]
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            sub = _arch_diff(a, b)
+            diff.update({f"{k}.{kk}": v for kk, v in sub.items()})
+        elif a != b:
+            diff[k] = (a, b)
+    return diff
+
+
 class _CheckpointRecord:
     """Mixin: the network's kind, architecture and ``meta`` (what downstream stages need: latent scale factor,
     latent channels, domains, preprocessing, the VAE's config hash) travel in the state dict as ``_extra_state``
@@ -178,9 +194,7 @@ class _CheckpointRecord:
             raise MeduetConfigError(
                 f"checkpoint holds a '{kind}' network but this is '{self.kind}'; set objective to '{kind}' "
                 "or load it with meduet.networks.meduet.load_pretrain(path)")
-        saved, own = record.get("architecture") or {}, _jsonable(self.arch)
-        diff = {k: (saved[k], own[k]) for k in saved.keys() & own.keys()
-                if k not in _NON_WEIGHT_ARGS and saved[k] != own[k]}
+        diff = _arch_diff(record.get("architecture") or {}, _jsonable(self.arch))
         if diff:
             raise MeduetConfigError(
                 f"checkpoint was trained with another architecture {diff} (checkpoint, network); use the same "
@@ -687,6 +701,11 @@ class PretrainedEncoder(_CheckpointRecord, nn.Module):
     @property
     def out_channels(self) -> int:
         return self.dim + self.style_dim
+
+    @property
+    def vit(self) -> LatentViT:
+        """The latent ViT (``backbone.encoder`` for MeDUET, ``encoder`` for the baseline)."""
+        return self.backbone.encoder if self.kind == "meduet" else self.encoder
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
         if self.kind == "meduet":

@@ -1,0 +1,256 @@
+"""Segmentation on the pretrained latent encoder: frozen meduet_vae encoder -> latent ViT (meduet_pretrain's content
+path, fine-tuned) -> UNETR-style decoder (MONAI's UNETR blocks) with convolutional skips from the image.
+
+Scales (``f`` = the VAE's downsampling, 4; ``p`` = the latent patch; ``T = f p`` = image voxels per token side):
+
+* image ``x (B, 1, H, W, D)`` in the VAE's preprocessed intensity range, ``H, W, D`` divisible by ``T``;
+* latent ``z = vae.encode_mean(x) * latent_scale_factor`` ``(B, C, H/f, ...)``: the VAE is frozen and in eval mode;
+* tokens on the grid ``H/T``; hidden states of ``log2(p)`` intermediate blocks give the skips at scales ``T/2 ..
+  f`` (``UnetrPrUpBlock``: deeper blocks for coarser scales), the final tokens (content head, optionally with the
+  style tokens concatenated: ``features="content+style"``) are the bottleneck;
+* scales below ``f`` (2 and 1 for MAISI) get convolutional skips from the image itself (``UnetrBasicBlock``, stride
+  2 and 1), so the prediction is at full resolution;
+* decoder: ``UnetrUpBlock`` per scale from ``T/2`` to 1, then ``UnetOutBlock`` -> ``(B, out_channels, H, W, D)``
+  logits.
+
+Channel width at scale ``s`` is ``feature_size * min(s, 8)`` (UNETR's 16/32/64/128 for ``feature_size`` 16).
+
+``init``: ``"meduet"`` (encoder + factor heads from a MeDUET checkpoint), ``"mae"`` (the masked-autoencoder
+baseline's encoder; no factor heads, features = tokens), ``"scratch"`` (MeDUET's structure, random weights). The
+whole network is one flat state dict (VAE encoder included), so ``model.pt`` is self-contained; its
+``_extra_state`` record carries the architecture and the facts inference needs (labels, preprocessing, domains).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+
+from meduet.errors import MeduetConfigError
+from meduet.networks.latent_vit import tokens_to_map
+from meduet.networks.meduet import MEDUET_PRESETS, PretrainedEncoder, _CheckpointRecord, _read_record
+from meduet.networks.vae import MeduetVAE, build_vae, load_vae
+
+__all__ = ["MeduetSegNet", "build_seg", "load_seg", "INITS", "SEG_FIX"]
+
+INITS = ("meduet", "mae", "scratch")
+SEG_FIX = ("train meduet_seg first (python -m monai.bundle run training --config_file "
+           "\"['bundles/meduet_seg/configs/train.yaml','bundles/meduet_seg/configs/presets/demo.yaml']\") "
+           "or download the bundle")
+_VIT_KEYS = ("input_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "style_dim", "smooth_kernel",
+             "qkv_bias")
+
+
+class _FrozenVAEEncoder(nn.Module):
+    """The encoder half of a ``MeduetVAE`` (encoder + ``quant_conv_mu``), frozen and always in eval mode.
+
+    ``forward(x) -> z_mu * latent_scale_factor``. Its state-dict keys are ``vae.encoder.*``, ``vae.quant_conv_*``
+    and the VAE's ``_extra_state`` record (architecture, scale factor, preprocessing)."""
+
+    def __init__(self, vae_architecture: Mapping[str, Any]) -> None:
+        super().__init__()
+        vae = build_vae(dict(vae_architecture))
+        del vae.decoder, vae.post_quant_conv  # not needed for segmentation
+        self.vae = vae
+        self.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> _FrozenVAEEncoder:
+        return super().train(False)
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.vae.downsample_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.vae.encoder(x)
+            return self.vae.quant_conv_mu(h) * self.vae.latent_scale_factor
+
+
+def _width(feature_size: int, scale: int) -> int:
+    return feature_size * min(scale, 8)
+
+
+class MeduetSegNet(_CheckpointRecord, nn.Module):
+    """Segmentation network on the pretrained latent encoder (see the module docstring).
+
+    Args:
+        vae_architecture: meduet_vae's architecture dict (``MeduetVAE`` constructor arguments).
+        vit: latent ViT arguments (``patch_size``, ``dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``style_dim``,
+            ``smooth_kernel``, ``qkv_bias``, ``input_size``), e.g. ``MEDUET_PRESETS["demo"]``; extra keys ignored.
+        out_channels: classes including background.
+        init: ``"meduet"``, ``"mae"`` or ``"scratch"`` (sets the encoder structure; weights come from
+            ``load_pretrained``).
+        features: ``"content"`` or ``"content+style"`` (bottleneck tokens; the latter needs ``init != "mae"``).
+        feature_size: decoder width at full resolution.
+        norm_name, res_block: decoder blocks (as MONAI's UNETR).
+    """
+
+    kind = "meduet_seg"
+
+    def __init__(self, vae_architecture: Mapping[str, Any], vit: Mapping[str, Any], out_channels: int = 2,
+                 init: str = "meduet", features: str = "content", feature_size: int = 16,
+                 norm_name: str | tuple = "instance", res_block: bool = True) -> None:
+        super().__init__()
+        if init not in INITS:
+            raise MeduetConfigError(f"init must be one of {INITS}, got {init!r}")
+        if features not in ("content", "content+style"):
+            raise MeduetConfigError(f"features must be 'content' or 'content+style', got {features!r}")
+        if features == "content+style" and init == "mae":
+            raise MeduetConfigError("the masked-autoencoder baseline has no style factor: use features='content'")
+        vit = {k: v for k, v in dict(vit).items() if k in _VIT_KEYS}
+        self.arch = dict(vae_architecture=dict(vae_architecture), vit=vit, out_channels=out_channels, init=init,
+                         features=features, feature_size=feature_size, norm_name=norm_name, res_block=res_block)
+        self.meta: dict[str, Any] = {}
+        self.latent_encoder = _FrozenVAEEncoder(vae_architecture)
+        f = self.latent_encoder.downsample_factor
+        in_ch = int(vae_architecture.get("in_channels", 1))
+        latent_ch = int(vae_architecture["latent_channels"])
+        enc_kw = {k: v for k, v in vit.items() if init != "mae" or k not in ("style_dim", "smooth_kernel")}
+        self.encoder = PretrainedEncoder("mae" if init == "mae" else "meduet", in_channels=latent_ch, **enc_kw)
+        self.arch["vit"] = {k: v for k, v in self.encoder.arch.items() if k in _VIT_KEYS}  # defaults resolved
+        p = self.encoder.patch_size
+        if p & (p - 1) or f & (f - 1):
+            raise MeduetConfigError(f"latent patch {p} and VAE downsampling {f} must be powers of two")
+        self.image_per_token = f * p
+        self.features = features
+        self.use_content_head = init != "mae"
+        dim = self.encoder.dim
+        bottleneck = dim + (self.encoder.style_dim if features == "content+style" else 0)
+        t = self.image_per_token
+        # token-derived skips at scales T/2 .. f, from intermediate blocks (deeper for coarser scales)
+        self.token_scales = [t // 2 ** k for k in range(1, int(math.log2(p)) + 1)]  # e.g. [8, 4] for p = 4
+        depth = len(self.encoder.vit.blocks)
+        n = len(self.token_scales)
+        shallow_to_deep = [max(0, depth * (i + 1) // (n + 1) - 1) for i in range(n)]
+        self.skip_layers = list(reversed(shallow_to_deep))  # aligned with token_scales (coarse first)
+        self.token_skips = nn.ModuleList([
+            UnetrPrUpBlock(3, dim, _width(feature_size, s), num_layer=int(math.log2(t // s)) - 1, kernel_size=3,
+                           stride=1, upsample_kernel_size=2, norm_name=norm_name, res_block=res_block)
+            for s in self.token_scales
+        ])
+        # convolutional skips from the image at scales below f (2 and 1 for MAISI's f = 4)
+        self.image_scales = [f // 2 ** k for k in range(1, int(math.log2(f)) + 1)]  # e.g. [2, 1]
+        self.image_skips = nn.ModuleList([
+            UnetrBasicBlock(3, in_ch, _width(feature_size, s), kernel_size=3, stride=s, norm_name=norm_name,
+                            res_block=res_block)
+            for s in self.image_scales
+        ])
+        ups, prev = [], bottleneck
+        for s in self.token_scales + self.image_scales:
+            ups.append(UnetrUpBlock(3, prev, _width(feature_size, s), kernel_size=3, upsample_kernel_size=2,
+                                    norm_name=norm_name, res_block=res_block))
+            prev = _width(feature_size, s)
+        self.ups = nn.ModuleList(ups)
+        self.out = UnetOutBlock(3, feature_size, out_channels)
+
+    @property
+    def vae(self) -> MeduetVAE:
+        return self.latent_encoder.vae
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The pretrained part (latent ViT + factor heads), e.g. for a lower learning rate."""
+        return [p for p in self.encoder.parameters() if p.requires_grad]
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        ids = {id(p) for p in self.encoder.parameters()} | {id(p) for p in self.latent_encoder.parameters()}
+        return [p for p in self.parameters() if id(p) not in ids and p.requires_grad]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.image_per_token
+        if x.ndim != 5 or any(int(s) % t for s in x.shape[2:]):
+            raise ValueError(f"expected images (B, C, H, W, D) with H, W, D divisible by {t}, got {tuple(x.shape)}")
+        z = self.latent_encoder(x)
+        vit = self.encoder.vit
+        tokens, grid = vit.embed(z)
+        hidden: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(vit.blocks):
+            tokens = block(tokens)
+            if i in self.skip_layers:
+                hidden[i] = tokens
+        tokens = vit.norm(tokens)
+        if self.use_content_head:
+            heads = self.encoder.backbone.factors
+            feats = heads.content(tokens)
+            if self.features == "content+style":
+                feats = torch.cat([feats, heads.smooth(heads.style(tokens), None, grid)], dim=-1)
+        else:
+            feats = tokens
+        h = tokens_to_map(feats, grid)
+        skips = [blk(tokens_to_map(hidden[i], grid)) for blk, i in zip(self.token_skips, self.skip_layers)]
+        skips += [blk(x) for blk in self.image_skips]
+        for up, skip in zip(self.ups, skips):
+            h = up(h, skip)
+        return self.out(h)
+
+    # ------------------------------------------------------------------ weights from the upstream bundles
+    def load_vae(self, vae_ckpt: str) -> MeduetSegNet:
+        """Copy meduet_vae's encoder (and its record) from its ``model.pt``; the architecture must match."""
+        vae = load_vae(vae_ckpt)
+        if vae.architecture != self.vae.architecture:
+            diff = {k: (v, self.vae.architecture.get(k)) for k, v in vae.architecture.items()
+                    if self.vae.architecture.get(k) != v}
+            raise MeduetConfigError(f"VAE checkpoint '{vae_ckpt}' has another architecture {diff} (checkpoint, "
+                                    "config); set the `vae` keys to the VAE's (e.g. merge the same preset)")
+        own = self.latent_encoder.vae.state_dict()
+        self.latent_encoder.vae.load_state_dict({k: v for k, v in vae.state_dict().items() if k in own}, strict=True)
+        return self
+
+    def load_pretrained(self, pretrain_ckpt: str) -> MeduetSegNet:
+        """Copy the latent ViT (and factor heads) from meduet_pretrain's ``model.pt`` (MeDUET for init "meduet",
+        the masked-autoencoder baseline for "mae"); architecture and kind must match."""
+        state, record = _read_record(pretrain_ckpt, "pretraining checkpoint")
+        want = "mae" if self.arch["init"] == "mae" else "meduet"
+        if record["kind"] != want:
+            raise MeduetConfigError(f"'{pretrain_ckpt}' holds a '{record['kind']}' network but init "
+                                    f"'{self.arch['init']}' needs '{want}'")
+        own = self.encoder.state_dict()
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise MeduetConfigError(f"'{pretrain_ckpt}' lacks {len(missing)} encoder weights (e.g. {missing[:2]})")
+        self.encoder.load_state_dict({k: state[k] for k in own}, strict=True)
+        return self
+
+
+def build_seg(vae_ckpt: str | None, pretrain_ckpt: str | None, init: str = "meduet", vit_preset: str = "demo",
+              out_channels: int = 2, features: str = "content", feature_size: int = 16,
+              vae_architecture: Mapping[str, Any] | None = None, norm_name: str | tuple = "instance",
+              res_block: bool = True) -> MeduetSegNet:
+    """A ``MeduetSegNet`` whose VAE and ViT architectures come from the upstream checkpoints (the truth), with their
+    weights loaded: the VAE from ``vae_ckpt``, the ViT from ``pretrain_ckpt`` (inits "meduet" / "mae"; ignored for
+    "scratch", whose ViT follows the pretraining record if given, else ``vit_preset``)."""
+    vae_arch = dict(vae_architecture) if vae_architecture else None
+    if vae_ckpt:
+        vae_arch = load_vae(vae_ckpt).architecture
+    if vae_arch is None:
+        raise MeduetConfigError("build_seg needs vae_ckpt (meduet_vae's model.pt) or a vae_architecture")
+    vit = dict(MEDUET_PRESETS[vit_preset])
+    if pretrain_ckpt:
+        _, record = _read_record(pretrain_ckpt, "pretraining checkpoint")
+        vit = {k: v for k, v in record["architecture"].items() if k in _VIT_KEYS}
+    elif init != "scratch":
+        raise MeduetConfigError(f"init '{init}' needs pretrain_ckpt (meduet_pretrain's model.pt)")
+    net = MeduetSegNet(vae_arch, vit, out_channels, init, features, feature_size, norm_name, res_block)
+    if vae_ckpt:
+        net.load_vae(vae_ckpt)
+    if init != "scratch":
+        net.load_pretrained(pretrain_ckpt)
+    return net
+
+
+def load_seg(path: str, device: str | torch.device = "cpu") -> MeduetSegNet:
+    """Rebuild a trained ``MeduetSegNet`` from meduet_seg's ``model.pt`` alone."""
+    from meduet.networks.vae import _read_state_dict, decode_record
+
+    state = _read_state_dict(path, "segmentation checkpoint", SEG_FIX)
+    record = decode_record(state.get("_extra_state"))
+    if record.get("kind") != MeduetSegNet.kind:
+        raise MeduetConfigError(f"'{path}' is not a meduet_seg model.pt; {SEG_FIX}")
+    net = MeduetSegNet(**record["architecture"])
+    net.load_state_dict(state, strict=True)
+    return net.to(device).eval()

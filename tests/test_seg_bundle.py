@@ -1,0 +1,170 @@
+"""meduet_seg: the network on the pretrained latent encoder, and the bundle's workflows at the tiny preset on the
+tiny VAE / pretraining checkpoints of conftest."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, bundle_run
+from meduet.engines.checkpoint import load_checkpoint
+from meduet.engines.seg_tasks import select_training_cases
+from meduet.errors import MeduetConfigError
+from meduet.networks.meduet import MEDUET_PRESETS, load_encoder
+from meduet.networks.seg import MeduetSegNet, build_seg, load_seg
+from meduet.networks.vae import load_vae
+
+TINY_VAE = dict(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, num_channels=[8, 16, 16],
+                num_res_blocks=[1, 1, 1], norm_num_groups=4, norm_eps=1e-6, attention_levels=[False] * 3,
+                with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, use_convtranspose=False)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("patch,size", [(2, 16), (4, 32)])
+def test_network_scales_skips_and_frozen_vae(patch, size):
+    vit = dict(MEDUET_PRESETS["tiny"], patch_size=patch, input_size=size // 4)
+    net = MeduetSegNet(TINY_VAE, vit, out_channels=3, feature_size=4)
+    t = 4 * patch
+    assert net.image_per_token == t
+    assert net.token_scales == [t // 2 ** k for k in range(1, int(math.log2(patch)) + 1)]
+    assert net.image_scales == [2, 1]
+    x = torch.rand(2, 1, size, size, size)
+    net.train()
+    y = net(x)
+    assert y.shape == (2, 3, size, size, size)  # full resolution
+    assert not net.latent_encoder.training  # the VAE stays in eval mode
+    y.square().mean().backward()
+    assert all(p.grad is None for p in net.latent_encoder.parameters())
+    assert all(not p.requires_grad for p in net.latent_encoder.parameters())
+    assert net.encoder.vit.patch_embed.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in net.decoder_parameters())
+    with pytest.raises(ValueError, match="divisible"):
+        net(torch.rand(1, 1, size + 4, size, size))
+
+
+def test_bottleneck_choice_and_init_errors():
+    vit = MEDUET_PRESETS["tiny"]
+    both = MeduetSegNet(TINY_VAE, vit, out_channels=2, features="content+style", feature_size=4)
+    assert both.ups[0].transp_conv.conv.in_channels == 32 + 8  # content (D) + style (D/4)
+    assert MeduetSegNet(TINY_VAE, vit, 2, init="mae", feature_size=4).ups[0].transp_conv.conv.in_channels == 32
+    with pytest.raises(MeduetConfigError, match="no style factor"):
+        MeduetSegNet(TINY_VAE, vit, 2, init="mae", features="content+style")
+    with pytest.raises(MeduetConfigError, match="init must be"):
+        MeduetSegNet(TINY_VAE, vit, 2, init="imagenet")
+
+
+def test_build_seg_loads_upstream_weights(tiny_vae, tiny_pretrain):
+    vae_ckpt = tiny_vae / "models/model.pt"
+    net = build_seg(str(vae_ckpt), str(tiny_pretrain / "models/model.pt"), init="meduet", out_channels=3)
+    vae, enc = load_vae(vae_ckpt), load_encoder(tiny_pretrain / "models/model.pt")
+    for k, v in net.vae.state_dict().items():
+        assert torch.equal(v, vae.state_dict()[k]), k
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, net.encoder.state_dict()[k]), k
+    assert net.vae.latent_scale_factor == pytest.approx(vae.latent_scale_factor)
+    mae = build_seg(str(vae_ckpt), str(tiny_pretrain / "models/baseline_mae/model.pt"), init="mae", out_channels=3)
+    assert mae.encoder.kind == "mae"
+    scratch = build_seg(str(vae_ckpt), None, init="scratch", vit_preset="tiny", out_channels=3)
+    assert not torch.equal(scratch.encoder.vit.patch_embed.weight, net.encoder.vit.patch_embed.weight)
+    with pytest.raises(MeduetConfigError, match="holds a 'meduet' network but init 'mae'"):
+        build_seg(str(vae_ckpt), str(tiny_pretrain / "models/model.pt"), init="mae")
+    with pytest.raises(MeduetConfigError, match="needs pretrain_ckpt"):
+        build_seg(str(vae_ckpt), None, init="meduet")
+
+
+def test_label_fraction_keeps_sites_and_is_seeded():
+    items = [{"image": f"i{i}", "label": f"l{i}", "domain": f"site{i % 4}"} for i in range(20)]
+    items.append({"image": "unlabelled", "domain": "site0"})
+    sub = select_training_cases(items, 0.25, seed=1)
+    assert len(sub) == 5 and {it["domain"] for it in sub} == {"site0", "site1", "site2", "site3"}
+    assert sub == select_training_cases(items, 0.25, seed=1)
+    assert sub != select_training_cases(items, 0.25, seed=2)
+    assert len(select_training_cases(items, 1.0)) == 20  # the unlabelled item is never used
+    only = select_training_cases(items, 1.0, domains=["site1"])
+    assert {it["domain"] for it in only} == {"site1"}
+    with pytest.raises(MeduetConfigError, match="label_fraction"):
+        select_training_cases(items, 0.0)
+
+
+@pytest.fixture(scope="module")
+def seg_trained(tmp_path_factory, tiny_data, tiny_vae, tiny_pretrain) -> Path:
+    root = tmp_path_factory.mktemp("seg")
+    bundle_run("meduet_seg", "train", "--bundle_root", str(root), "--dataset_dir", str(tiny_data / "phantoms"),
+               "--vae_ckpt", str(tiny_vae / "models/model.pt"), "--pretrain_ckpt",
+               str(tiny_pretrain / "models/model.pt"), "--label_fraction", "0.5", run_id="training")
+    return root
+
+
+def test_training_record_and_resumable_checkpoint(seg_trained, tiny_data):
+    net = load_seg(seg_trained / "models/model.pt")
+    dl = json.loads((tiny_data / "phantoms/datalist.json").read_text())
+    n_labelled = len([it for it in dl["training"] if it.get("label")])
+    assert net.meta["training_cases"] == math.ceil(0.5 * n_labelled)
+    assert net.meta["labels"]["0"] == "background" and net.meta["init"] == "meduet"
+    assert net.meta["preprocessing"]["pad_multiple"] == net.image_per_token
+    ckpt = load_checkpoint(seg_trained / "models/checkpoint.pt")
+    assert ckpt["engine"]["epoch"] == 2 and {"model", "optimizer", "lr_scheduler", "rng"} <= set(ckpt)
+
+
+def test_evaluate_reports_dice_hd95_per_class_and_site(seg_trained, tiny_data):
+    out = seg_trained / "eval"
+    bundle_run("meduet_seg", "evaluate", "--bundle_root", str(seg_trained), "--dataset_dir",
+               str(tiny_data / "phantoms"), "--output_dir", str(out), "--save_images", "1")
+    m = json.loads((out / "metrics.json").read_text())
+    dl = json.loads((tiny_data / "phantoms/datalist.json").read_text())
+    assert m["overall"]["n"] == len(dl["test"])
+    assert set(m["per_site"]) == set(dl["domains"])
+    assert m["unseen_sites"]["n"] == len([it for it in dl["test"] if it["domain"] in dl["heldout_domains"]]) > 0
+    assert set(m["overall"]["dice"]) == {"body", "organ_a", "organ_b", "lesion"}
+    body = m["overall"]["dice"]["body"]
+    assert 0.0 <= body <= 1.0
+    rows = (out / "cases.csv").read_text().splitlines()
+    assert len(rows) == len(dl["test"]) + 1 and "hd95_body" in rows[0]
+    assert len(list((out / "images").glob("*.png"))) == 1
+
+
+def test_inference_writes_labels_on_the_input_grid(seg_trained, tiny_data, tmp_path):
+    image = tiny_data / "phantoms" / json.loads((tiny_data / "phantoms/datalist.json").read_text())["test"][0]["image"]
+    bundle_run("meduet_seg", "inference", "--bundle_root", str(seg_trained), "--output_dir", str(tmp_path),
+               "--input_data", f"[{{'image': '{image}'}}]")
+    out = list(tmp_path.glob("*_seg.nii.gz"))
+    assert len(out) == 1
+    seg, src = nib.load(out[0]), nib.load(image)
+    assert seg.shape == src.shape and np.allclose(seg.affine, src.affine)
+    values = np.unique(np.asarray(seg.dataobj))
+    assert values.min() >= 0 and values.max() <= 4 and seg.get_data_dtype() == np.uint8
+
+
+def test_monai_bundle_load_and_mismatch(seg_trained, tmp_path):
+    from monai.bundle import load
+
+    bundle_dir = tmp_path / "dl"
+    (bundle_dir / "meduet_seg" / "models").mkdir(parents=True)
+    (bundle_dir / "meduet_seg" / "configs").symlink_to(REPO / "bundles/meduet_seg/configs")
+    shutil.copy(seg_trained / "models/model.pt", bundle_dir / "meduet_seg/models/model.pt")
+    ref = load_seg(seg_trained / "models/model.pt")
+    override = {"vae_architecture": ref.arch["vae_architecture"], "vit": ref.arch["vit"], "feature_size": 8}
+    net = load("meduet_seg", bundle_dir=str(bundle_dir), workflow_type="inference", device="cpu", net_override=override)
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), ref(x))
+    with pytest.raises(MeduetConfigError, match="another architecture"):
+        load("meduet_seg", bundle_dir=str(bundle_dir), workflow_type="inference", device="cpu",
+             net_override={**override, "feature_size": 16})
+
+
+def test_missing_upstream_checkpoint_is_one_line(tmp_path, tiny_data):
+    proc = bundle_run("meduet_seg", "train", "--bundle_root", str(tmp_path), "--dataset_dir",
+                      str(tiny_data / "phantoms"), "--vae_ckpt", str(tmp_path / "none.pt"), run_id="training",
+                      check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("MeduetConfigError: ") and "train it first" in last and "Traceback" not in proc.stderr
+    assert not (tmp_path / "models").exists()
