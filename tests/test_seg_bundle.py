@@ -45,6 +45,9 @@ def test_network_scales_skips_and_frozen_vae(patch, size):
     assert all(not p.requires_grad for p in net.latent_encoder.parameters())
     assert net.encoder.vit.patch_embed.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in net.decoder_parameters())
+    # every trainable parameter is used (DDP needs no find_unused_parameters); the unused style head is frozen
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    assert not any(p.requires_grad for p in net.encoder.backbone.factors.style.parameters())
     with pytest.raises(ValueError, match="divisible"):
         net(torch.rand(1, 1, size + 4, size, size))
 
@@ -168,3 +171,34 @@ def test_missing_upstream_checkpoint_is_one_line(tmp_path, tiny_data):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("MeduetConfigError: ") and "train it first" in last and "Traceback" not in proc.stderr
     assert not (tmp_path / "models").exists()
+
+
+def test_torchrun_two_processes_gloo(tiny_data, tiny_vae, tiny_pretrain, tmp_path, monkeypatch):
+    """multi_gpu_train.yaml: 2 processes (gloo, CPU); the ranks end with identical weights."""
+    import os
+    import socket
+    import sys
+
+    root = tmp_path / "ddp"
+    dump = tmp_path / "dump_ranks.yaml"  # appended after the bundle's own `training` list: each rank saves its net
+    dump.write_text("+training:\n  - \"$torch.save(meduet.engines.checkpoint.unwrap(@network).state_dict(), "
+                    "os.path.join(@bundle_root, 'rank' + os.environ['RANK'] + '.pt'))\"\n")
+    cfg_dir = REPO / "bundles" / "meduet_seg" / "configs"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={port}"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    bundle_run("meduet_seg", "train", "--bundle_root", str(root), "--dataset_dir", str(tiny_data / "phantoms"),
+               "--vae_ckpt", str(tiny_vae / "models/model.pt"), "--pretrain_ckpt",
+               str(tiny_pretrain / "models/model.pt"), "--batch_size", "1", "--max_epochs", "1", run_id="training",
+               extra_configs=("multi_gpu_train", os.path.relpath(dump.with_suffix(""), cfg_dir)),
+               launcher=launcher, timeout=300)
+    ranks = [torch.load(root / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    model = torch.load(root / "models/model.pt", weights_only=True)
+    trained = [k for k in model if k.startswith(("encoder.", "ups.", "out."))]
+    assert trained and all(torch.isfinite(model[k]).all() for k in trained if model[k].is_floating_point())
+    for k in ranks[0]:
+        assert torch.equal(ranks[0][k], ranks[1][k]), f"{k} differs between ranks"
+        assert torch.equal(ranks[0][k], model[k]), k

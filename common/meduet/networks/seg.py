@@ -120,6 +120,11 @@ class MeduetSegNet(_CheckpointRecord, nn.Module):
         self.image_per_token = f * p
         self.features = features
         self.use_content_head = init != "mae"
+        if self.use_content_head and features == "content":
+            # the style head is not used: frozen, so optimisers and DDP leave it alone
+            factors = self.encoder.backbone.factors
+            factors.style.requires_grad_(False)
+            factors.smooth.requires_grad_(False)
         dim = self.encoder.dim
         bottleneck = dim + (self.encoder.style_dim if features == "content+style" else 0)
         t = self.image_per_token
