@@ -176,10 +176,38 @@ def stage_pretrain(d: Demo) -> None:
     d.sections.append("\n".join(lines))
 
 
+def stage_seg(d: Demo) -> None:
+    out = d.out / "seg"
+    d.run("meduet_seg: train on the MeDUET encoder (seen sites)",
+          bundle_cmd("meduet_seg", "train", d.preset, "training", resume=False))
+    d.run("meduet_seg: evaluate on the test split (seen and unseen sites)",
+          bundle_cmd("meduet_seg", "evaluate", d.preset, output_dir=str(out)))
+    m = json.loads((out / "metrics.json").read_text())
+    lines = ["## Stage 3 — meduet_seg (segmentation on the pretrained encoder)\n",
+             f"Trained on {', '.join(m['training_domains'])} (init `{m['init']}`, label fraction "
+             f"{m['label_fraction']}); Dice and HD95 computed by `evaluate.yaml` on the test split:\n",
+             "| subset | cases | mean Dice | " + " | ".join(f"Dice {c}" for c in m["classes"]) + " | mean HD95 (mm) |",
+             "|---|---|---|" + "---|" * len(m["classes"]) + "---|"]
+    for name, s in (("all sites", m["overall"]), ("sites seen in training", m["seen_sites"]),
+                    ("sites never seen in training", m["unseen_sites"])):
+        if s.get("n"):
+            lines.append(f"| {name} | {s['n']} | {_fmt(s['mean_dice'])} | "
+                         + " | ".join(_fmt(s["dice"][c]) if s["dice"][c] is not None else "-" for c in m["classes"])
+                         + f" | {_fmt(s['mean_hd95'], 1) if s['mean_hd95'] is not None else '-'} |")
+    lines.append("")
+    for p in sorted((out / "images").glob("*.png"))[:2]:
+        lines.append(f"![{p.stem}]({d.rel(p)})")
+    study = REPO / "bench" / "results" / "seg_study.json"
+    if study.is_file():
+        lines.append(f"\nInitialisation x label-fraction study: see BENCHMARKS.md (`{study.relative_to(REPO)}`).")
+    d.sections.append("\n".join(lines) + "\n")
+
+
 STAGES: list[tuple[str, Callable[[Demo], None]]] = [
     ("sample", stage_sample_data),
     ("vae", stage_vae),
     ("pretrain", stage_pretrain),
+    ("seg", stage_seg),
 ]
 
 

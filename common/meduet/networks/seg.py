@@ -36,9 +36,9 @@ from meduet.networks.latent_vit import tokens_to_map
 from meduet.networks.meduet import MEDUET_PRESETS, PretrainedEncoder, _CheckpointRecord, _read_record
 from meduet.networks.vae import MeduetVAE, build_vae, load_vae
 
-__all__ = ["MeduetSegNet", "build_seg", "load_seg", "INITS", "SEG_FIX"]
+__all__ = ["MeduetSegNet", "UNetSeg", "build_seg", "load_seg", "INITS", "SEG_FIX"]
 
-INITS = ("meduet", "mae", "scratch")
+INITS = ("meduet", "mae", "scratch")  # plus "unet" in build_seg: MONAI's UNet baseline
 SEG_FIX = ("train meduet_seg first (python -m monai.bundle run training --config_file "
            "\"['bundles/meduet_seg/configs/train.yaml','bundles/meduet_seg/configs/presets/demo.yaml']\") "
            "or download the bundle")
@@ -222,13 +222,45 @@ class MeduetSegNet(_CheckpointRecord, nn.Module):
         return self
 
 
+class UNetSeg(_CheckpointRecord, nn.Module):
+    """The image-space baseline: MONAI's ``UNet`` from scratch (channels ``feature_size * (1, 2, 4, 8, 16)``,
+    four stride-2 levels, two residual units), with the same checkpoint record and parameter-group interface as
+    ``MeduetSegNet`` so the bundle trains and evaluates it unchanged (``init: unet``)."""
+
+    kind = "meduet_seg"
+    image_per_token = 16  # four stride-2 levels: inputs divisible by 16
+
+    def __init__(self, out_channels: int = 2, feature_size: int = 16, in_channels: int = 1, init: str = "unet",
+                 **_: Any) -> None:
+        super().__init__()
+        from monai.networks.nets import UNet
+
+        self.arch = dict(init="unet", out_channels=out_channels, feature_size=feature_size, in_channels=in_channels)
+        self.meta: dict[str, Any] = {}
+        f = feature_size
+        self.unet = UNet(3, in_channels, out_channels, channels=(f, 2 * f, 4 * f, 8 * f, 16 * f),
+                         strides=(2, 2, 2, 2), num_res_units=2, norm="instance")
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unet(x)
+
+
 def build_seg(vae_ckpt: str | None, pretrain_ckpt: str | None, init: str = "meduet", vit_preset: str = "demo",
               out_channels: int = 2, features: str = "content", feature_size: int = 16,
               vae_architecture: Mapping[str, Any] | None = None, norm_name: str | tuple = "instance",
               res_block: bool = True) -> MeduetSegNet:
     """A ``MeduetSegNet`` whose VAE and ViT architectures come from the upstream checkpoints (the truth), with their
     weights loaded: the VAE from ``vae_ckpt``, the ViT from ``pretrain_ckpt`` (inits "meduet" / "mae"; ignored for
-    "scratch", whose ViT follows the pretraining record if given, else ``vit_preset``)."""
+    "scratch", whose ViT follows the pretraining record if given, else ``vit_preset``). ``init="unet"``: MONAI's
+    UNet baseline (``UNetSeg``; the checkpoints are not used)."""
+    if init == "unet":
+        return UNetSeg(out_channels, feature_size)
     vae_arch = dict(vae_architecture) if vae_architecture else None
     if vae_ckpt:
         vae_arch = load_vae(vae_ckpt).architecture
@@ -256,6 +288,7 @@ def load_seg(path: str, device: str | torch.device = "cpu") -> MeduetSegNet:
     record = decode_record(state.get("_extra_state"))
     if record.get("kind") != MeduetSegNet.kind:
         raise MeduetConfigError(f"'{path}' is not a meduet_seg model.pt; {SEG_FIX}")
-    net = MeduetSegNet(**record["architecture"])
+    arch = record["architecture"]
+    net = UNetSeg(**arch) if arch.get("init") == "unet" else MeduetSegNet(**arch)
     net.load_state_dict(state, strict=True)
     return net.to(device).eval()
