@@ -36,6 +36,17 @@ def bundle_run(bundle: str, workflow: str, *overrides: str, run_id: str | None =
     return proc
 
 
+def torchrun_launcher(nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run`` with ``nproc`` local processes and a free port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={port}"]
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """Phantoms of 32^3, 8 subjects, 4 sites (one held out), and the 32^3 MNI152 brain."""

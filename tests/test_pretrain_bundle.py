@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import bundle_run
+from conftest import bundle_run, torchrun_launcher
 from meduet.data import write_datalist
 from meduet.engines.checkpoint import load_checkpoint
 from meduet.engines.pretrain import read_latent_datalist
@@ -68,8 +68,6 @@ def test_latent_datalist_errors(latent_cache, tmp_path):
 def test_torchrun_two_processes_gloo(latent_cache, tmp_path, monkeypatch):
     """multi_gpu_train.yaml: 2 processes (gloo, CPU), DDP + DistributedSampler; the ranks end with the same weights."""
     import os
-    import socket
-    import sys
 
     from conftest import REPO
 
@@ -84,11 +82,7 @@ def test_torchrun_two_processes_gloo(latent_cache, tmp_path, monkeypatch):
         "os.path.join(@bundle_root, 'rank' + os.environ['RANK'] + '.pt'))\"\n"
     )
     cfg_dir = REPO / "bundles" / "meduet_pretrain" / "configs"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={port}"]
+    launcher = torchrun_launcher(2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # 8 latents -> 4 per rank, per-rank batch 2 (one pair) -> 2 iterations per epoch; MFTD starts at step 2
     bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(latent_cache),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, bundle_run
+from conftest import REPO, bundle_run, torchrun_launcher
 from meduet.engines.checkpoint import load_checkpoint
 from meduet.engines.seg_tasks import select_training_cases
 from meduet.errors import MeduetConfigError
@@ -176,19 +176,13 @@ def test_missing_upstream_checkpoint_is_one_line(tmp_path, tiny_data):
 def test_torchrun_two_processes_gloo(tiny_data, tiny_vae, tiny_pretrain, tmp_path, monkeypatch):
     """multi_gpu_train.yaml: 2 processes (gloo, CPU); the ranks end with identical weights."""
     import os
-    import socket
-    import sys
 
     root = tmp_path / "ddp"
     dump = tmp_path / "dump_ranks.yaml"  # appended after the bundle's own `training` list: each rank saves its net
     dump.write_text("+training:\n  - \"$torch.save(meduet.engines.checkpoint.unwrap(@network).state_dict(), "
                     "os.path.join(@bundle_root, 'rank' + os.environ['RANK'] + '.pt'))\"\n")
     cfg_dir = REPO / "bundles" / "meduet_seg" / "configs"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={port}"]
+    launcher = torchrun_launcher(2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     bundle_run("meduet_seg", "train", "--bundle_root", str(root), "--dataset_dir", str(tiny_data / "phantoms"),
                "--vae_ckpt", str(tiny_vae / "models/model.pt"), "--pretrain_ckpt",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, bundle_run
+from conftest import REPO, bundle_run, torchrun_launcher
 from meduet.engines.checkpoint import load_checkpoint
 from meduet.networks.vae import load_vae
 
@@ -192,8 +192,7 @@ def test_missing_checkpoint_and_bad_input_are_one_line(tmp_path, tiny_data):
 
 def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
     root = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={29500 + os.getpid() % 1000}"]
+    launcher = torchrun_launcher(2)
     proc = bundle_run("meduet_vae", "train", "--bundle_root", str(root), "--dataset_dir", str(tiny_data / "phantoms"),
                       "--max_epochs", "2", run_id="training", extra_configs=("multi_gpu_train",), launcher=launcher)
     log = proc.stdout + proc.stderr
