@@ -196,3 +196,58 @@ def test_torchrun_two_processes_gloo(tiny_data, tiny_vae, tiny_pretrain, tmp_pat
     for k in ranks[0]:
         assert torch.equal(ranks[0][k], ranks[1][k]), f"{k} differs between ranks"
         assert torch.equal(ranks[0][k], model[k]), k
+
+
+def test_dicom_series_in_dicom_seg_out(seg_trained, tiny_data, tmp_path):
+    """A DICOM series folder (written here with pydicom) is read like NIfTI; the label map comes back as NIfTI and
+    as a DICOM SEG whose frames lie on the source instances and reference the source series."""
+    import highdicom as hd
+    import pydicom
+
+    from conftest import write_ct_series
+    from meduet.data.dicom import label_frames, read_series
+
+    item = json.loads((tiny_data / "phantoms/datalist.json").read_text())["test"][0]
+    vol = np.asarray(nib.load(tiny_data / "phantoms" / item["image"]).dataobj)
+    series = write_ct_series(vol, tmp_path / "series_ct")
+    out = tmp_path / "out"
+    bundle_run("meduet_seg", "inference", "--bundle_root", str(seg_trained), "--output_dir", str(out),
+               "--input_data", f"[{{'image': '{series}'}}]")
+    nifti = out / "series_ct_seg.nii.gz"
+    seg_path = out / "series_ct_seg.dcm"
+    assert nifti.is_file() and seg_path.is_file()
+    seg = hd.seg.segread(seg_path)
+    source = read_series(series)
+    assert seg.SeriesInstanceUID != source[0].SeriesInstanceUID
+    refs = {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence}
+    assert refs == {source[0].SeriesInstanceUID}
+    # the SEG's frames equal the NIfTI label map sampled on every source slice
+    lab = nib.load(nifti)
+    expected = label_frames(np.asarray(lab.dataobj), lab.affine, source)
+    numbers = {d.SegmentNumber: d.SegmentLabel for d in seg.SegmentSequence}
+    names = load_seg(seg_trained / "models/model.pt").meta["labels"]
+    present = [int(k) for k in sorted(names, key=int) if int(k) > 0 and (expected == int(k)).any()]
+    assert [numbers[i + 1] for i in range(len(present))] == [names[str(k)] for k in present]
+    sop_uids = [ds.SOPInstanceUID for ds in source]
+    for i, k in enumerate(present):
+        mask = seg.get_pixels_by_source_instance(source_sop_instance_uids=sop_uids, segment_numbers=[i + 1],
+                                                 assert_missing_frames_are_empty=True)[..., 0]
+        np.testing.assert_array_equal(mask.astype(bool), expected == k)
+    # NIfTI output on the DICOM grid as MONAI reads it
+    from monai.transforms import LoadImage
+
+    ref = LoadImage(image_only=True)(str(series))
+    assert lab.shape == tuple(ref.shape) and np.allclose(lab.affine, np.asarray(ref.affine), atol=1e-4)
+    assert pydicom.dcmread(seg_path).Modality == "SEG"
+
+
+def test_input_the_network_cannot_take_is_one_line_and_writes_nothing(seg_trained, tmp_path):
+    two_channels = tmp_path / "two_channels.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32, 2), np.float32), np.diag([1.5, 1.5, 1.5, 1])), two_channels)
+    out = tmp_path / "out"
+    proc = bundle_run("meduet_seg", "inference", "--bundle_root", str(seg_trained), "--output_dir", str(out),
+                      "--input_data", f"[{{'image': '{two_channels}'}}]", check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("MeduetInputError: ") and "two_channels.nii.gz" in last and "Traceback" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
