@@ -6,8 +6,13 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.meduet-installed
+# MONAI Label 0.8.5 needs its own virtualenv (numpy<2, pydicom<3); pins explained in DEVELOPERS.md
+MLVENV ?= .venv-monailabel
+MLSTAMP := $(MLVENV)/.meduet-installed
+MONAILABEL_PINS := 'monai[nibabel,pydicom,fire,pyyaml,einops,ignite]==1.6.1' 'monailabel==0.8.5' 'pydicom<3' \
+	'dicomweb-client<0.60' 'pynetdicom<3'
 
-.PHONY: setup demo test sample clean-outputs
+.PHONY: setup monailabel-setup demo test sample clean-outputs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,13 +23,22 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+$(MLSTAMP): pyproject.toml Makefile
+	test -x $(MLVENV)/bin/python || $(PYTHON) -m venv $(MLVENV)
+	$(MLVENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MLVENV)/bin/python -m pip install --quiet $(TORCH) $(MONAILABEL_PINS)
+	$(MLVENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(MLSTAMP)
+
+monailabel-setup: $(MLSTAMP)
+
 sample: setup
 	$(BIN)/python -m meduet.data.sample --out data/sample
 
 demo: setup
 	$(BIN)/python -m meduet.demo --out outputs/demo --preset demo
 
-test: setup
+test: setup monailabel-setup
 	$(BIN)/python -m pytest -q
 
 clean-outputs:

@@ -88,6 +88,17 @@ def tiny_pretrain(tmp_path_factory, tiny_latents) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def seg_trained(tmp_path_factory, tiny_data, tiny_vae, tiny_pretrain) -> Path:
+    """A meduet_seg bundle root trained at the tiny preset (half of the labelled cases), shared by the seg and
+    MONAI Label tests."""
+    root = tmp_path_factory.mktemp("seg")
+    bundle_run("meduet_seg", "train", "--bundle_root", str(root), "--dataset_dir", str(tiny_data / "phantoms"),
+               "--vae_ckpt", str(tiny_vae / "models/model.pt"), "--pretrain_ckpt",
+               str(tiny_pretrain / "models/model.pt"), "--label_fraction", "0.5", run_id="training")
+    return root
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tiny torch ops on one thread: on a shared 2-core machine, OpenMP contention makes each

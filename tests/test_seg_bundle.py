@@ -96,15 +96,6 @@ def test_label_fraction_keeps_sites_and_is_seeded():
         select_training_cases(items, 0.0)
 
 
-@pytest.fixture(scope="module")
-def seg_trained(tmp_path_factory, tiny_data, tiny_vae, tiny_pretrain) -> Path:
-    root = tmp_path_factory.mktemp("seg")
-    bundle_run("meduet_seg", "train", "--bundle_root", str(root), "--dataset_dir", str(tiny_data / "phantoms"),
-               "--vae_ckpt", str(tiny_vae / "models/model.pt"), "--pretrain_ckpt",
-               str(tiny_pretrain / "models/model.pt"), "--label_fraction", "0.5", run_id="training")
-    return root
-
-
 def test_training_record_and_resumable_checkpoint(seg_trained, tiny_data):
     net = load_seg(seg_trained / "models/model.pt")
     dl = json.loads((tiny_data / "phantoms/datalist.json").read_text())

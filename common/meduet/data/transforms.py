@@ -34,14 +34,14 @@ from monai.transforms import (
     RandSpatialCropSamplesd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
-    Spacingd,
     SpatialPadd,
 )
+from monai.transforms import Spacingd as _MonaiSpacingd
 
 from meduet.data.checks import CheckedLoadImaged, CheckInputd, find_input_error
 from meduet.errors import MeduetConfigError, MeduetInputError
 
-__all__ = ["InputCheckedCompose", "foreground_above", "get_load_transforms", "get_train_crop_transforms"]
+__all__ = ["Spacingd", "InputCheckedCompose", "foreground_above", "get_load_transforms", "get_train_crop_transforms"]
 
 #: intensity threshold (after scaling to [0, 1]) above which a voxel counts as foreground, per modality
 DEFAULT_FOREGROUND_THRESHOLD = {"CT": 0.0, "MR": 0.02}
@@ -66,6 +66,23 @@ class InputCheckedCompose(Compose):
             if err is None:
                 raise
             raise err from None
+
+
+class Spacingd(_MonaiSpacingd):
+    """MONAI's ``Spacingd`` that tolerates non-dict entries named ``<key>_*`` beside the image.
+
+    MONAI's ``Spacingd`` copies the image's meta into every ``<key>_*`` entry of the item as if each were a
+    meta dict; MONAI Label puts the request's file name in ``image_path`` (a string), which then fails with
+    "'str' object has no attribute 'update'". Such entries are set aside during the call and put back unchanged.
+    Inversion is MONAI's (``Invertd`` works as before)."""
+
+    def __call__(self, data, lazy=None):
+        d = dict(data)
+        aside = {k: d.pop(k) for k in list(d) if isinstance(k, str) and not isinstance(d[k], dict)
+                 and any(k.startswith(f"{key}_") for key in self.keys)}
+        out = super().__call__(d, lazy=lazy)
+        out.update(aside)
+        return out
 
 
 def _above(x: torch.Tensor, threshold: float) -> torch.Tensor:

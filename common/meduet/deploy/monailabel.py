@@ -1,0 +1,203 @@
+"""Put a trained meduet_seg bundle into a MONAI Label ``monaibundle`` app.
+
+MONAI Label reads a bundle's ``configs/inference.json`` and ``configs/train.json|yaml`` on their own: it does not
+merge presets and it does not know our upstream checkpoints. So the network a bundle serves must be fully described
+by those two files. This module writes such a copy of a *trained* meduet_seg bundle:
+
+* ``configs/inference.json``: the bundle's inference config with the network (VAE encoder architecture, ViT,
+  decoder width, classes), sliding-window ROI and preprocessing taken from ``models/model.pt``'s record, so it
+  serves exactly the trained network whatever preset trained it;
+* ``configs/train.json``: the bundle's train config where the network *starts from the current model.pt* (it is
+  self-contained: frozen VAE encoder, fine-tuned ViT, decoder), preprocessing and ROI from the record, ``resume``
+  off (MONAI Label fine-tunes for the epochs it asks for), no upstream checkpoints needed;
+* ``configs/metadata.json`` with the record's label names in ``channel_def``, plus ``multi_gpu_train.yaml``,
+  ``logging.conf``, ``docs/``, ``LICENSE`` and ``models/model.pt``.
+
+The folder is written next to its destination and renamed into place, so a failed run leaves nothing behind.
+
+    python -m meduet.deploy.monailabel --bundle bundles/meduet_seg --out apps/monaibundle/model/meduet_seg
+
+MONAI Label itself lives in its own virtualenv (see DEVELOPERS.md); ``meduet`` must be importable there
+(``pip install --no-deps -e .``), and on CPU-only torch its torchvision import needs
+``PYTHONPATH=$(python -m meduet.deploy.monailabel --print-pythonpath)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from meduet.errors import MeduetConfigError
+
+__all__ = ["prepare_monailabel_bundle", "site_path", "main"]
+
+
+def site_path() -> str:
+    """The folder holding the torchvision-on-CPU ``sitecustomize.py`` (put it on ``PYTHONPATH``)."""
+    return str(Path(__file__).resolve().parent / "monailabel_site")
+
+
+def _record(model_path: Path) -> dict[str, Any]:
+    from meduet.networks.seg import SEG_FIX, MeduetSegNet
+    from meduet.networks.vae import _read_state_dict, decode_record
+
+    state = _read_state_dict(model_path, "segmentation checkpoint", SEG_FIX)
+    record = decode_record(state.get("_extra_state"))
+    if record.get("kind") != MeduetSegNet.kind or not record.get("architecture"):
+        raise MeduetConfigError(f"'{model_path}' is not a trained meduet_seg model.pt; {SEG_FIX}")
+    return record
+
+
+def _network_def(arch: dict[str, Any]) -> dict[str, Any]:
+    if arch.get("init") == "unet":
+        return {"_target_": "meduet.networks.seg.UNetSeg", **arch}
+    return {"_target_": "meduet.networks.seg.MeduetSegNet", **arch}
+
+
+def _preprocessing(record: dict[str, Any], arch: dict[str, Any]) -> dict[str, Any]:
+    pre = dict(record.get("preprocessing") or {})
+    if not pre:
+        raise MeduetConfigError("the model.pt record has no preprocessing; retrain it with this version of meduet_seg")
+    pre["expected_channels"] = int(arch.get("vae_architecture", {}).get("in_channels", arch.get("in_channels", 1)))
+    return pre
+
+
+def _inference_config(src: Path, record: dict[str, Any]) -> dict[str, Any]:
+    cfg = json.loads(src.read_text())
+    arch = record["architecture"]
+    cfg["bundle_root"] = "."
+    cfg["write_dicom_seg"] = False
+    cfg["network_def"] = _network_def(arch)
+    for key in ("model_preset", "init", "features", "feature_size", "vae"):
+        cfg.pop(key, None)  # all in network_def now
+    cfg["out_channels"] = int(arch["out_channels"])
+    if record.get("roi_size"):
+        cfg["roi_size"] = [int(r) for r in record["roi_size"]]
+    cfg["preprocessing_args"] = _preprocessing(record, arch)
+    cfg["input_data"] = []
+    return cfg
+
+
+def _train_config(src: Path, record: dict[str, Any]) -> dict[str, Any]:
+    from monai.bundle import ConfigParser
+
+    cfg = ConfigParser.load_config_file(str(src))
+    arch = record["architecture"]
+    for key in ("vae_ckpt", "pretrain_ckpt", "model_preset", "init", "features", "feature_size", "label_fraction",
+                "train_domains"):
+        cfg.pop(key, None)
+    cfg["bundle_root"] = "."
+    cfg["out_channels"] = int(arch["out_channels"])
+    # start from the served model (self-contained: frozen VAE encoder + ViT + decoder); MONAI Label also adds a
+    # CheckpointLoader of the same file when "pretrained" is on, which loads the same weights again
+    cfg["network_def"] = "$meduet.networks.seg.load_seg(os.path.join(@bundle_root, 'models', 'model.pt'))"
+    cfg["network"] = "$@network_def.to(@device)"
+    cfg["preprocessing"] = _preprocessing(record, arch)
+    if record.get("roi_size"):
+        cfg["roi_size"] = [int(r) for r in record["roi_size"]]
+    cfg["resume"] = False  # MONAI Label asks for max_epochs of fine-tuning each time
+    cfg["num_workers"] = 0
+    cfg["training_cases"] = []  # MONAI Label sets train#dataset#data from its datastore
+    cfg["validate"]["dataset"]["data"] = []  # ... and validate#dataset#data from its validation split
+    cfg["initialize"] = ["$monai.utils.set_determinism(seed=@seed)"]
+    cfg["training"] = ["$monai.utils.set_determinism(seed=@seed)", "$@train#trainer.run()"]
+    return cfg
+
+
+def prepare_monailabel_bundle(bundle: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
+                              overwrite: bool = False) -> Path:
+    """Write a MONAI-Label-ready copy of the trained meduet_seg bundle ``bundle`` to the folder ``out``.
+
+    Args:
+        bundle: the meduet_seg bundle folder (``configs/``, ``models/model.pt``).
+        out: destination, normally ``<app>/model/<name>``; the folder name is the model name MONAI Label shows
+            (avoid names containing "deepedit", "deepgrow" or "detection": they switch MONAI Label's task type).
+        model: another ``model.pt`` to serve instead of ``<bundle>/models/model.pt``.
+        overwrite: replace an existing ``out``.
+
+    Returns:
+        ``out`` as a ``Path``.
+    """
+    bundle, out = Path(bundle), Path(out)
+    configs = bundle / "configs"
+    for name in ("inference.json", "train.yaml", "metadata.json"):
+        if not (configs / name).is_file():
+            raise MeduetConfigError(f"'{bundle}' is not a meduet_seg bundle folder ({configs / name} is missing)")
+    model_path = Path(model) if model else bundle / "models" / "model.pt"
+    record = _record(model_path)
+    if out.exists() and not overwrite:
+        raise MeduetConfigError(f"'{out}' already exists; pass --overwrite to replace it")
+    if any(word in out.name.lower() for word in ("deepedit", "deepgrow", "detection")):
+        raise MeduetConfigError(f"'{out.name}': MONAI Label treats folder names containing deepedit/deepgrow/"
+                                "detection as other task types; choose another name")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "configs").mkdir()
+        (tmp / "models").mkdir()
+        (tmp / "configs" / "inference.json").write_text(
+            json.dumps(_inference_config(configs / "inference.json", record), indent=4) + "\n")
+        (tmp / "configs" / "train.json").write_text(
+            json.dumps(_train_config(configs / "train.yaml", record), indent=4) + "\n")
+        meta = json.loads((configs / "metadata.json").read_text())
+        labels = record.get("labels") or {}
+        pred = meta["network_data_format"]["outputs"]["pred"]
+        if labels:
+            pred["channel_def"] = {str(k): str(v) for k, v in labels.items()}
+        pred["num_channels"] = int(record["architecture"]["out_channels"])
+        (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
+        for name in ("multi_gpu_train.yaml", "logging.conf"):
+            if (configs / name).is_file():
+                shutil.copy2(configs / name, tmp / "configs" / name)
+        if (bundle / "docs").is_dir():
+            shutil.copytree(bundle / "docs", tmp / "docs")
+        if (bundle / "LICENSE").is_file():
+            shutil.copy2(bundle / "LICENSE", tmp / "LICENSE")
+        shutil.copy2(model_path, tmp / "models" / "model.pt")
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m meduet.deploy.monailabel",
+        description="Write a MONAI-Label-ready copy of a trained meduet_seg bundle into a monaibundle app.")
+    parser.add_argument("--bundle", default="bundles/meduet_seg", help="trained meduet_seg bundle folder")
+    parser.add_argument("--out", help="destination, e.g. apps/monaibundle/model/meduet_seg")
+    parser.add_argument("--model", default=None, help="serve this model.pt instead of <bundle>/models/model.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    parser.add_argument("--print-pythonpath", action="store_true",
+                        help="print the folder to put on PYTHONPATH for MONAI Label on CPU-only torch, and exit")
+    args = parser.parse_args(argv)
+    if args.print_pythonpath:
+        print(site_path())
+        return 0
+    if not args.out:
+        parser.error("--out is required")
+    try:
+        out = prepare_monailabel_bundle(args.bundle, args.out, args.model, args.overwrite)
+    except MeduetConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    app = out.parent.parent
+    print(f"wrote {out}\nstart MONAI Label (in its own virtualenv, see DEVELOPERS.md):\n"
+          f"  PYTHONPATH={site_path()} python -m monailabel.main start_server --app {app} --studies <images> "
+          f"--conf models {out.name} --conf zoo_source github --conf sam2 false --host 127.0.0.1 --port 8000")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
