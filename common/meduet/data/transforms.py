@@ -192,6 +192,7 @@ def get_train_crop_transforms(
     flip_prob: float = 0.5,
     rot90_prob: float = 0.5,
     seed: int | None = None,
+    pad_mode: str = "constant",
 ) -> Compose:
     """Random crops plus flips / 90-degree rotations, applied identically to every key of an item.
 
@@ -204,6 +205,8 @@ def get_train_crop_transforms(
             among (x, y), (x, z), (y, z). Non-cubic crops change shape under rotation; use a cubic ``roi_size``
             when samples are batched.
         seed: seeds every random transform of the chain (``Compose.set_random_state``) for reproducibility.
+        pad_mode: how volumes smaller than ``roi_size`` are padded (``"constant"``: zeros; ``"replicate"``: edge
+            values, e.g. for latents, whose zero is not "empty").
 
     Returns:
         A ``Compose``: item -> item (``num_samples == 1``) or list of items, each with tensors (C, *roi_size)
@@ -215,7 +218,7 @@ def get_train_crop_transforms(
         raise MeduetConfigError(f"roi_size must be three positive ints, got {roi_size!r}")
     if num_samples < 1:
         raise MeduetConfigError(f"num_samples must be >= 1, got {num_samples}")
-    steps = [SpatialPadd(keys, spatial_size=roi, allow_missing_keys=True)]
+    steps = [SpatialPadd(keys, spatial_size=roi, mode=pad_mode, allow_missing_keys=True)]
     if num_samples > 1:
         steps.append(
             RandSpatialCropSamplesd(keys, roi_size=roi, num_samples=num_samples, random_size=False,
