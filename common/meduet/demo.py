@@ -176,6 +176,57 @@ def stage_pretrain(d: Demo) -> None:
     d.sections.append("\n".join(lines))
 
 
+def stage_diffusion(d: Demo) -> None:
+    out = d.out / "diffusion"
+    d.run("meduet_diffusion: train SiT (rectified flow) conditioned on MeDUET content + style",
+          bundle_cmd("meduet_diffusion", "train", d.preset, "training", resume=False))
+    d.run("meduet_diffusion: sample volumes per site from the factor prior",
+          bundle_cmd("meduet_diffusion", "sample", d.preset, output_dir=str(out / "samples"), num_per_site=1))
+    d.run("meduet_diffusion: style transfer (content of A, style of B) on the test split",
+          bundle_cmd("meduet_diffusion", "transfer", d.preset, output_dir=str(out / "transfer"), pairs=2))
+    d.run("meduet_diffusion: evaluate (FID proxy, MMD, MS-SSIM diversity, validation loss)",
+          bundle_cmd("meduet_diffusion", "evaluate", d.preset, output_dir=str(out), num_per_site=2))
+    m = json.loads((out / "metrics.json").read_text())
+    t = json.loads((out / "transfer" / "transfer.json").read_text())
+    curve = [json.loads(x) for x in (REPO / "bundles/meduet_diffusion/runs/val_loss.jsonl").read_text().splitlines()]
+    plot = out / "val_loss.png"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3), layout="constrained")
+    ax.plot([r["iteration"] for r in curve], [r["val_loss"] for r in curve], marker="o")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation loss (EMA)")
+    ax.set_title(f"meduet_diffusion {m['objective']}, {m['condition']}")
+    fig.savefig(plot, dpi=80)
+    plt.close(fig)
+    lines = ["## Stage 3 — meduet_diffusion (latent diffusion transformer on MeDUET factors)\n",
+             f"Objective `{m['objective']}` (SiT), condition `{m['condition']}`, EMA generator; validation loss "
+             f"{_fmt(curve[0]['val_loss'])} after epoch {curve[0]['epoch']} -> {_fmt(curve[-1]['val_loss'])} after "
+             f"epoch {curve[-1]['epoch']} (fixed validation crops, noise and timesteps).\n",
+             f"![validation loss]({d.rel(plot)})\n",
+             f"Computed by `evaluate.yaml` ({m['n_fake']} generated vs {m['n_real']} real test latents; features: "
+             f"{m['fid_features']}{' -- a proxy, not Inception/MedicalNet' if 'proxy' in m['fid_features'] else ''}):\n",
+             "| FID | MMD | MS-SSIM between generated (lower = more diverse) | MS-SSIM between real | validation loss |",
+             "|---|---|---|---|---|",
+             f"| {_fmt(m['fid'])} | {_fmt(m['mmd'], 4)} | {_fmt(m['ms_ssim_diversity_fake'])} | "
+             f"{_fmt(m['ms_ssim_diversity_real'])} | {_fmt(m['val_loss'])} |\n",
+             f"![samples]({d.rel(out / 'samples' / 'samples.png')})\n",
+             f"![real vs generated]({d.rel(out / m['picture'])})\n",
+             f"Style transfer ({t['method']}): A's content with B's style, measured against the real scan of A's "
+             "subject at B's site. *gap closed* = 1 - gap(transfer)/gap(A's own condition), *anatomy* = eta^2 of A's "
+             "label regions in the output relative to the real target scan.\n",
+             "| A -> site | gap, source | gap, A's condition | gap, transfer | gap closed | anatomy kept |",
+             "|---|---|---|---|---|---|"]
+    for r in t["pairs"]:
+        lines.append(f"| {r['A']} -> {r['site_to']} | {_fmt(r['d_source'])} | {_fmt(r['d_rec'])} | "
+                     f"{_fmt(r['d_transfer'])} | {_fmt(r['gap_closed'])} | {_fmt(r['anatomy_kept'])} |")
+    lines.append(f"\n![style transfer]({d.rel(out / 'transfer' / t['picture'])})\n")
+    d.sections.append("\n".join(lines))
+
+
 def stage_seg(d: Demo) -> None:
     out = d.out / "seg"
     d.run("meduet_seg: train on the MeDUET encoder (seen sites)",
@@ -183,7 +234,7 @@ def stage_seg(d: Demo) -> None:
     d.run("meduet_seg: evaluate on the test split (seen and unseen sites)",
           bundle_cmd("meduet_seg", "evaluate", d.preset, output_dir=str(out)))
     m = json.loads((out / "metrics.json").read_text())
-    lines = ["## Stage 3 — meduet_seg (segmentation on the pretrained encoder)\n",
+    lines = ["## Stage 4 — meduet_seg (segmentation on the pretrained encoder)\n",
              f"Trained on {', '.join(m['training_domains'])} (init `{m['init']}`, label fraction "
              f"{m['label_fraction']}); Dice and HD95 computed by `evaluate.yaml` on the test split:\n",
              "| subset | cases | mean Dice | " + " | ".join(f"Dice {c}" for c in m["classes"]) + " | mean HD95 (mm) |",
@@ -207,6 +258,7 @@ STAGES: list[tuple[str, Callable[[Demo], None]]] = [
     ("sample", stage_sample_data),
     ("vae", stage_vae),
     ("pretrain", stage_pretrain),
+    ("diffusion", stage_diffusion),
     ("seg", stage_seg),
 ]
 

@@ -293,12 +293,16 @@ class ValidationLoss:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-        if self.path is not None and int(getattr(engine.state, "epoch", 0) or 0) == 0 and self.path.exists():
-            engine.add_event_handler(Events.STARTED, self._truncate_if_fresh)
+        self._first = True
 
-    def _truncate_if_fresh(self, engine: Engine) -> None:
-        if int(engine.state.iteration) == 0 and self.path is not None and self.path.exists():
-            self.path.unlink()
+    def _keep_earlier(self, epoch: int) -> None:
+        """First write of this process: drop rows of epochs >= ``epoch`` (a fresh run starts a new curve, a resumed
+        run continues the old one without duplicates)."""
+        if self.path is None or not self.path.exists():
+            return
+        rows = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in rows if int(json.loads(ln).get("epoch", 0)) < epoch]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
 
     @torch.no_grad()
     def compute(self) -> float:
@@ -319,8 +323,10 @@ class ValidationLoss:
             return
         value = self.compute()
         engine.state.metrics["val_loss"] = value
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if rank == 0:
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            if getattr(self, "_first", False):
+                self._first = False
+                self._keep_earlier(epoch)
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "a") as f:
@@ -339,6 +345,8 @@ def fit_factor_prior(conditioner: Conditioner, items: Sequence[Mapping[str, Any]
     Does nothing (returns ``None``) unless the condition is ``factors`` and ``enabled``."""
     if conditioner.condition != "factors" or not enabled:
         return None
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        return None  # rank 0 fits and writes it
     from monai.transforms import RandSpatialCrop
 
     from meduet.engines.checkpoint import atomic_save

@@ -24,7 +24,7 @@ from meduet.engines.diffusion import Conditioner, center_crop_or_pad
 from meduet.errors import MeduetConfigError
 from meduet.losses.diffusion import DiffusionObjective
 
-__all__ = ["load_generator", "conditioner_for", "decode", "save_volume", "sample_volumes", "style_transfer",
+__all__ = ["load_generator", "conditioner_for", "decode", "save_volume", "sample_volumes", "style_transfer", "evaluate_generation",
            "sdedit"]
 
 
@@ -104,6 +104,43 @@ def _factors_of(conditioner: Conditioner, items: Sequence[Mapping[str, Any]], re
     return conditioner.factors(x.to(device) * float(record["latent_scale_factor"]))
 
 
+def _generate(net, objective: DiffusionObjective, rec: Mapping[str, Any], group: str, n: int,
+              conditioner: Conditioner | None, prior, reference_items, sampler, num_steps, guidance_scale: float,
+              gen: torch.Generator, batch_size: int, device) -> torch.Tensor:
+    """``n`` scaled latents of ``group`` (a site, or ``"all"`` for an unconditional generator)."""
+    from meduet.engines.sampling import sample_latents
+
+    condition = rec.get("condition", "none")
+    domains = list(rec.get("domains") or [])
+    cond: dict[str, torch.Tensor] | None = None
+    if condition == "metadata":
+        if rec.get("metadata_keys"):
+            raise MeduetConfigError("sampling a generator with metadata_keys needs those values: use "
+                                    "transfer.yaml or condition on the site only")
+        cond = {"domain": torch.full((n,), domains.index(group), dtype=torch.long, device=device)}
+    elif condition == "factors":
+        if prior is not None:
+            content, style = prior.sample(n, domain=domains.index(group) if prior.arch.get("num_domains") else None,
+                                          generator=gen)
+            cond = {"content": content.to(device)}
+            if style is not None and net.arch.get("style_dim"):
+                cond["style"] = style.to(device)
+        else:
+            refs = [it for it in (reference_items or []) if it.get("domain") == group][:n]
+            if not refs:
+                raise MeduetConfigError(f"no reference scans of site {group!r} among the reference items")
+            n = len(refs)
+            cond = _factors_of(conditioner, refs, rec, device)
+    chunks = []
+    for start in range(0, n, batch_size):
+        m = min(batch_size, n - start)
+        c = None if cond is None else {k: v[start:start + m] for k, v in cond.items()}
+        chunks.append(sample_latents(net, _shape(rec, m), c, objective, sampler=sampler, num_steps=num_steps,
+                                     guidance_scale=guidance_scale if condition != "none" else 1.0,
+                                     generator=gen, progress=_progress_enabled()))
+    return torch.cat(chunks)
+
+
 def sample_volumes(model_ckpt: str, vae_ckpt: str, output_dir: str, pretrain_ckpt: str | None = None,
                    prior_ckpt: str | None = None, num_per_site: int = 2, sites: Sequence[str] | None = None,
                    source: str = "prior", reference_items: Sequence[Mapping[str, Any]] | None = None,
@@ -116,7 +153,6 @@ def sample_volumes(model_ckpt: str, vae_ckpt: str, output_dir: str, pretrain_ckp
     prior (``source="prior"``, per-site prior) or from the site's reference scans (``source="reference"``:
     ``reference_items``, e.g. the test split, first ``num_per_site`` of each site).
     """
-    from meduet.engines.sampling import sample_latents
     from meduet.networks.vae import load_vae
     from meduet.viz import save_pair_grid
 
@@ -131,6 +167,7 @@ def sample_volumes(model_ckpt: str, vae_ckpt: str, output_dir: str, pretrain_ckp
         if g != "all" and g not in domains:
             raise MeduetConfigError(f"unknown site {g!r}; the generator knows {domains}")
     conditioner = conditioner_for(rec, pretrain_ckpt, device) if condition == "factors" else None
+    prior = None
     if condition == "factors" and source == "prior":
         if rec.get("content_map"):
             raise MeduetConfigError("this generator also needs the content token map, which the factor prior does "
@@ -148,35 +185,10 @@ def sample_volumes(model_ckpt: str, vae_ckpt: str, output_dir: str, pretrain_ckp
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(int(seed))
     rows, listing = [], []
-    for gi, group in enumerate(groups):
-        cond: dict[str, torch.Tensor] | None = None
-        n = int(num_per_site)
-        if condition == "metadata":
-            cond = {"domain": torch.full((n,), domains.index(group), dtype=torch.long, device=device)}
-            if rec.get("metadata_keys"):
-                raise MeduetConfigError("sampling a generator with metadata_keys needs those values: use "
-                                        "transfer.yaml or condition on the site only")
-        elif condition == "factors":
-            if source == "prior":
-                content, style = prior.sample(n, domain=domains.index(group) if prior.arch.get("num_domains")
-                                              else None, generator=gen)
-                cond = {"content": content.to(device)}
-                if style is not None and rec.get("pretrain_kind", "meduet") != "mae":
-                    cond["style"] = style.to(device)
-            else:
-                refs = [it for it in (reference_items or []) if it.get("domain") == group][:n]
-                if not refs:
-                    raise MeduetConfigError(f"no reference scans of site {group!r} among the reference items")
-                n = len(refs)
-                cond = _factors_of(conditioner, refs, rec, device)
-        chunks = []
-        for start in range(0, n, batch_size):
-            m = min(batch_size, n - start)
-            c = None if cond is None else {k: v[start:start + m] for k, v in cond.items()}
-            chunks.append(sample_latents(net, _shape(rec, m), c, objective, sampler=sampler, num_steps=num_steps,
-                                         guidance_scale=guidance_scale if condition != "none" else 1.0,
-                                         generator=gen, progress=_progress_enabled()))
-        z = torch.cat(chunks)
+    for group in groups:
+        z = _generate(net, objective, rec, group, int(num_per_site), conditioner,
+                      prior if condition == "factors" and source == "prior" else None, reference_items, sampler,
+                      num_steps, guidance_scale, gen, batch_size, device)
         images = decode(vae, z, float(rec["latent_scale_factor"]))
         row = []
         for k, img in enumerate(images):
@@ -301,9 +313,17 @@ def style_transfer(model_ckpt: str, vae_ckpt: str, items: Sequence[Mapping[str, 
                                 "phantom sample data); none of the given items pair up")
     site_style: dict[str, torch.Tensor] = {}
     if condition == "factors" and style_from == "site":
-        pool = list(style_items or items)
-        for site in {b["domain"] for _, b, _ in chosen}:
-            refs = [it for it in pool if it["domain"] == site]
+        pool = list(style_items or [])
+        for a_it, b_it, _ in chosen:
+            site = b_it["domain"]
+            if site in site_style:
+                continue
+            # the style split's scans of that site; for a site it lacks (e.g. held out of training) the given
+            # items' scans of the site, leaving out A's subject (its real scan there is the target T)
+            refs = [it for it in pool if it["domain"] == site] or [
+                it for it in items if it["domain"] == site and it.get("subject") != a_it.get("subject")]
+            if not refs:
+                raise MeduetConfigError(f"no scans of site {site!r} to take its mean style from")
             site_style[site] = _factors_of(conditioner, refs, rec, device)["style"].mean(0, keepdim=True)
 
     transform = get_load_transforms(**dict(rec.get("preprocessing") or {}), keys=("image", "label"))
@@ -396,3 +416,75 @@ def _center_slice(vol: np.ndarray, like: Sequence[int]) -> np.ndarray:
     h, w = min(sl.shape[0], like[0]), min(sl.shape[1], like[1])
     out[:h, :w] = sl[:h, :w]
     return out
+
+
+def evaluate_generation(model_ckpt: str, vae_ckpt: str, real_items: Sequence[Mapping[str, Any]],
+                        val_items: Sequence[Mapping[str, Any]], output_dir: str, pretrain_ckpt: str | None = None,
+                        prior_ckpt: str | None = None, features: str = "auto", medicalnet_weights: str | None = None,
+                        medicalnet_depth: int = 10, num_per_site: int = 4, sampler: str | None = None,
+                        num_steps: int | None = None, guidance_scale: float = 1.5, seed: int = 0,
+                        device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Generation quality of the EMA generator -> ``<output_dir>/metrics.json`` and ``real_vs_generated.png``.
+
+    * FID and MMD between features of real latents (``real_items``, centre crops of the training crop size) and
+      generated ones (``num_per_site`` per site, or in total without a condition; factors from the prior). Features:
+      MedicalNet on decoded images when ``medicalnet_weights`` is a local file (never downloaded), otherwise the
+      pooled factors of meduet_pretrain's encoder, reported as a *proxy* (``fid_features`` names which).
+    * MS-SSIM diversity of decoded generated and real volumes (mean over pairs; lower = more diverse).
+    * The validation denoising loss on ``val_items`` (fixed crops, noise and timesteps, as in training).
+    """
+    from meduet.engines.diffusion import ValidationLoss
+    from meduet.engines.pretrain_tasks import load_latent
+    from meduet.metrics.generation import build_feature_extractor, generation_report
+    from meduet.networks.vae import load_vae
+    from meduet.viz import save_pair_grid
+
+    device = torch.device(device)
+    net, objective, rec = load_generator(model_ckpt, device)
+    vae = load_vae(vae_ckpt, device).eval()
+    _check_vae(vae, rec, vae_ckpt, model_ckpt)
+    condition = rec.get("condition", "none")
+    scale = float(rec["latent_scale_factor"])
+    crop = [int(c) for c in rec["crop_size"]]
+    conditioner = conditioner_for(rec, pretrain_ckpt, device) if condition == "factors" else None
+    prior = None
+    if condition == "factors":
+        from meduet.networks.factor_prior import load_factor_prior
+
+        if not prior_ckpt or not os.path.isfile(prior_ckpt):
+            raise MeduetConfigError(f"factor prior '{prior_ckpt}' does not exist; train meduet_diffusion with "
+                                    "condition factors (it writes models/factor_prior.pt)")
+        prior = load_factor_prior(prior_ckpt, device)
+    if not real_items:
+        raise MeduetConfigError("evaluate needs real latents (the `real_split` of the latent datalist is empty)")
+    real = torch.stack([center_crop_or_pad(load_latent(it["latent"]), crop) for it in real_items]).float()
+    groups = ["all"] if condition == "none" else list(rec["domains"])
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    fake = torch.cat([_generate(net, objective, rec, g, int(num_per_site), conditioner, prior, None, sampler,
+                                num_steps, guidance_scale, gen, 8, device) for g in groups]).cpu() / scale
+    real_img = torch.from_numpy(decode(vae, real.to(device) * scale, scale))[:, None]
+    fake_img = torch.from_numpy(decode(vae, fake.to(device) * scale, scale))[:, None]
+    if features == "auto":
+        features = "medicalnet" if medicalnet_weights else "encoder"
+    if features == "encoder" and not pretrain_ckpt:
+        raise MeduetConfigError("encoder features need pretrain_ckpt (meduet_pretrain's model.pt)")
+    extractor = build_feature_extractor(features, weights_path=medicalnet_weights, depth=medicalnet_depth,
+                                        pretrain_ckpt=pretrain_ckpt, latent_scale_factor=scale, inputs="raw",
+                                        device=device)
+    report = generation_report(real, fake, extractor, real_images=real_img, fake_images=fake_img)
+    if features == "encoder":
+        report["fid_note"] = "proxy: features of meduet_pretrain's encoder, not an Inception/MedicalNet network"
+    val = ValidationLoss(net, objective, conditioner or conditioner_for(rec, None, device),
+                         list(val_items) or list(real_items), scale, crop, seed=seed)
+    report.update({"val_loss": val.compute(), "objective": objective.objective, "condition": condition,
+                   "sampler": sampler, "num_steps": num_steps, "guidance_scale": guidance_scale,
+                   "num_per_site": int(num_per_site)})
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    z = real_img.shape[-1] // 2
+    rows = [[(f"real {i}", real_img[i, 0, :, :, z].numpy()) for i in range(min(6, len(real_img)))],
+            [(f"generated {i}", fake_img[i, 0, :, :, z].numpy()) for i in range(min(6, len(fake_img)))]]
+    report["picture"] = save_pair_grid(out / "real_vs_generated.png", rows,
+                                       title=f"real vs generated ({objective.objective}, {condition})").name
+    _write_json(out / "metrics.json", report)
+    return report

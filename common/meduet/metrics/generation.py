@@ -1,0 +1,487 @@
+"""Generation quality for meduet_diffusion's evaluate workflow: FID and MMD over a configurable 3D feature
+extractor, and MS-SSIM diversity. The formulas are MONAI's (``FIDMetric``'s Frechet distance, ``MMDMetric``,
+``MultiScaleSSIMMetric``); this module only chooses inputs and settings.
+
+Feature extractors (``FeatureExtractor``: ``forward(x) -> (N, F)`` float32 on the CPU, ``name``, ``space``):
+
+* ``MedicalNetFeatures``: global-average-pooled features of a MedicalNet 3D ResNet (MONAI's ``resnet10`` ...
+  ``resnet200``) on *decoded images* ``(N, 1, H, W, D)``. The weights come from a local ``.pth`` only (nothing is
+  downloaded), e.g. ``resnet_10_23dataset.pth`` of https://huggingface.co/TencentMedicalNet/MedicalNet-Resnet10.
+  Name ``"medicalnet-resnet10"`` etc. This is the usual FID backbone for 3D medical images.
+* ``EncoderFeatures``: meduet_pretrain's frozen encoder on *latents* ``(N, C, S1, S2, S3)``: sliding windows of the
+  pretraining crop (``meduet.engines.pretrain_tasks.encode_latents``), feature = ``[pooled content, pooled style]``
+  (content only for the masked-autoencoder baseline). Name ``"meduet-encoder (proxy)"``: the encoder was trained
+  on the same data as the generator's conditioner, so its FID is a *proxy* that is comparable between runs of this
+  project, not with published FIDs.
+
+``build_feature_extractor("auto", weights_path=..., pretrain_ckpt=...)`` picks MedicalNet when a weights path is
+given and the encoder proxy otherwise.
+
+Small-sample behaviour (documented choices):
+
+* ``fid``: with fewer samples than feature dimensions the covariances are singular and ``sqrtm`` of their product
+  can turn complex or non-finite; a ridge of ``ridge * mean(diag)`` is added to both covariances (default 1e-6,
+  which moves a typical FID by < 1e-5 relative) and the result is clamped at 0. At least 2 samples per set.
+* ``mmd``: MONAI's unbiased estimator needs the same number of samples on both sides (>= 2): the larger set is cut
+  to the size of the smaller one (first ``n``). Its kernel is the dot product of ``y_mapping(x)``; with
+  ``kernel="rbf"`` (default) ``y_mapping`` is a fixed random Fourier feature map, so the estimate is the squared
+  MMD under a Gaussian kernel (bandwidth: median pairwise distance of the pooled samples), which sees differences
+  in spread and shape, not only in the mean (``kernel="linear"`` is MONAI's plain form = mean difference). The
+  unbiased estimate can be slightly negative when the two sets come from one distribution.
+* ``ms_ssim_diversity``: MS-SSIM needs the coarsest scale to hold the kernel. The default is 3 scales with a 7^3
+  Gaussian window (sigma 1.5) and the first three of Wang et al.'s weights renormalised,
+  ``(0.0448, 0.2856, 0.3001) / 0.6305``: it fits every volume from 28^3 up (32^3 -> scales 32/16/8, 48^3 ->
+  48/24/12), so 32^3-48^3 generations are scored with one setting. Smaller volumes (e.g. raw latents) fall back to
+  smaller windows, then fewer scales (``ms_ssim_settings``); the settings used are reported.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.metrics import MMDMetric, MultiScaleSSIMMetric
+from monai.metrics.fid import compute_frechet_distance
+
+from meduet.errors import MeduetConfigError, MeduetInputError
+
+__all__ = [
+    "FeatureExtractor",
+    "EncoderFeatures",
+    "MedicalNetFeatures",
+    "build_feature_extractor",
+    "MEDICALNET_FIX",
+    "fid",
+    "mmd",
+    "ms_ssim_settings",
+    "ms_ssim_diversity",
+    "generation_report",
+]
+
+Volumes = torch.Tensor | Sequence[torch.Tensor]
+
+MEDICALNET_FIX = ("download MedicalNet weights (e.g. resnet_10_23dataset.pth from "
+                  "https://huggingface.co/TencentMedicalNet/MedicalNet-Resnet10) and pass its path as weights_path, "
+                  "or use the pretrained encoder's features (feature extractor 'encoder')")
+
+#: MS-SSIM scale weights of Wang et al. (MONAI's default); the first ``L`` are used, renormalised.
+_MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# feature extractors
+# ----------------------------------------------------------------------------------------------------------------
+class FeatureExtractor(nn.Module):
+    """A frozen network giving one feature vector per volume.
+
+    ``forward(x)``: ``x`` is a batch ``(N, C, S1, S2, S3)`` or a sequence of ``N`` volumes ``(C, S1, S2, S3)``
+    (possibly of different sizes) -> ``(N, F)`` float32 on the CPU.
+
+    Attributes: ``name`` (reported as ``fid_features``), ``space`` (``"latent"``: takes latents; ``"image"``: takes
+    decoded images), ``feature_dim`` (``F``).
+    """
+
+    name: str = "features"
+    space: str = "latent"
+
+    @property
+    def feature_dim(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, x: Volumes) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _as_list(x: Volumes, what: str) -> list[torch.Tensor]:
+    """``(N, C, ...)`` tensor or sequence of ``(C, ...)`` -> list of ``(C, ...)`` (each 4D)."""
+    items = list(x.unbind(0)) if isinstance(x, torch.Tensor) else list(x)
+    for i, v in enumerate(items):
+        v = v.as_tensor() if hasattr(v, "as_tensor") else v
+        if not isinstance(v, torch.Tensor) or v.ndim != 4:
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise MeduetInputError(f"{what} {i} has shape {shape}; expected (C, S1, S2, S3) volumes")
+        items[i] = v
+    if not items:
+        raise MeduetInputError(f"no {what}s given")
+    return items
+
+
+class EncoderFeatures(FeatureExtractor):
+    """Features of latents from meduet_pretrain's frozen encoder (a proxy FID backbone).
+
+    Args:
+        encoder: a pretraining checkpoint path (meduet_pretrain's ``model.pt``; its encoder and factor heads are
+            loaded with ``meduet.networks.meduet.load_encoder``), or a network with ``encode`` (``MeDUET``,
+            ``MaskedAutoencoder``, ``PretrainedEncoder``).
+        latent_scale_factor: the pretraining latent scale; default: the checkpoint record's
+            ``latent_scale_factor`` (an error if it has none).
+        crop: sliding-window size in latent voxels; default the pretraining crop (record's ``crop_size``, else the
+            network's ``input_size``).
+        inputs: ``"raw"``: latents as cached by meduet_vae (multiplied by ``latent_scale_factor`` here, like the
+            pretraining data); ``"scaled"``: already multiplied (e.g. straight out of ``sample_latents``).
+        device: where the encoder runs.
+
+    ``forward(latents (N, C, S1, S2, S3) | [(C, S1, S2, S3)] * N) -> (N, D + Ds)``: the pooled content ``(D)`` and
+    pooled style ``(Ds)`` of ``encode_latents`` (windows with overlap 0.5); ``(N, D)`` for the baseline.
+    """
+
+    space = "latent"
+
+    def __init__(self, encoder: nn.Module | str | Path, latent_scale_factor: float | None = None,
+                 crop: Sequence[int] | int | None = None, inputs: str = "raw",
+                 device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        if isinstance(encoder, (str, Path)):
+            from meduet.networks.meduet import load_encoder
+
+            encoder = load_encoder(encoder, device)
+        if not hasattr(encoder, "encode") or not hasattr(encoder, "patch_size"):
+            raise MeduetConfigError(f"{type(encoder).__name__} is not a meduet_pretrain network (no encode/patch_size)")
+        if inputs not in ("raw", "scaled"):
+            raise ValueError(f"inputs must be 'raw' or 'scaled', got {inputs!r}")
+        if latent_scale_factor is None:
+            latent_scale_factor = (getattr(encoder, "meta", None) or {}).get("latent_scale_factor")
+            if latent_scale_factor is None:
+                raise MeduetConfigError("the pretrained encoder's record has no latent_scale_factor; pass "
+                                        "latent_scale_factor (meduet_vae's latent datalist has it)")
+        self.encoder = encoder.to(device).eval().requires_grad_(False)
+        self.latent_scale_factor = float(latent_scale_factor)
+        self.inputs = inputs
+        self.device = torch.device(device)
+        if crop is not None:
+            crop = (int(crop),) * 3 if isinstance(crop, int) else tuple(int(c) for c in crop)
+        self.crop = crop
+        self.kind = getattr(encoder, "kind", "") or "meduet"
+        self.style_dim = 0 if self.kind == "mae" else int(getattr(encoder, "style_dim", 0) or 0)
+        self.name = f"{self.kind}-encoder (proxy)"
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.encoder.dim) + self.style_dim
+
+    @torch.no_grad()
+    def forward(self, x: Volumes) -> torch.Tensor:
+        from meduet.engines.pretrain_tasks import encode_latents
+
+        latents = _as_list(x, "latent")
+        scale = self.latent_scale_factor if self.inputs == "raw" else 1.0
+        rows = encode_latents(self.encoder, latents, scale, device=self.device, desc="encoder features",
+                              crop=self.crop)
+        self.encoder.eval()
+        feats = [torch.cat([r["content"], r["style"]]) if "style" in r else r["content"] for r in rows]
+        return torch.stack(feats).float()
+
+
+class MedicalNetFeatures(FeatureExtractor):
+    """Global-average-pooled features of a MedicalNet 3D ResNet on decoded images.
+
+    Args:
+        weights_path: a local MedicalNet ``.pth`` (``{"state_dict": {"module.conv1.weight": ...}}`` or a flat state
+            dict, ``module.`` prefix optional). Loaded with ``torch.load(weights_only=True)``; every backbone weight
+            must be present with its shape (the segmentation/classification head ``conv_seg.*``/``fc.*`` is
+            ignored). Nothing is downloaded: a missing file is a ``MeduetConfigError``.
+        depth: 10, 18, 34, 50, 101, 152 or 200 (MONAI's ``resnet{depth}`` with MedicalNet's shortcut type and
+            downsample bias, ``n_input_channels=1``, ``feed_forward=False``).
+        normalize: ``"zscore"`` (MedicalNet's training input: each volume to zero mean, unit std) or ``"none"``.
+        batch_size: volumes per forward pass.
+        device: where the network runs.
+
+    ``forward(images (N, 1, H, W, D) | [(1, H, W, D)] * N) -> (N, 512)`` (``(N, 2048)`` for depth >= 50).
+    """
+
+    space = "image"
+    DEPTHS = (10, 18, 34, 50, 101, 152, 200)
+
+    def __init__(self, weights_path: str | Path | None, depth: int = 10, normalize: str = "zscore",
+                 batch_size: int = 4, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        from monai.networks import nets
+        from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
+
+        from meduet.networks.vae import _read_state_dict
+
+        depth = int(depth)
+        if depth not in self.DEPTHS:
+            raise MeduetConfigError(f"MedicalNet depth must be one of {self.DEPTHS}, got {depth}")
+        if normalize not in ("zscore", "none"):
+            raise ValueError(f"normalize must be 'zscore' or 'none', got {normalize!r}")
+        if weights_path is None or str(weights_path) == "":
+            raise MeduetConfigError(f"MedicalNet features need weights_path; {MEDICALNET_FIX}")
+        bias_downsample, shortcut_type = get_medicalnet_pretrained_resnet_args(depth)
+        net = getattr(nets, f"resnet{depth}")(pretrained=False, spatial_dims=3, n_input_channels=1,
+                                               feed_forward=False, shortcut_type=shortcut_type,
+                                               bias_downsample=bias_downsample)
+        state = _read_state_dict(weights_path, "MedicalNet weights", MEDICALNET_FIX)
+        state = {k: v for k, v in state.items() if not k.startswith(("conv_seg.", "fc."))}
+        own = net.state_dict()
+        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in state if k not in own]
+        shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            detail = "; ".join(f"{what} {keys[:2]}" for what, keys in
+                               (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys)
+            raise MeduetConfigError(f"MedicalNet weights '{weights_path}' do not fit resnet{depth} ({detail}); pass "
+                                    f"the depth the file was trained with")
+        net.load_state_dict(state, strict=False)  # strict on the backbone by the checks above
+        self.net = net.to(device).eval().requires_grad_(False)
+        self.depth, self.normalize, self.batch_size = depth, normalize, max(1, int(batch_size))
+        self.device = torch.device(device)
+        self.weights_path = str(weights_path)
+        self.name = f"medicalnet-resnet{depth}"
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.net.in_planes)  # channels of layer4's output = pooled feature size
+
+    def _prepare(self, v: torch.Tensor) -> torch.Tensor:
+        if v.shape[0] != 1:
+            raise MeduetInputError(f"MedicalNet takes single-channel images, got {v.shape[0]} channels")
+        v = v.float()
+        if self.normalize == "zscore":
+            v = (v - v.mean()) / v.std().clamp_min(1e-6)
+        return v
+
+    @torch.no_grad()
+    def forward(self, x: Volumes) -> torch.Tensor:
+        images = [self._prepare(v) for v in _as_list(x, "image")]
+        self.net.eval()
+        out = []
+        i = 0
+        while i < len(images):
+            # volumes of one size go through together
+            j = i + 1
+            while j < len(images) and j - i < self.batch_size and images[j].shape == images[i].shape:
+                j += 1
+            out.append(self.net(torch.stack(images[i:j]).to(self.device)).float().cpu())
+            i = j
+        return torch.cat(out)
+
+
+def build_feature_extractor(kind: str = "auto", *, weights_path: str | Path | None = None, depth: int = 10,
+                            pretrain_ckpt: str | Path | None = None, encoder: nn.Module | None = None,
+                            latent_scale_factor: float | None = None, crop: Sequence[int] | int | None = None,
+                            inputs: str = "raw", device: str | torch.device = "cpu") -> FeatureExtractor:
+    """The feature extractor of ``kind``:
+
+    * ``"medicalnet"``: ``MedicalNetFeatures(weights_path, depth)`` (image space);
+    * ``"encoder"``: ``EncoderFeatures(encoder or pretrain_ckpt, latent_scale_factor, crop, inputs)`` (latent space);
+    * ``"auto"``: ``"medicalnet"`` when ``weights_path`` is given, else ``"encoder"`` (the issue's default).
+    """
+    if kind == "auto":
+        kind = "medicalnet" if weights_path not in (None, "") else "encoder"
+    if kind == "medicalnet":
+        return MedicalNetFeatures(weights_path, depth=depth, device=device)
+    if kind == "encoder":
+        source = encoder if encoder is not None else pretrain_ckpt
+        if source is None:
+            raise MeduetConfigError("encoder features need pretrain_ckpt (meduet_pretrain's models/model.pt) or an "
+                                    "encoder network")
+        return EncoderFeatures(source, latent_scale_factor=latent_scale_factor, crop=crop, inputs=inputs,
+                               device=device)
+    raise MeduetConfigError(f"unknown feature extractor {kind!r}; use 'auto', 'encoder' or 'medicalnet'")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------------------------------
+def _features(x: torch.Tensor, what: str, min_n: int = 2) -> torch.Tensor:
+    x = x.as_tensor() if hasattr(x, "as_tensor") else x
+    x = torch.as_tensor(x).detach().cpu()
+    if x.ndim < 2 or x.shape[0] < min_n:
+        raise MeduetInputError(f"{what} needs at least {min_n} samples as (N, F), got shape {tuple(x.shape)}")
+    x = x.reshape(x.shape[0], -1).double()
+    if not torch.isfinite(x).all():
+        raise MeduetInputError(f"{what} has NaN/Inf values")
+    return x
+
+
+def fid(real_feats: torch.Tensor, fake_feats: torch.Tensor, ridge: float = 1e-6) -> float:
+    """Frechet distance between the Gaussians fitted to ``real_feats (N, F)`` and ``fake_feats (M, F)``.
+
+    MONAI's ``compute_frechet_distance`` (the formula of ``FIDMetric``) on the sample means and covariances, with
+    ``ridge * mean(diag)`` added to both covariances so that ``N, M < F`` stays finite and real (see module doc);
+    ``ridge=0`` is ``FIDMetric`` exactly. Symmetric in its arguments; clamped at 0. Needs ``N, M >= 2``.
+    """
+    real, fake = _features(real_feats, "FID real features"), _features(fake_feats, "FID fake features")
+    if real.shape[1] != fake.shape[1]:
+        raise MeduetInputError(f"FID features differ in size: {real.shape[1]} vs {fake.shape[1]}")
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    cov_r, cov_f = torch.cov(real.T).reshape(real.shape[1], -1), torch.cov(fake.T).reshape(fake.shape[1], -1)
+    if ridge > 0:
+        scale = 0.5 * (cov_r.diagonal().mean() + cov_f.diagonal().mean()).clamp_min(1e-12)
+        eye = torch.eye(real.shape[1], dtype=real.dtype) * (ridge * scale)
+        cov_r, cov_f = cov_r + eye, cov_f + eye
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*disp.*deprecated", category=DeprecationWarning)
+        value = compute_frechet_distance(mu_f, cov_f, mu_r, cov_r)
+    return max(0.0, float(value.real if torch.is_complex(value) else value))
+
+
+def _rff_mapping(dim: int, bandwidth: float, num_features: int, seed: int):
+    """``x (N, dim) -> sqrt(2/K) cos(x W / bandwidth + b) (N, K)``: random Fourier features whose dot products
+    approximate the Gaussian kernel ``exp(-|x - y|^2 / (2 bandwidth^2))`` (Rahimi & Recht, 2007)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, num_features, generator=g, dtype=torch.float64) / bandwidth
+    b = torch.rand(num_features, generator=g, dtype=torch.float64) * (2 * math.pi)
+
+    def mapping(x: torch.Tensor) -> torch.Tensor:
+        return math.sqrt(2.0 / num_features) * torch.cos(x.reshape(x.shape[0], -1).double() @ w + b)
+
+    return mapping
+
+
+def mmd(real: torch.Tensor, fake: torch.Tensor, kernel: str = "rbf", bandwidth: float | None = None,
+        num_features: int = 2048, seed: int = 0) -> float:
+    """Unbiased squared maximum mean discrepancy (MONAI ``MMDMetric``) between two samples.
+
+    ``real (N, ...)``, ``fake (M, ...)``: feature vectors ``(N, F)`` (what ``generation_report`` passes) or
+    volumes ``(N, C, H, W, D)`` (flattened per sample). The larger set is cut to ``min(N, M)`` (MONAI needs equal
+    counts, >= 2). ``kernel="rbf"``: Gaussian kernel through a random Fourier feature ``y_mapping`` with
+    ``num_features`` features (``seed`` fixes them) and ``bandwidth`` (default: median pairwise distance of the
+    pooled samples); it costs ``F * num_features`` memory, so use it on features, not on large flattened volumes.
+    ``kernel="linear"``: MONAI's dot product (compares means only). ~0 for one distribution (may be slightly
+    negative), larger for different ones.
+    """
+    r, f = _features(real, "MMD real sample"), _features(fake, "MMD fake sample")
+    if r.shape[1] != f.shape[1]:
+        raise MeduetInputError(f"MMD samples differ in size: {r.shape[1]} vs {f.shape[1]} values per sample")
+    n = min(r.shape[0], f.shape[0])
+    r, f = r[:n], f[:n]
+    if kernel == "linear":
+        mapping = None
+    elif kernel == "rbf":
+        if bandwidth is None:
+            pooled = torch.cat([r, f])
+            d = torch.cdist(pooled, pooled)
+            iu = torch.triu_indices(len(pooled), len(pooled), offset=1)
+            bandwidth = float(d[iu[0], iu[1]].median())
+            if not bandwidth > 0:
+                bandwidth = 1.0
+        mapping = _rff_mapping(r.shape[1], float(bandwidth), int(num_features), seed)
+    else:
+        raise ValueError(f"kernel must be 'rbf' or 'linear', got {kernel!r}")
+    return float(MMDMetric(y_mapping=mapping)(r, f))
+
+
+def ms_ssim_settings(spatial_shape: Sequence[int]) -> dict[str, Any]:
+    """MS-SSIM window and scale weights for volumes of ``spatial_shape``: 3 scales with a 7^3 window when the
+    volume allows it (min side >= 28), else smaller windows (5, 3), then fewer scales (2, 1 = plain SSIM).
+
+    A setting fits when the coarsest scale holds the window (``side // 2^(L-1) >= k``) and MONAI's own size check
+    passes (``side // max(1, L-1)^2 > k - 1``). Returns ``{"kernel_size": k, "weights": [...], "scales": L}``
+    (the first ``L`` of Wang et al.'s weights, renormalised to sum 1).
+    """
+    side = int(min(spatial_shape))
+    for scales in (3, 2, 1):
+        for k in (7, 5, 3):
+            if side // 2 ** (scales - 1) >= k and side // max(1, scales - 1) ** 2 > k - 1:
+                w = torch.tensor(_MS_SSIM_WEIGHTS[:scales], dtype=torch.float64)
+                return {"kernel_size": k, "weights": (w / w.sum()).tolist(), "scales": scales}
+    raise MeduetInputError(f"volumes of shape {tuple(spatial_shape)} are too small for MS-SSIM (min side >= 3)")
+
+
+def _common_crop(items: list[torch.Tensor]) -> torch.Tensor:
+    """Stack ``(C, ...)`` volumes, centre-cropping them to their common (smallest) spatial shape if they differ."""
+    shape = [min(int(v.shape[d]) for v in items) for d in range(1, items[0].ndim)]
+    out = []
+    for v in items:
+        idx = [slice(None)] + [slice((int(s) - t) // 2, (int(s) - t) // 2 + t) for s, t in zip(v.shape[1:], shape)]
+        out.append(v[tuple(idx)])
+    return torch.stack(out)
+
+
+def ms_ssim_diversity(volumes: Volumes, data_range: float | None = None, kernel_size: int | None = None,
+                      weights: Sequence[float] | None = None, kernel_sigma: float = 1.5, max_pairs: int | None = 256,
+                      seed: int = 0, chunk: int = 16) -> float:
+    """Mean MS-SSIM over distinct pairs of ``volumes (N, C, H, W, D)`` (N >= 2; a sequence of ``(C, H, W, D)`` of
+    different sizes is centre-cropped to the common shape). Lower = more diverse; identical volumes give 1.
+
+    MONAI ``MultiScaleSSIMMetric`` with ``kernel_size``/``weights`` from ``ms_ssim_settings`` unless given.
+    ``data_range``: the intensity range (1.0 for images in [0, 1]); default ``max - min`` over all volumes (pass the
+    real set's range to compare real and generated diversity on one scale). With more than ``max_pairs`` pairs a
+    random subset (``seed``) is scored; ``chunk`` pairs go through MONAI at a time.
+    """
+    vols = _common_crop(_as_list(volumes, "volume")).float()
+    n = vols.shape[0]
+    if n < 2:
+        raise MeduetInputError("MS-SSIM diversity needs at least 2 volumes")
+    if not torch.isfinite(vols).all():
+        raise MeduetInputError("MS-SSIM diversity: volumes have NaN/Inf values")
+    auto = ms_ssim_settings(vols.shape[2:])
+    kernel_size = auto["kernel_size"] if kernel_size is None else int(kernel_size)
+    weights = auto["weights"] if weights is None else list(weights)
+    if data_range is None:
+        data_range = float(vols.max() - vols.min()) or 1.0
+    i, j = torch.triu_indices(n, n, offset=1)
+    if max_pairs is not None and len(i) > max_pairs:
+        keep = torch.randperm(len(i), generator=torch.Generator().manual_seed(seed))[:max_pairs].sort().values
+        i, j = i[keep], j[keep]
+    metric = MultiScaleSSIMMetric(spatial_dims=vols.ndim - 2, data_range=float(data_range), kernel_size=kernel_size,
+                                  kernel_sigma=kernel_sigma, weights=weights, reduction="mean")
+    for s in range(0, len(i), max(1, int(chunk))):
+        metric(y_pred=vols[i[s: s + chunk]], y=vols[j[s: s + chunk]])
+    return float(metric.aggregate())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------------------------
+def generation_report(real_latents: Volumes, fake_latents: Volumes, extractor: FeatureExtractor,
+                      real_images: Volumes | None = None, fake_images: Volumes | None = None,
+                      mmd_kwargs: Mapping[str, Any] | None = None,
+                      ms_ssim_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """FID, MMD and MS-SSIM diversity of generated vs real volumes, as a JSON-able dict.
+
+    Args:
+        real_latents, fake_latents: ``(N, C, S1, S2, S3)`` / ``(M, C, ...)`` latents (or sequences of
+            ``(C, ...)``), in the space ``extractor`` expects (``EncoderFeatures.inputs``).
+        extractor: a ``FeatureExtractor``; one with ``space == "image"`` needs ``real_images`` and ``fake_images``
+            (what the VAE decodes, ``(N, 1, H, W, D)``).
+        real_images, fake_images: decoded volumes; when both are given, diversity is measured on them, else on the
+            latents.
+        mmd_kwargs, ms_ssim_kwargs: passed to ``mmd`` / ``ms_ssim_diversity``.
+
+    Returns ``{"fid", "fid_features" (extractor.name), "feature_dim", "mmd", "mmd_kernel",
+    "ms_ssim_diversity_fake", "ms_ssim_diversity_real", "ms_ssim_space" ("image"/"latent"), "ms_ssim_kernel_size",
+    "ms_ssim_weights", "n_real", "n_fake"}``. Diversity uses the real set's intensity range for both sets.
+    """
+    have_images = real_images is not None and fake_images is not None
+    if extractor.space == "image":
+        if not have_images:
+            raise MeduetConfigError(f"{extractor.name} features are computed on images: pass real_images and "
+                                    "fake_images (the VAE's decodings)")
+        real_in, fake_in = real_images, fake_images
+    else:
+        real_in, fake_in = real_latents, fake_latents
+    real_f, fake_f = extractor(real_in), extractor(fake_in)
+    mmd_kwargs = dict(mmd_kwargs or {})
+    report: dict[str, Any] = {
+        "fid": fid(real_f, fake_f),
+        "fid_features": extractor.name,
+        "feature_dim": int(real_f.shape[1]),
+        "mmd": mmd(real_f, fake_f, **mmd_kwargs),
+        "mmd_kernel": mmd_kwargs.get("kernel", "rbf"),
+    }
+    space = "image" if have_images else "latent"
+    real_v = _common_crop(_as_list(real_images if have_images else real_latents, "volume")).float()
+    fake_v = _common_crop(_as_list(fake_images if have_images else fake_latents, "volume")).float()
+    kw = dict(ms_ssim_kwargs or {})
+    kw.setdefault("data_range", float(real_v.max() - real_v.min()) or 1.0)
+    settings = ms_ssim_settings([min(a, b) for a, b in zip(real_v.shape[2:], fake_v.shape[2:])])
+    kw.setdefault("kernel_size", settings["kernel_size"])
+    kw.setdefault("weights", settings["weights"])
+    report.update({
+        "ms_ssim_diversity_fake": ms_ssim_diversity(fake_v, **kw),
+        "ms_ssim_diversity_real": ms_ssim_diversity(real_v, **kw),
+        "ms_ssim_space": space,
+        "ms_ssim_kernel_size": int(kw["kernel_size"]),
+        "ms_ssim_weights": [float(w) for w in kw["weights"]],
+        "n_real": len(_as_list(real_in, "volume")),
+        "n_fake": len(_as_list(fake_in, "volume")),
+    })
+    return report
