@@ -145,3 +145,11 @@ def test_fast_norm_computes_maisis_function():
         fast.load_state_dict(maisi.state_dict())
         x = torch.rand(1, 1, 16, 16, 16)
         assert torch.allclose(maisi.reconstruct(x), fast.reconstruct(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("side", [40, 88, 100])
+def test_ms_ssim_scales_fit_monai_size_check(side):
+    """Volumes whose side passes the halving rule but not MONAI's own check (side // (L-1)^2 > k-1) used to fail."""
+    x = torch.rand(1, 1, side, side, side)
+    m = reconstruction_metrics((x * 0.9 + 0.05), x)
+    assert 1 <= m["ms_ssim_scales"] <= 5 and 0 < m["ms_ssim"] <= 1

@@ -185,7 +185,8 @@ def stage_diffusion(d: Demo) -> None:
     d.run("meduet_diffusion: style transfer (content of A, style of B) on the test split",
           bundle_cmd("meduet_diffusion", "transfer", d.preset, output_dir=str(out / "transfer"), pairs=2))
     d.run("meduet_diffusion: evaluate (FID proxy, MMD, MS-SSIM diversity, validation loss)",
-          bundle_cmd("meduet_diffusion", "evaluate", d.preset, output_dir=str(out), num_per_site=2))
+          bundle_cmd("meduet_diffusion", "evaluate", d.preset, output_dir=str(out), num_per_site=2,
+                     max_real=12))
     m = json.loads((out / "metrics.json").read_text())
     t = json.loads((out / "transfer" / "transfer.json").read_text())
     curve = [json.loads(x) for x in (REPO / "bundles/meduet_diffusion/runs/val_loss.jsonl").read_text().splitlines()]

@@ -423,7 +423,7 @@ def evaluate_generation(model_ckpt: str, vae_ckpt: str, real_items: Sequence[Map
                         prior_ckpt: str | None = None, features: str = "auto", medicalnet_weights: str | None = None,
                         medicalnet_depth: int = 10, num_per_site: int = 4, sampler: str | None = None,
                         num_steps: int | None = None, guidance_scale: float = 1.5, seed: int = 0,
-                        device: str | torch.device = "cpu") -> dict[str, Any]:
+                        max_real: int | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Generation quality of the EMA generator -> ``<output_dir>/metrics.json`` and ``real_vs_generated.png``.
 
     * FID and MMD between features of real latents (``real_items``, centre crops of the training crop size) and
@@ -457,6 +457,9 @@ def evaluate_generation(model_ckpt: str, vae_ckpt: str, real_items: Sequence[Map
         prior = load_factor_prior(prior_ckpt, device)
     if not real_items:
         raise MeduetConfigError("evaluate needs real latents (the `real_split` of the latent datalist is empty)")
+    if max_real:  # an even spread over the split (items are usually ordered by subject and site)
+        idx = np.linspace(0, len(real_items) - 1, min(int(max_real), len(real_items))).round().astype(int)
+        real_items = [real_items[i] for i in sorted(set(idx.tolist()))]
     real = torch.stack([center_crop_or_pad(load_latent(it["latent"]), crop) for it in real_items]).float()
     groups = ["all"] if condition == "none" else list(rec["domains"])
     gen = torch.Generator(device=device).manual_seed(int(seed))

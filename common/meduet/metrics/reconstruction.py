@@ -22,10 +22,14 @@ def reconstruction_metrics(pred: torch.Tensor, target: torch.Tensor, data_range:
     ssim = SSIMMetric(spatial_dims=3, data_range=data_range)(pred, target).mean().item()
     min_side = min(pred.shape[2:])
     # each MS-SSIM scale halves the volume; the kernel (size 11 by default) must fit the coarsest one
+    # and MONAI's own size check (side // (scales - 1)^2 > kernel - 1) must pass as well
+    def fits(scales: int, kernel: int) -> bool:
+        return min_side // 2 ** (scales - 1) >= kernel and min_side // max(1, scales - 1) ** 2 > kernel - 1
+
     scales, kernel = 5, 11
-    while scales > 1 and min_side // 2 ** (scales - 1) < kernel:
+    while scales > 1 and not fits(scales, kernel):
         scales -= 1
-    while kernel > 3 and min_side // 2 ** (scales - 1) < kernel:
+    while kernel > 3 and not fits(scales, kernel):
         kernel -= 2
     weights = torch.tensor([0.0448, 0.2856, 0.3001, 0.2363, 0.1333][:scales])
     weights = (weights / weights.sum()).tolist()
