@@ -70,9 +70,12 @@ def test_resume_continues_from_the_last_epoch(sit_factors, tiny_latents, tiny_pr
 @pytest.mark.parametrize("objective,condition", [("ddpm", "metadata")])  # rflow/none: tests/test_dit.py
 def test_other_objectives_and_conditions_train_and_sample(objective, condition, tiny_latents, tiny_pretrain,
                                                           tiny_vae, tmp_path):
-    _train(tmp_path, tiny_latents, tiny_pretrain, "--objective_name", objective, "--condition", condition)
+    # metadata = the site plus the items' voxel spacing (3 numbers)
+    _train(tmp_path, tiny_latents, tiny_pretrain, "--objective_name", objective, "--condition", condition,
+           "--metadata_keys", "['spacing']")
     net = load_dit(tmp_path / "models/model.pt")
     assert net.meta["objective"]["objective"] == objective and net.arch["condition"] == condition
+    assert net.arch["num_metadata_scalars"] == 3 and len(net.meta["metadata_mean"]) == 3
     assert not (tmp_path / "models/factor_prior.pt").exists()  # the prior is for the factors condition only
     out = tmp_path / "samples"
     bundle_run("meduet_diffusion", "sample", "--bundle_root", str(tmp_path), "--vae_ckpt",

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
@@ -58,7 +59,7 @@ def diffusion_items(latent_datalist: str, split: str, metadata_keys: Sequence[st
 
     items = read_latent_datalist(latent_datalist, split)
     if metadata_keys:
-        items = [{**it, "metadata": metadata_vector(it, metadata_keys)} for it in items]
+        items = [{**it, "metadata": np.asarray(metadata_vector(it, metadata_keys), dtype=np.float32)} for it in items]
     return items
 
 
@@ -127,7 +128,10 @@ class Conditioner(nn.Module):
             raise MeduetConfigError("condition 'metadata' needs each item's domain_index (a latent datalist item)")
         cond = {"domain": torch.as_tensor(batch["domain_index"]).long().view(-1).to(x.device)}
         if self.metadata_keys:
-            cond["metadata"] = torch.as_tensor(batch["metadata"]).float().view(x.shape[0], -1).to(x.device)
+            meta = batch["metadata"]
+            if isinstance(meta, (list, tuple)):  # collated per position: B-vectors -> (B, k)
+                meta = torch.stack([torch.as_tensor(m) for m in meta], dim=1)
+            cond["metadata"] = torch.as_tensor(meta).float().view(x.shape[0], -1).to(x.device)
         return cond
 
 
@@ -163,6 +167,13 @@ def diffusion_record(latents: Mapping[str, Any], crop_size: Sequence[int], objec
         extra["pretrain_ckpt"] = str(pretrain_ckpt)
         extra["pretrain_crop"] = list(conditioner.crop)
         extra["pretrain_kind"] = getattr(conditioner.encoder, "kind", "")
+    if conditioner.metadata_keys:  # per-site means of the metadata, so sampling a site needs no reference item
+        by_site: dict[str, list[list[float]]] = {}
+        for it in latents.get("training") or []:
+            by_site.setdefault(str(it.get("domain")), []).append(metadata_vector(it, conditioner.metadata_keys))
+        every = [v for vs in by_site.values() for v in vs]
+        extra["metadata_by_site"] = {s: [float(x) for x in torch.tensor(vs).mean(0)] for s, vs in by_site.items()}
+        extra["metadata_mean"] = [float(x) for x in torch.tensor(every).mean(0)] if every else []
     for key in ("labels", "heldout_domains", "downsample_factor"):
         if key in latents:
             extra[key] = latents[key]

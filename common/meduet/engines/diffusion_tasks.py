@@ -114,10 +114,10 @@ def _generate(net, objective: DiffusionObjective, rec: Mapping[str, Any], group:
     domains = list(rec.get("domains") or [])
     cond: dict[str, torch.Tensor] | None = None
     if condition == "metadata":
-        if rec.get("metadata_keys"):
-            raise MeduetConfigError("sampling a generator with metadata_keys needs those values: use "
-                                    "transfer.yaml or condition on the site only")
         cond = {"domain": torch.full((n,), domains.index(group), dtype=torch.long, device=device)}
+        if rec.get("metadata_keys"):  # the site's mean metadata (e.g. spacing) over the training items
+            values = (rec.get("metadata_by_site") or {}).get(group) or rec.get("metadata_mean")
+            cond["metadata"] = torch.tensor(values, dtype=torch.float32, device=device).expand(n, -1)
     elif condition == "factors":
         if prior is not None:
             content, style = prior.sample(n, domain=domains.index(group) if prior.arch.get("num_domains") else None,
@@ -346,6 +346,12 @@ def style_transfer(model_ckpt: str, vae_ckpt: str, items: Sequence[Mapping[str, 
         else:
             cond_a = {"domain": torch.tensor([domains.index(a_item["domain"])], device=device)}
             cond_b = {"domain": torch.tensor([domains.index(b_item["domain"])], device=device)}
+            keys = rec.get("metadata_keys") or []
+            if keys:  # A's own facts; B's for the target (the scanner/protocol facts go with the style)
+                from meduet.engines.diffusion import metadata_vector
+
+                cond_a["metadata"] = torch.tensor([metadata_vector(a_item, keys)], device=device)
+                cond_b["metadata"] = torch.tensor([metadata_vector(b_item, keys)], device=device)
         if objective.objective == "rflow":
             noise = invert_latents(net, xa, cond_a, objective, num_steps=num_steps, guidance_scale=1.0)
             z_rec = sample_latents(net, list(xa.shape), cond_a, objective, num_steps=num_steps,
