@@ -1,0 +1,467 @@
+#!/usr/bin/env python
+"""meduet_diffusion convergence study: DiT (objective ddpm) and SiT (objective rflow), each trained with no
+condition, with metadata (the site) and with MeDUET factors, same preset, seed and number of steps (CPU).
+
+    .venv/bin/python bench/diffusion_convergence.py                      # demo preset, all 6 runs
+    .venv/bin/python bench/diffusion_convergence.py --epochs 20 --eval-every 5 --objectives rflow --conditions none,factors
+
+Every run is meduet_diffusion's own training workflow (configs/train.yaml + configs/presets/<preset>.yaml, parsed
+in this process with MONAI's ``ConfigParser``; overrides: ``bundle_root`` = ``<out>/<objective>_<condition>``,
+``resume`` false, ``objective_name``, ``condition``, ``max_epochs``, ``val_interval`` = ``--eval-every``). The
+factor prior is not fitted (not needed here). An extra ignite handler at EPOCH_COMPLETED records, for the EMA
+generator:
+
+* every ``--eval-every`` epochs, at step 0 and at the last epoch: the validation loss of the config's
+  ``ValidationLoss`` handler (fixed validation crops, noise and timesteps; the same numbers it appends to
+  ``runs/val_loss.jsonl``; step 0 computed by the same handler before training);
+* every ``--fid-every`` epochs, at step 0 and at the last epoch: an FID proxy: ``--samples`` latents sampled with a fixed seed (``rflow`` Euler ``--rflow-steps`` / DDIM
+  ``--ddim-steps``, guidance ``--guidance``) and the real test latents of the sites seen in training
+  (``--real-sites seen``; centre crops of the training crop), both through meduet_pretrain's frozen encoder
+  (``EncoderFeatures``: pooled content + style), Frechet distance (``meduet.metrics.generation.fid``). The
+  conditions of the generated latents are those of the real reference latents, one per reference (cycled):
+  nothing (none), the reference's site (metadata), the reference's own pooled factors (factors: the prior is only
+  fitted after training). NB: the factors condition therefore hands the generator the very statistics the proxy
+  measures; the script also reports, at the end of each factors run, the proxy with the factors of the
+  *training* latents instead (``fid_proxy_train_factors``), and the real-vs-real floor (training vs test crops).
+
+The evaluation runs under ``torch.random.fork_rng``, so training follows the same random trajectory whatever
+``--eval-every`` is (the encoder features run with ``--feature-threads``, default 1). Then, per objective and metric, the first step at which each condition's curve reaches
+(<=) the unconditional run's final value, linearly interpolated between evaluations (``None`` when never
+reached), and the ratio to the unconditional run's own first step at that value (the same rule applied to its
+own curve, which can be before its last step when the curve is not monotone).
+
+Writes ``<out>.json`` (every number, the command), ``<out>.png`` (2x2: val loss and FID proxy vs step, one column
+per objective, one line per condition) and prints markdown tables. ``--reuse`` loads runs whose
+``<out>/<run>/curve.json`` matches the settings instead of training them again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "common"))
+
+CONFIG = "bundles/meduet_diffusion/configs/train.yaml"
+OBJECTIVES = ("ddpm", "rflow")
+CONDITIONS = ("none", "metadata", "factors")
+LABEL = {"ddpm": "DiT (ddpm)", "rflow": "SiT (rflow)"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# shared helpers (also used by bench/diffusion_sampling.py)
+# ------------------------------------------------------------------------------------------------------------------
+def make_parser(preset: str, overrides: dict):
+    """meduet_diffusion's train.yaml + preset, with ``overrides`` (``#``-keys allowed)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(REPO / CONFIG), str(REPO / f"bundles/meduet_diffusion/configs/presets/{preset}.yaml")])
+    for k, v in overrides.items():
+        parser[k] = v
+    return parser
+
+
+def reference_items(latent_datalist: str, split: str, real_sites: str) -> list[dict]:
+    """The real latents the FID proxy compares with: ``split``'s items, only the sites seen in training unless
+    ``real_sites == "all"``."""
+    from meduet.engines.diffusion import diffusion_items
+    from meduet.engines.pretrain import read_latent_datalist
+
+    items = diffusion_items(latent_datalist, split)
+    if real_sites == "all":
+        return items
+    seen = {it["domain"] for it in read_latent_datalist(latent_datalist, "training")}
+    return [it for it in items if it["domain"] in seen]
+
+
+def crops(items: list[dict], crop: list[int]):
+    """Raw (unscaled) centre crops ``(N, C, *crop)`` of the items' latents."""
+    import torch
+
+    from meduet.engines.diffusion import center_crop_or_pad
+    from meduet.engines.pretrain_tasks import load_latent
+
+    return torch.stack([center_crop_or_pad(load_latent(it["latent"]), crop) for it in items]).float()
+
+
+def conditions_for(condition: str, conditioner, items: list[dict], n: int, crop: list[int], scale: float):
+    """The ``cond`` dict for ``n`` generated latents, one per reference item (cycled): None / sites / factors."""
+    import torch
+
+    refs = [items[i % len(items)] for i in range(n)]
+    if condition == "none":
+        return None
+    if condition == "metadata":
+        return {"domain": torch.tensor([int(it["domain_index"]) for it in refs], dtype=torch.long)}
+    with torch.no_grad():
+        return {k: v.detach().cpu() for k, v in conditioner.factors(crops(refs, crop) * scale).items()}
+
+
+class FidProxy:
+    """FID proxy of a generator against fixed real features (see the module docstring)."""
+
+    def __init__(self, extractor, real_raw, scale: float, crop: list[int], objective, sampler: str, steps: int,
+                 guidance: float, seed: int, batch: int = 24, feature_threads: int = 1) -> None:
+        self.extractor, self.scale, self.crop = extractor, float(scale), list(crop)
+        self.feature_threads = int(feature_threads)
+        self.objective, self.sampler, self.steps = objective, sampler, int(steps)
+        self.guidance, self.seed, self.batch = float(guidance), int(seed), int(batch)
+        with single_thread(self.feature_threads):
+            self.real_feats = extractor(real_raw)
+
+    def generate(self, net, cond, n: int):
+        import torch
+
+        from meduet.engines.sampling import sample_latents
+
+        gen = torch.Generator().manual_seed(self.seed)
+        out = []
+        for s in range(0, n, self.batch):
+            m = min(self.batch, n - s)
+            c = None if cond is None else {k: v[s:s + m] for k, v in cond.items()}
+            out.append(sample_latents(net, [m, int(net.arch["in_channels"]), *self.crop], c, self.objective,
+                                      sampler=self.sampler, num_steps=self.steps,
+                                      guidance_scale=self.guidance if c is not None else 1.0, generator=gen))
+        return torch.cat(out)
+
+    def score(self, fake_scaled) -> dict:
+        from meduet.metrics.generation import fid
+
+        raw = fake_scaled.detach().cpu().float() / self.scale
+        with single_thread(self.feature_threads):
+            feats = self.extractor(raw)
+        return {"fid_proxy": fid(self.real_feats, feats), "gen_std": float(raw.std()), "gen_mean": float(raw.mean())}
+
+
+def first_reach(steps: list[float], values: list[float | None], target: float) -> float | None:
+    """First step at which the curve is <= ``target``, linear interpolation between evaluations (points without a
+    value are skipped)."""
+    pts = [(s, v) for s, v in zip(steps, values) if v is not None and math.isfinite(v)]
+    for k, (s, v) in enumerate(pts):
+        if v <= target:
+            if k == 0:
+                return float(s)
+            s0, v0 = pts[k - 1]
+            return float(s0 + (v0 - target) / (v0 - v) * (s - s0)) if v0 != v else float(s)
+    return None
+
+
+class single_thread:
+    """Run a block with ``torch.set_num_threads(n)`` (the encoder's many tiny window passes are several times faster
+    single-threaded on the shared machine: measured 0.07 vs 0.3-2.2 s per latent under load), then restore."""
+
+    def __init__(self, n: int = 1) -> None:
+        self.n = n
+
+    def __enter__(self):
+        import torch
+
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.old)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one training run
+# ------------------------------------------------------------------------------------------------------------------
+def train_run(objective_name: str, condition: str, args, root: Path, settings: dict) -> dict:
+    import torch
+    from ignite.engine import Events
+    from monai.utils import set_determinism
+
+    from meduet.engines.diffusion import ValidationLoss
+    from meduet.metrics.generation import EncoderFeatures
+
+    overrides = {"bundle_root": str(root), "resume": False, "objective_name": objective_name,
+                 "condition": condition, "val_interval": args.eval_every, "max_epochs": settings["epochs"],
+                 "seed": args.seed}
+    parser = make_parser(args.preset, overrides)
+    seed = int(parser.get_parsed_content("seed"))
+    set_determinism(seed=seed)  # as the bundle's `training` list: before the network is built
+    trainer = parser.get_parsed_content("train#trainer")
+    ema = parser.get_parsed_content("ema")
+    objective = parser.get_parsed_content("objective")
+    conditioner = parser.get_parsed_content("conditioner")
+    latents = parser.get_parsed_content("latents")
+    crop = [int(c) for c in parser.get_parsed_content("crop_size")]
+    scale = float(latents["latent_scale_factor"])
+    val = next(h for h in parser.get_parsed_content("train#handlers") if isinstance(h, ValidationLoss))
+    dl = parser.get_parsed_content("latent_datalist")
+
+    refs = reference_items(dl, args.real_split, args.real_sites)
+    n = args.samples
+    extractor = EncoderFeatures(str(REPO / parser.get_parsed_content("pretrain_ckpt")), latent_scale_factor=scale,
+                                inputs="raw")
+    sampler = "rflow" if objective_name == "rflow" else "ddim"
+    steps = args.rflow_steps if objective_name == "rflow" else args.ddim_steps
+    proxy = FidProxy(extractor, crops(refs, crop), scale, crop, objective, sampler, steps, args.guidance, seed,
+                     feature_threads=args.feature_threads)
+    cond = conditions_for(condition, conditioner, refs, n, crop, scale)
+
+    rows: list[dict] = []
+    t_eval = [0.0]
+
+    def evaluate(step: int, epoch: int, val_loss: float | None, with_fid: bool) -> None:
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            if val_loss is None:
+                val_loss = val.compute()
+            row = {"step": step, "epoch": epoch, "val_loss": float(val_loss), "fid_proxy": None}
+            if with_fid:
+                row.update(proxy.score(proxy.generate(ema.module, cond, n)))
+        rows.append(row)
+        t_eval[0] += time.perf_counter() - t0
+        if with_fid:
+            print(f"  [{objective_name}/{condition}] step {step:4d} epoch {epoch:3d} val_loss {row['val_loss']:.4f} "
+                  f"fid_proxy {row['fid_proxy']:.3f} ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    def on_epoch(engine) -> None:
+        e, last = int(engine.state.epoch), int(engine.state.epoch) == int(engine.state.max_epochs)
+        if e % args.eval_every and not last:
+            return
+        evaluate(int(engine.state.iteration), e, engine.state.metrics.get("val_loss"),
+                 with_fid=last or e % args.fid_every == 0)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, on_epoch)
+    evaluate(0, 0, None, with_fid=True)
+    t_eval[0] = 0.0  # only evaluations during trainer.run() are taken off its wall time
+    t0 = time.perf_counter()
+    trainer.run()
+    wall = time.perf_counter() - t0
+    total_steps = int(trainer.state.iteration)
+    extra: dict = {}
+    if condition == "factors":
+        train_items = reference_items(dl, "training", "all")
+        with torch.random.fork_rng(devices=[]):
+            c2 = conditions_for(condition, conditioner, train_items, n, crop, scale)
+            extra["fid_proxy_train_factors"] = proxy.score(proxy.generate(ema.module, c2, n))["fid_proxy"]
+    return {"objective": objective_name, "condition": condition, "settings": settings, "rows": rows,
+            "total_steps": total_steps, "steps_per_epoch": total_steps // max(1, settings["epochs"]),
+            "train_wall_s": wall - t_eval[0], "eval_wall_s": t_eval[0],
+            "train_s_per_step": (wall - t_eval[0]) / max(1, total_steps), "num_references": len(refs),
+            "sampler": sampler, "sampler_steps": steps, **extra}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------------------------------
+def summarise(runs: dict) -> dict:
+    out: dict = {}
+    for obj in OBJECTIVES:
+        base = runs.get((obj, "none"))
+        if base is None:
+            continue
+        out[obj] = {}
+        for metric in ("val_loss", "fid_proxy"):
+            bsteps = [r["step"] for r in base["rows"]]
+            bvals = [r[metric] for r in base["rows"]]
+            entry: dict = {"none_total_steps": base["total_steps"]}
+            # the last epoch always has both metrics; "best" is a second target for non-monotone curves
+            for kind, target in (("final", bvals[-1]), ("best", min(v for v in bvals if v is not None))):
+                ref = first_reach(bsteps, bvals, target)
+                per = {}
+                for cond in CONDITIONS:
+                    run = runs.get((obj, cond))
+                    if run is None:
+                        continue
+                    s = first_reach([r["step"] for r in run["rows"]], [r[metric] for r in run["rows"]], target)
+                    per[cond] = {"steps_to_target": s, "final": run["rows"][-1][metric],
+                                 "best": min(r[metric] for r in run["rows"] if r[metric] is not None),
+                                 "ratio_vs_none": (s / ref) if (s is not None and ref) else None}
+                if kind == "final":
+                    entry.update({"target_none_final": target, "none_first_reach": ref, "conditions": per})
+                else:
+                    entry["target_none_best"] = {"target": target, "none_first_reach": ref, "conditions": per}
+            out[obj][metric] = entry
+    return out
+
+
+def fmt(v, nd=3):
+    if v is None:
+        return "never"
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def tables(runs: dict, summary: dict, floor: float | None, real_std: float | None = None) -> str:
+    lines = ["| objective | condition | steps | val loss final (best) | FID proxy final (best) | generated latent std, "
+             "final | train s/step | s/step ratio vs none |", "|---|---|---|---|---|---|---|---|"]
+    for obj in OBJECTIVES:
+        for cond in CONDITIONS:
+            r = runs.get((obj, cond))
+            if r is None:
+                continue
+            vl = [x["val_loss"] for x in r["rows"]]
+            fd = [x["fid_proxy"] for x in r["rows"] if x["fid_proxy"] is not None]
+            base = runs.get((obj, "none"))
+            ratio = r["train_s_per_step"] / base["train_s_per_step"] if base else None
+            lines.append(f"| {LABEL[obj]} | {cond} | {r['total_steps']} | {vl[-1]:.4f} ({min(vl):.4f}) | "
+                         f"{fd[-1]:.3f} ({min(fd):.3f}) | {r['rows'][-1].get('gen_std', float('nan')):.2f} | "
+                         f"{r['train_s_per_step']:.2f} | {fmt(ratio, 2)} |")
+    lines += ["", "Steps to reach the unconditional run's final value (first crossing, linear interpolation between "
+              "evaluations; ratio = steps / the unconditional run's own first crossing):", "",
+              "| objective | metric | target (none, final) | none | metadata | factors | ratio metadata | "
+              "ratio factors |", "|---|---|---|---|---|---|---|---|"]
+    def block(pick) -> None:
+        for obj, per_metric in summary.items():
+            for metric, s in per_metric.items():
+                target, c = pick(s)
+
+                def g(cond, key):
+                    return fmt(c[cond][key], 0 if key == "steps_to_target" else 2) if cond in c else "–"
+
+                lines.append(f"| {LABEL[obj]} | {metric} | {target:.4f} | {g('none', 'steps_to_target')} "
+                             f"| {g('metadata', 'steps_to_target')} | {g('factors', 'steps_to_target')} | "
+                             f"{g('metadata', 'ratio_vs_none')} | {g('factors', 'ratio_vs_none')} |")
+
+    block(lambda s: (s["target_none_final"], s["conditions"]))
+    lines += ["", "The same with the unconditional run's *best* value as the target (differs from the above where "
+              "its curve is not monotone):", "",
+              "| objective | metric | target (none, best) | none | metadata | factors | ratio metadata | "
+              "ratio factors |", "|---|---|---|---|---|---|---|---|"]
+    block(lambda s: (s["target_none_best"]["target"], s["target_none_best"]["conditions"]))
+    extra = [f"{LABEL[o]}: {r['fid_proxy_train_factors']:.3f}" for (o, c), r in runs.items()
+             if "fid_proxy_train_factors" in r]
+    if extra:
+        lines += ["", "Final FID proxy of the factors runs when the factors come from the training latents instead of "
+                  "the reference test latents: " + "; ".join(extra)]
+    if floor is not None:
+        lines += [f"Real-vs-real floor (training crops vs the reference test crops, same features): {floor:.3f}"
+                  + (f"; real reference latent std {real_std:.2f}" if real_std is not None else "")]
+    return "\n".join(lines)
+
+
+def plot(runs: dict, summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objs = [o for o in OBJECTIVES if any(k[0] == o for k in runs)]
+    fig, axes = plt.subplots(2, len(objs), figsize=(6 * len(objs), 8), squeeze=False)
+    colours = {"none": "tab:gray", "metadata": "tab:blue", "factors": "tab:red"}
+    for j, obj in enumerate(objs):
+        for i, (metric, name) in enumerate((("val_loss", "validation loss (EMA)"), ("fid_proxy", "FID proxy"))):
+            ax = axes[i][j]
+            for cond in CONDITIONS:
+                r = runs.get((obj, cond))
+                if r is None:
+                    continue
+                pts = [(x["step"], x[metric]) for x in r["rows"] if x[metric] is not None]
+                ax.plot([a for a, _ in pts], [b for _, b in pts], "o-", ms=3, color=colours[cond], label=cond)
+            s = summary.get(obj, {}).get(metric)
+            if s:
+                ax.axhline(s["target_none_final"], ls="--", lw=0.8, color="k", label="none, final")
+            ax.set_title(f"{LABEL[obj]}: {name}")
+            ax.set_xlabel("training step")
+            ax.set_ylabel(name)
+            if metric == "fid_proxy":
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="demo", choices=["tiny", "demo", "paper"])
+    p.add_argument("--epochs", type=int, default=None, help="default: the preset's max_epochs")
+    p.add_argument("--eval-every", type=int, default=5,
+                   help="epochs between validation-loss evaluations (the config's val_interval)")
+    p.add_argument("--fid-every", type=int, default=10,
+                   help="epochs between FID-proxy evaluations (a multiple of --eval-every; also step 0 and the end)")
+    p.add_argument("--feature-threads", type=int, default=1, help="torch threads for the encoder features")
+    p.add_argument("--objectives", default="ddpm,rflow")
+    p.add_argument("--conditions", default="none,metadata,factors")
+    p.add_argument("--samples", type=int, default=24, help="generated latents per FID-proxy evaluation")
+    p.add_argument("--rflow-steps", type=int, default=20)
+    p.add_argument("--ddim-steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance for conditional runs")
+    p.add_argument("--real-split", default="test")
+    p.add_argument("--real-sites", default="seen", choices=["seen", "all"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reuse", action="store_true", help="load finished runs with the same settings")
+    p.add_argument("--out", default="bench/results/diffusion_convergence")
+    args = p.parse_args(argv)
+    if args.fid_every % args.eval_every:
+        p.error("--fid-every must be a multiple of --eval-every")
+    os.chdir(REPO)
+    os.environ.setdefault("MEDUET_PROGRESS", "0")
+    import torch
+    import yaml
+
+    torch.set_num_threads(args.threads)
+    preset = yaml.safe_load((REPO / f"bundles/meduet_diffusion/configs/presets/{args.preset}.yaml").read_text())
+    epochs = args.epochs or int(preset["max_epochs"])
+    out = Path(args.out)
+    settings = {"preset": args.preset, "epochs": epochs, "eval_every": args.eval_every, "fid_every": args.fid_every,
+                "samples": args.samples,
+                "rflow_steps": args.rflow_steps, "ddim_steps": args.ddim_steps, "guidance": args.guidance,
+                "real_split": args.real_split, "real_sites": args.real_sites, "seed": args.seed}
+    command = ".venv/bin/python bench/diffusion_convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"command: {command}\nsettings: {settings}", flush=True)
+    t_all = time.perf_counter()
+    runs: dict = {}
+    for obj in args.objectives.split(","):
+        for cond in args.conditions.split(","):
+            root = out / f"{obj}_{cond}"
+            cache = root / "curve.json"
+            if args.reuse and cache.is_file():
+                r = json.loads(cache.read_text())
+                if r.get("settings") == settings:
+                    print(f"== {obj} / {cond}: reusing {cache}", flush=True)
+                    runs[(obj, cond)] = r
+                    continue
+            print(f"== {obj} / {cond}", flush=True)
+            r = train_run(obj, cond, args, root, settings)
+            root.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(r, indent=1) + "\n")
+            runs[(obj, cond)] = r
+            print(f"   {r['total_steps']} steps, train {r['train_wall_s']:.0f} s, eval {r['eval_wall_s']:.0f} s",
+                  flush=True)
+
+    # real-vs-real floor of the proxy: training crops vs the reference crops
+    from meduet.engines.pretrain import read_latent_datalist
+    from meduet.metrics.generation import EncoderFeatures, fid
+
+    dl = "bundles/meduet_vae/latents/phantoms/datalist.json"
+    crop = [int(c) for c in preset.get("crop_size", [24, 24, 24])]
+    scale = float(read_latent_datalist(dl)["latent_scale_factor"])
+    ext = EncoderFeatures("bundles/meduet_pretrain/models/model.pt", latent_scale_factor=scale, inputs="raw")
+    refs = reference_items(dl, args.real_split, args.real_sites)
+    with single_thread(args.feature_threads):
+        floor = fid(ext(crops(refs, crop)), ext(crops(reference_items(dl, "training", "all"), crop)))
+
+    real_std = float(crops(refs, crop).std())
+    summary = summarise(runs)
+    title = (f"meduet_diffusion {args.preset}: {epochs} epochs, seed {args.seed}; FID proxy = meduet_pretrain encoder "
+             f"features, {args.samples} generated vs {len(refs)} real test latents")
+    png = out.with_suffix(".png")
+    plot(runs, summary, png, title)
+    md = tables(runs, summary, floor, real_std)
+    result = {"command": command, "settings": settings, "torch": torch.__version__, "threads": args.threads,
+              "wall_s": time.perf_counter() - t_all, "real_vs_real_floor": floor, "real_latent_std": real_std,
+              "num_references": len(refs),
+              "summary": summary, "runs": {f"{o}_{c}": r for (o, c), r in runs.items()}, "markdown": md}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    print("\n" + md)
+    print(f"\nwrote {out.with_suffix('.json')} and {png}; total {result['wall_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
