@@ -242,11 +242,6 @@ class DiffusionTrainer(MeduetTrainer):
         self.conditioner = conditioner
         self.ema = ema
         self.latent_scale_factor = float(latent_scale_factor)
-        self.total_steps = 1
-        self.add_event_handler(Events.STARTED, self._count_steps)
-
-    def _count_steps(self, engine: Trainer) -> None:
-        self.total_steps = max(1, int(engine.state.max_epochs) * int(engine.state.epoch_length or 1))
 
     def _iteration(self, engine: Trainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         x = batchdata["latent"].to(engine.state.device, non_blocking=engine.non_blocking)

@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from ignite.engine import Events
 from monai.engines import Trainer
 from torch.utils.data import DataLoader
 
@@ -89,11 +88,6 @@ class PretrainTrainer(MeduetTrainer):
         self.loss_config = cfg_cls.from_mapping(dict(loss_config or {}))
         self.teacher = teacher
         self.latent_scale_factor = float(latent_scale_factor)
-        self.total_steps = 1
-        self.add_event_handler(Events.STARTED, self._count_steps)
-
-    def _count_steps(self, engine: Trainer) -> None:
-        self.total_steps = max(1, int(engine.state.max_epochs) * int(engine.state.epoch_length or 1))
 
     def _iteration(self, engine: Trainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         x = batchdata["latent"].to(engine.state.device, non_blocking=engine.non_blocking)

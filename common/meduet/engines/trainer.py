@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.engines import Trainer
 from torch.utils.data import DataLoader
 
@@ -60,6 +61,12 @@ class MeduetTrainer(Trainer):
         self.lr_scheduler = lr_scheduler
         self.grad_clip = grad_clip
         self.use_bf16 = bool(amp) and self.state.device.type == "cuda"
+        #: optimiser steps of the whole run (max_epochs x epoch_length), known once the run starts (schedules, EMA)
+        self.total_steps = 1
+        self.add_event_handler(Events.STARTED, self._count_steps)
+
+    def _count_steps(self, engine: Trainer) -> None:
+        self.total_steps = max(1, int(engine.state.max_epochs) * int(engine.state.epoch_length or 1))
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(device_type=self.state.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
