@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[data,test]"
+	$(BIN)/python -m pip install --quiet -e ".[data,test,export,tracking]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -99,6 +99,16 @@ def seg_trained(tmp_path_factory, tiny_data, tiny_vae, tiny_pretrain) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def sit_factors(tmp_path_factory, tiny_latents, tiny_pretrain) -> Path:
+    """meduet_diffusion's bundle root with a SiT (rectified flow) conditioned on the tiny MeDUET's factors, 2 tiny
+    epochs, with its factor prior; shared by the diffusion and packaging tests. Tests must not modify its models/."""
+    root = tmp_path_factory.mktemp("diffusion")
+    bundle_run("meduet_diffusion", "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
+               "--pretrain_ckpt", str(tiny_pretrain / "models/model.pt"), run_id="training")
+    return root
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tiny torch ops on one thread: on a shared 2-core machine, OpenMP contention makes each

@@ -23,14 +23,6 @@ def _train(root: Path, latents: Path, pretrain: Path, *extra: str, check: bool =
                       "--pretrain_ckpt", str(pretrain / "models/model.pt"), *extra, run_id="training", check=check)
 
 
-@pytest.fixture(scope="module")
-def sit_factors(tmp_path_factory, tiny_latents, tiny_pretrain) -> Path:
-    """SiT (rectified flow) conditioned on the tiny MeDUET's factors, 2 tiny epochs, with its factor prior."""
-    root = tmp_path_factory.mktemp("diffusion")
-    _train(root, tiny_latents, tiny_pretrain)
-    return root
-
-
 def test_training_checkpoints_record_validation_and_prior(sit_factors, tiny_latents, tiny_pretrain):
     ckpt = load_checkpoint(sit_factors / "models/checkpoint.pt")
     assert {"model", "ema", "optimizer", "lr_scheduler", "rng"} <= set(ckpt) and ckpt["engine"]["epoch"] == 2

@@ -36,11 +36,25 @@ def find_meduet_error(exc: BaseException | None) -> MeduetError | None:
 
 
 def _excepthook(etype: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
-    err = find_meduet_error(value)
+    err: BaseException | None = find_meduet_error(value)
+    if err is None:
+        err = _failed_meduet_import(value)
     if err is None or os.environ.get("MEDUET_TRACEBACK", "0") not in ("", "0"):
         _previous_hook(etype, value, tb)
         return
     print(f"{type(err).__name__}: {err}", file=sys.stderr)
+
+
+def _failed_meduet_import(exc: BaseException | None) -> BaseException | None:
+    """MONAI's ``optional_import`` turns a failing ``import meduet`` (e.g. a packaged bundle that fails its checksum
+    check) into an ``OptionalImportError`` that only quotes the original message: find it in the chain."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if type(exc).__name__ == "OptionalImportError" and str(exc).startswith("import meduet"):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 _previous_hook = sys.excepthook
