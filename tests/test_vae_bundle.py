@@ -190,13 +190,30 @@ def test_missing_checkpoint_and_bad_input_are_one_line(tmp_path, tiny_data):
     assert not (tmp_path / "b" / "models" / "model.pt").exists()
 
 
-def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
+def test_torchrun_two_processes_gloo(tiny_data, tmp_path, monkeypatch):
+    """multi_gpu_train.yaml: 2 processes (gloo, CPU); the ranks end with identical VAE and discriminator weights."""
+    import os
+
     root = tmp_path / "ddp"
-    launcher = torchrun_launcher(2)
+    dump = tmp_path / "dump_ranks.yaml"  # appended after the bundle's own `training` list: each rank saves its nets
+    dump.write_text("+training:\n  - \"$torch.save({'vae': meduet.engines.checkpoint.unwrap(@network).state_dict(), "
+                    "'disc': meduet.engines.checkpoint.unwrap(@discriminator).state_dict()}, "
+                    "os.path.join(@bundle_root, 'rank' + os.environ['RANK'] + '.pt'))\"\n")
+    cfg_dir = REPO / "bundles" / "meduet_vae" / "configs"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     proc = bundle_run("meduet_vae", "train", "--bundle_root", str(root), "--dataset_dir", str(tiny_data / "phantoms"),
-                      "--max_epochs", "2", run_id="training", extra_configs=("multi_gpu_train",), launcher=launcher)
+                      "--max_epochs", "2", run_id="training", launcher=torchrun_launcher(2),
+                      extra_configs=("multi_gpu_train", os.path.relpath(dump.with_suffix(""), cfg_dir)))
     log = proc.stdout + proc.stderr
     assert "[rank1]" not in log or "Error" not in log
     vae = load_vae(root / "models" / "model.pt")
     assert vae.meta["stage"] == "meduet_vae"
     assert load_checkpoint(root / "models" / "checkpoint.pt")["engine"]["epoch"] == 2
+    ranks = [torch.load(root / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for part in ("vae", "disc"):
+        assert ranks[0][part]
+        for k, v in ranks[0][part].items():
+            if k.endswith("_extra_state"):  # the record rank 0 refreshes when it saves
+                continue
+            assert torch.equal(v, ranks[1][part][k]), f"{part} {k} differs between ranks"
+
