@@ -57,14 +57,24 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
+def mlflow_args(root: Path) -> list[str]:
+    """``--tracking mlflow`` into a file store at ``<root>/mlruns`` (read by tests/test_tracking.py, which is skipped
+    without mlflow, the ``tracking`` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        return []
+    return ["--tracking", "mlflow", "--tracking_dir", (root / "mlruns").as_uri()]
+
+
 @pytest.fixture(scope="session")
 def tiny_vae(tmp_path_factory, tiny_data) -> Path:
     """meduet_vae's bundle root after one tiny training run (3 epochs) and decoder fine-tuning; shared by the VAE
     bundle tests and the downstream stages. Tests must not modify its models/."""
     root = tmp_path_factory.mktemp("vae_bundle")
     data = ["--bundle_root", str(root), "--dataset_dir", str(tiny_data / "phantoms")]
-    bundle_run("meduet_vae", "train", *data, "--max_epochs", "3", run_id="training")
-    bundle_run("meduet_vae", "train_decoder", *data, run_id="training")
+    bundle_run("meduet_vae", "train", *data, "--max_epochs", "3", *mlflow_args(root), run_id="training")
+    bundle_run("meduet_vae", "train_decoder", *data, *mlflow_args(root), run_id="training")
     return root
 
 
@@ -84,7 +94,7 @@ def tiny_pretrain(tmp_path_factory, tiny_latents) -> Path:
     root = tmp_path_factory.mktemp("pretrain")
     for objective in ("meduet", "mae"):
         bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
-                   "--objective", objective, run_id="training")
+                   "--objective", objective, *(mlflow_args(root) if objective == "meduet" else []), run_id="training")
     return root
 
 
@@ -95,7 +105,7 @@ def seg_trained(tmp_path_factory, tiny_data, tiny_vae, tiny_pretrain) -> Path:
     root = tmp_path_factory.mktemp("seg")
     bundle_run("meduet_seg", "train", "--bundle_root", str(root), "--dataset_dir", str(tiny_data / "phantoms"),
                "--vae_ckpt", str(tiny_vae / "models/model.pt"), "--pretrain_ckpt",
-               str(tiny_pretrain / "models/model.pt"), "--label_fraction", "0.5", run_id="training")
+               str(tiny_pretrain / "models/model.pt"), "--label_fraction", "0.5", *mlflow_args(root), run_id="training")
     return root
 
 
@@ -105,7 +115,7 @@ def sit_factors(tmp_path_factory, tiny_latents, tiny_pretrain) -> Path:
     epochs, with its factor prior; shared by the diffusion and packaging tests. Tests must not modify its models/."""
     root = tmp_path_factory.mktemp("diffusion")
     bundle_run("meduet_diffusion", "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
-               "--pretrain_ckpt", str(tiny_pretrain / "models/model.pt"), run_id="training")
+               "--pretrain_ckpt", str(tiny_pretrain / "models/model.pt"), *mlflow_args(root), run_id="training")
     return root
 
 

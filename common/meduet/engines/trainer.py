@@ -19,6 +19,23 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced NaN/Inf; raised before any checkpoint of that state is written."""
 
 
+def _first_of_tuple(transform: Any) -> Any:
+    def wrapped(output: Any) -> Any:
+        value = transform(output)
+        return value[0] if isinstance(value, tuple) and len(value) == 1 else value
+
+    return wrapped
+
+
+def _scalar_tracking_output(handler: Any) -> None:
+    """``--tracking mlflow`` adds MONAI's ``MLFlowHandler`` reading ``from_engine(['loss'], first=True)``, which on
+    our dict outputs (not decollated lists) gives a 1-tuple ``(loss,)``: make it log the loss itself."""
+    from monai.handlers import MLFlowHandler
+
+    if isinstance(handler, MLFlowHandler) and callable(getattr(handler, "output_transform", None)):
+        handler.output_transform = _first_of_tuple(handler.output_transform)
+
+
 class MeduetTrainer(Trainer):
     """Base trainer: subclasses implement ``_iteration`` with ``autocast``, ``check_finite`` and ``optimizer_step``.
 
@@ -64,6 +81,8 @@ class MeduetTrainer(Trainer):
         #: optimiser steps of the whole run (max_epochs x epoch_length), known once the run starts (schedules, EMA)
         self.total_steps = 1
         self.add_event_handler(Events.STARTED, self._count_steps)
+        for handler in train_handlers or ():
+            _scalar_tracking_output(handler)
 
     def _count_steps(self, engine: Trainer) -> None:
         self.total_steps = max(1, int(engine.state.max_epochs) * int(engine.state.epoch_length or 1))
