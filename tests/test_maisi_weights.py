@@ -101,7 +101,8 @@ def test_large_files_yml_is_the_zoo_entry_as_monai_reads_it(monkeypatch):
 def test_paper_preset_is_maisi_ct_autoencoder():
     paper = _vae_config("paper")
     assert paper.get("vae") == WEIGHTS_DEF  # every argument that shapes the parameters, as the zoo has it
-    assert {k: paper.get("vae_runtime")[k] for k in ("num_splits", "dim_split")} == {"num_splits": 8, "dim_split": 1}
+    # the zoo splits 8-fold for 512^3 inference; the paper preset trains on 64^3 crops, which 8 splits cannot take
+    assert {k: paper.get("vae_runtime")[k] for k in ("num_splits", "dim_split")} == {"num_splits": 4, "dim_split": 1}
     assert paper.get("pretrained_ckpt") is None  # starting from MAISI's weights is opt-in
     assert _vae_config().get("vae") == WEIGHTS_DEF  # the base config is the same size
     for small in ("tiny", "demo"):  # the CPU presets shrink the network: MAISI's file does not fit them
@@ -217,15 +218,17 @@ def test_paper_preset_loads_the_file_and_encodes_deterministically(downloaded):
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
-    # 8 x 96 x 8 keeps this quick on CPU; the second axis must stay 96: the paper preset splits convolutions 8-fold
-    # along it (dim_split 1), and MAISI's split convolution needs >= 3 voxels per split at the 1/4-size level
+    # thin along the other axes to stay quick on CPU; the split axis (dim_split 1) has the preset's training crop
+    # size: MAISI's split convolution needs >= 3 voxels per split at the 1/4-size level, which 4 splits of 64 give
     torch.manual_seed(1)
-    x = torch.rand(1, 1, 8, 96, 8)
+    split_len = parser.get_parsed_content("roi_size")[parser.get("vae_runtime")["dim_split"]]
+    assert split_len == 64
+    x = torch.rand(1, 1, 8, split_len, 8)
     with torch.no_grad():
         mu, sigma = vae.encode(x)
         again = vae.encode_mean(x)
         mu_ref, sigma_ref = reference.encode(x)
-    assert mu.shape == sigma.shape == (1, 4, 2, 24, 2)
+    assert mu.shape == sigma.shape == (1, 4, 2, 16, 2)
     assert torch.equal(again, mu)  # the latent mean: no sampling, same input -> same latent
     assert torch.allclose(mu, mu_ref, atol=1e-4, rtol=1e-4)
     assert torch.allclose(sigma, sigma_ref, atol=1e-4, rtol=1e-4)

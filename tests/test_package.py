@@ -116,6 +116,23 @@ def test_wrong_preset_is_refused_and_nothing_is_written(seg_trained, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_files_of_the_bundles_own_large_files_yml_are_not_shipped(tmp_path):
+    """A MAISI autoencoder fetched into meduet_vae/models by download_large_files stays out of the zip; the packaged
+    large_files.yml still points users at its source."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model.pt").write_bytes(b"trained weights")
+    (models / "autoencoder_epoch273.pt").write_bytes(b"MAISI's weights, fetched from its own address")
+    z = package_bundle(REPO / "bundles/meduet_vae", tmp_path / "dist", preset="tiny", models=models, check=False)
+    with zipfile.ZipFile(z) as zf:
+        names = set(zf.namelist())
+        listed = yaml.safe_load(zf.read("meduet_vae/large_files.yml"))["large_files"]
+        manifest = zf.read(f"meduet_vae/{MANIFEST}").decode()
+    assert "meduet_vae/models/model.pt" in names
+    assert "meduet_vae/models/autoencoder_epoch273.pt" not in names and "autoencoder_epoch273" not in manifest
+    assert [e["path"] for e in listed] == ["models/autoencoder_epoch273.pt"]
+
+
 def _download(name: str, url: str, where: Path) -> Path:
     clean("monai.bundle", "download", "--name", name, "--url", url, "--bundle_dir", str(where), cwd=where)
     return where / name

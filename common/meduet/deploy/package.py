@@ -16,7 +16,8 @@ top-level folder ``<name>/`` with:
   they are, so another preset can still be merged on top.
 - ``docs/``, ``LICENSE``, ``scripts/`` and ``large_files.yml`` when the bundle has them;
 - ``models/``: ``model.pt`` and the other exported weights (not ``checkpoint*.pt`` resume states, which carry
-  optimizer state, nor ``*_stage*`` intermediates);
+  optimizer state, nor ``*_stage*`` intermediates, nor files the bundle's own ``large_files.yml`` lists, such as
+  MAISI's downloaded autoencoder: ``download_large_files`` fetches those from their source);
 - ``meduet/``: this library, vendored, so the bundle runs where only the packages its metadata declares are
   installed (MONAI puts the bundle folder on ``sys.path`` for ``monai.bundle run``); it carries
   ``_packaged.json``, which makes it verify the bundle on import (:mod:`meduet.deploy.integrity`);
@@ -90,11 +91,22 @@ def _write_config(cfg: dict, dst: Path, sources: list[str]) -> None:
     dst.write_text(header + yaml.safe_dump(cfg, sort_keys=False, width=118, allow_unicode=True))
 
 
-def _model_files(models: Path) -> list[Path]:
+def _listed_large_files(bundle: Path) -> set[str]:
+    """Paths the bundle's own ``large_files.yml`` already publishes (e.g. MAISI's autoencoder): users fetch them
+    with ``download_large_files`` from their source, so a local copy is not shipped again."""
+    lf = bundle / "large_files.yml"
+    if not lf.is_file():
+        return set()
+    entries = (yaml.safe_load(lf.read_text()) or {}).get("large_files", []) or []
+    return {Path(str(e.get("path", ""))).as_posix().removeprefix("./") for e in entries if isinstance(e, dict)}
+
+
+def _model_files(models: Path, listed: set[str] = frozenset()) -> list[Path]:
     if not models.is_dir():
         return []
     return sorted(p for p in models.iterdir() if p.is_file() and p.suffix in (".pt", ".ts", ".onnx")
-                  and not p.name.startswith("checkpoint") and "_stage" not in p.name)
+                  and not p.name.startswith("checkpoint") and "_stage" not in p.name
+                  and f"models/{p.name}" not in listed)
 
 
 def module_level_imports(package_dir: Path) -> dict[str, set[str]]:
@@ -234,7 +246,7 @@ def package_bundle(bundle: str | Path, out: str | Path, preset: str | None = Non
                 shutil.copytree(src, root / extra, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             elif src.is_file():
                 shutil.copy2(src, root / extra)
-        model_files = _model_files(Path(models) if models else bundle / "models")
+        model_files = _model_files(Path(models) if models else bundle / "models", _listed_large_files(bundle))
         if model_files:
             (root / "models").mkdir()
             for f in model_files:
