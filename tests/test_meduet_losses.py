@@ -14,6 +14,7 @@ from meduet.engines.ema import EMATeacher, cosine_momentum
 from meduet.errors import MeduetConfigError
 from meduet.losses.meduet import (
     MeDUETLossConfig,
+    domain_losses,
     dual_reconstruction_loss,
     grad_reverse,
     mae_step_losses,
@@ -376,3 +377,33 @@ def test_config_validation():
         MeDUETLossConfig.from_mapping({"w_sicq": 0.1})
     with pytest.raises(MeduetConfigError):
         MeDUETLossConfig(mix_ratio=1.0)
+
+
+def test_token_confusion_adversary_scores_every_own_token():
+    model, _ = _setup()
+    x, dom = _toy_batch(3)
+    mask = torch.rand(3, 64).argsort(1) < 32
+    out = model(x, mask, streams=0, domain_style=False, content_adversary="confusion_tokens")
+    logits, visible = out["domain_content_logits"], out["visible"]
+    assert logits.shape == (6, 64, model.num_domains) and visible.shape == (6, 64)
+    # row k (source A) holds A's content at A's positions: the per-token logits there are the pooled head's input
+    # token by token (the head is position-wise)
+    own = out["content_tokens"][0][mask[0]]
+    torch.testing.assert_close(logits[0][visible[0]], model.domain_content_head(own).detach())
+    # the loss is the cross-entropy over own tokens only, each labelled with its source's site
+    ce = domain_losses(dom, logits, token_mask=visible)["domain_content"]
+    expect = F.cross_entropy(logits[visible], dom[:, None].expand(6, 64)[visible])
+    torch.testing.assert_close(ce, expect)
+    # the classifier learns on detached tokens; the confusion term reaches the encoder only
+    model.zero_grad()
+    ce.backward()
+    assert model.domain_content_head.weight.grad.abs().sum() > 0
+    assert model.encoder.patch_embed.weight.grad is None or model.encoder.patch_embed.weight.grad.abs().sum() == 0
+    model.zero_grad()
+    (-F.log_softmax(out["domain_content_confusion_logits"][visible], dim=1).mean()).backward()
+    assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
+    assert model.domain_content_head.weight.grad is None or model.domain_content_head.weight.grad.abs().sum() == 0
+    losses = meduet_step_losses(model, None, x, dom, 0, {"use_mftd": False, "use_siqc": False,
+                                                         "content_adversary": "confusion_tokens"})
+    assert losses["domain_content_confusion"] >= math.log(model.num_domains) - 1e-5
+    assert 0.0 <= float(losses["acc_domain_content"]) <= 1.0

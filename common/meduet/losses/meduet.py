@@ -118,7 +118,8 @@ class MeDUETLossConfig(_FromMapping):
         grl_lambda: gradient-reversal coefficient of the content domain loss.
         content_adversary: ``"grl"`` (the paper's gradient reversal) or ``"confusion"`` (the content domain head
             learns on detached content; the encoder minimises the cross-entropy of the frozen head's prediction
-            to the uniform distribution, scaled by ``grl_lambda``). See ``MeDUET.forward``.
+            to the uniform distribution, scaled by ``grl_lambda``) or ``"confusion_tokens"`` (the same game on
+            every content token instead of the pooled content). See ``MeDUET.forward``.
         mftd_start_step: MFTD is active for ``step >= mftd_start_step`` (warm-up before the teacher is
             meaningful; 10k of the paper's ~200k steps by default - presets for short runs set it lower).
         siqc_start_step: same for SiQC (on from the start, as in the public code).
@@ -152,8 +153,9 @@ class MeDUETLossConfig(_FromMapping):
     def __post_init__(self) -> None:
         if self.rec_on not in ("hidden", "all"):
             raise MeduetConfigError(f"rec_on must be 'hidden' or 'all', got {self.rec_on!r}")
-        if self.content_adversary not in ("grl", "confusion"):
-            raise MeduetConfigError(f"content_adversary must be 'grl' or 'confusion', got {self.content_adversary!r}")
+        if self.content_adversary not in ("grl", "confusion", "confusion_tokens"):
+            raise MeduetConfigError("content_adversary must be 'grl', 'confusion' or 'confusion_tokens', "
+                                    f"got {self.content_adversary!r}")
         if self.mftd_distance not in ("cosine", "smooth_l1", "mse"):
             raise MeduetConfigError(f"mftd_distance must be cosine/smooth_l1/mse, got {self.mftd_distance!r}")
         if not 0.0 < self.mix_ratio < 1.0:
@@ -210,19 +212,29 @@ def dual_reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mix_mask:
 # domain adversarial
 # ----------------------------------------------------------------------------------------------------------------
 def domain_losses(domain_index: torch.Tensor, content_logits: torch.Tensor | None = None,
-                  style_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  style_logits: torch.Tensor | None = None,
+                  token_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Cross-entropy and accuracy of the domain heads.
 
     ``content_logits``/``style_logits``: ``(2K, num_domains)`` from ``MeDUET.forward`` (content already through
-    gradient reversal there); ``domain_index (2K,)`` = each source's site. Returns ``domain_content``,
-    ``domain_style`` (losses) and ``acc_domain_content``, ``acc_domain_style`` (detached) for the logits given.
+    gradient reversal there), or per token ``(2K, N, num_domains)`` with ``token_mask (2K, N)`` marking the
+    tokens that belong to each row's source (averaged over those); ``domain_index (2K,)`` = each source's site.
+    Returns ``domain_content``, ``domain_style`` (losses) and ``acc_domain_content``, ``acc_domain_style``
+    (detached) for the logits given.
     """
     out: dict[str, torch.Tensor] = {}
     for name, logits in (("domain_content", content_logits), ("domain_style", style_logits)):
         if logits is None:
             continue
-        out[name] = F.cross_entropy(logits, domain_index)
-        out[f"acc_{name}"] = (logits.detach().argmax(dim=1) == domain_index).float().mean()
+        if logits.dim() == 3:
+            if token_mask is None:
+                raise ValueError(f"per-token {name} logits need token_mask")
+            labels = domain_index[:, None].expand(logits.shape[:2])[token_mask]
+            logits = logits[token_mask]
+        else:
+            labels = domain_index
+        out[name] = F.cross_entropy(logits, labels)
+        out[f"acc_{name}"] = (logits.detach().argmax(dim=1) == labels).float().mean()
     return out
 
 
@@ -385,10 +397,14 @@ def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None,
             losses["rec"] = dual_reconstruction_loss(out["pred"][: 2 * k], target, mix_mask, cfg.rec_on)
             total = total + cfg.w_rec * losses["rec"]
 
-        losses.update(domain_losses(domain_index, out.get("domain_content_logits"), out.get("domain_style_logits")))
+        losses.update(domain_losses(domain_index, out.get("domain_content_logits"), out.get("domain_style_logits"),
+                                    out["visible"]))
         if "domain_content_confusion_logits" in out:
             # the encoder's side of the confusion adversary: cross-entropy to the uniform distribution
-            conf = -F.log_softmax(out["domain_content_confusion_logits"].float(), dim=1).mean()
+            conf_logits = out["domain_content_confusion_logits"].float()
+            if conf_logits.dim() == 3:  # per token: the tokens of each row's own source
+                conf_logits = conf_logits[out["visible"]]
+            conf = -F.log_softmax(conf_logits, dim=1).mean()
             losses["domain_content_confusion"] = conf.detach()
             losses["domain_content"] = losses["domain_content"] + cfg.grl_lambda * conf
         if "domain_content" in losses:

@@ -473,7 +473,8 @@ class MeDUET(_CheckpointRecord, nn.Module):
                 (``domain_content_logits``), and ``domain_content_confusion_logits`` are the same head with
                 *frozen* parameters on the live content, for a loss pushing its prediction to uniform. With GRL
                 the encoder can win by making the head confidently *wrong*, which keeps the site decodable;
-                confusion has no such optimum.
+                confusion has no such optimum. ``"confusion_tokens"``: the same with the head on every content
+                token at its source's own positions (logits ``(2K, N, num_domains)``, valid where ``visible``).
 
         Returns a dict (``V = reencode``):
             ``mix_mask (K, N)``, ``visible (2K, N)`` (each source's own positions, A rows then B rows),
@@ -528,8 +529,17 @@ class MeDUET(_CheckpointRecord, nn.Module):
                 out["domain_content_logits"] = head(content_pooled.detach())
                 frozen = {n: p.detach() for n, p in head.named_parameters()}
                 out["domain_content_confusion_logits"] = torch.func.functional_call(head, frozen, (content_pooled,))
+            elif content_adversary == "confusion_tokens":
+                # the same game per content token (each source's own positions): every token must hide the site,
+                # not only their mean, which a fresh linear probe can otherwise still read
+                head = self.domain_content_head
+                per_source = content.repeat(2, 1, 1)  # (2K, N, D); rows of A then B, valid where `visible`
+                out["domain_content_logits"] = head(per_source.detach())
+                frozen = {n: p.detach() for n, p in head.named_parameters()}
+                out["domain_content_confusion_logits"] = torch.func.functional_call(head, frozen, (per_source,))
             else:
-                raise ValueError(f"content_adversary must be 'grl' or 'confusion', got {content_adversary!r}")
+                raise ValueError(f"content_adversary must be 'grl', 'confusion' or 'confusion_tokens', "
+                                 f"got {content_adversary!r}")
         if domain_style:
             out["domain_style_logits"] = self.domain_style_head(style_pooled)
         if streams:
