@@ -306,11 +306,12 @@ def stage_package(d: Demo) -> None:
         import nibabel as nib
         import numpy as np
 
+        from meduet.data.sample import LABELS
         from meduet.viz import save_orthoslices
 
         img, lab = (np.asarray(nib.load(p).dataobj) for p in (samples[0], seg[0]))
         save_orthoslices(pic, {"generated (HU)": img, "labels": lab}, cmaps={"labels": "tab10"},
-                         ranges={"labels": (0, 9)},
+                         ranges={"labels": (0, max(len(LABELS) - 1, int(lab.max())))},
                          title=f"{samples[0].name}: generated, segmented by the downloaded meduet_seg")
     sums = (dist / "SHA256SUMS").read_text().splitlines()
     lines = ["## Shipping — packaged, served, downloaded, run\n",
