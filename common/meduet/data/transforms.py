@@ -41,7 +41,14 @@ from monai.transforms import Spacingd as _MonaiSpacingd
 from meduet.data.checks import CheckedLoadImaged, CheckInputd, find_input_error
 from meduet.errors import MeduetConfigError, MeduetInputError
 
-__all__ = ["Spacingd", "InputCheckedCompose", "foreground_above", "get_load_transforms", "get_train_crop_transforms"]
+__all__ = [
+    "Spacingd",
+    "InputCheckedCompose",
+    "foreground_above",
+    "get_load_transforms",
+    "get_train_crop_transforms",
+    "get_appearance_augment",
+]
 
 #: intensity threshold (after scaling to [0, 1]) above which a voxel counts as foreground, per modality
 DEFAULT_FOREGROUND_THRESHOLD = {"CT": 0.0, "MR": 0.02}
@@ -239,3 +246,39 @@ def get_train_crop_transforms(
     if seed is not None:
         chain.set_random_state(seed=seed)
     return chain
+
+
+def get_appearance_augment(strength: float = 1.0) -> Compose:
+    """Random appearance changes of a preprocessed image ``(C, X, Y, Z)`` in [0, 1] that leave the anatomy in
+    place: a random monotone intensity curve (histogram shift) and gamma, smooth multiplicative bias field,
+    global scale/offset, blur and noise, clipped back to [0, 1] -- the kinds of differences scanners and
+    protocols of different sites make. ``strength`` scales every range (0 = identity).
+
+    Used by meduet_vae's ``encode.yaml`` (``augment_copies``) to cache appearance-augmented copies of the
+    training latents for meduet_pretrain's ``aug_content`` term. Seed it with ``set_random_state``.
+    """
+    from monai.transforms import (
+        Lambda,
+        RandAdjustContrast,
+        RandBiasField,
+        RandGaussianNoise,
+        RandGaussianSmooth,
+        RandHistogramShift,
+        RandScaleIntensity,
+        RandShiftIntensity,
+    )
+
+    a = float(strength)
+    if a < 0:
+        raise MeduetConfigError(f"augmentation strength must be >= 0, got {strength}")
+    return Compose([
+        RandHistogramShift(num_control_points=(4, 8), prob=1.0 if a else 0.0),
+        RandAdjustContrast(gamma=(max(0.1, 1 - 0.5 * a), 1 + 1.0 * a), prob=1.0 if a else 0.0),
+        RandBiasField(degree=3, coeff_range=(0.0, 0.25 * a), prob=0.5 if a else 0.0),
+        RandScaleIntensity(factors=0.25 * a, prob=0.5 if a else 0.0),
+        RandShiftIntensity(offsets=0.1 * a, prob=0.5 if a else 0.0),
+        RandGaussianSmooth(sigma_x=(0.25, 0.25 + a), sigma_y=(0.25, 0.25 + a), sigma_z=(0.25, 0.25 + a),
+                           prob=0.5 if a else 0.0),
+        RandGaussianNoise(mean=0.0, std=0.04 * a, prob=0.5 if a else 0.0),
+        Lambda(lambda x: x.clamp(0.0, 1.0)),
+    ])

@@ -13,13 +13,21 @@ from typing import Any
 
 import torch
 from monai.engines import Trainer
+from monai.transforms import MapTransform, Randomizable
 from torch.utils.data import DataLoader
 
 from meduet.engines.ema import EMATeacher
 from meduet.engines.trainer import MeduetTrainer
 from meduet.losses.meduet import MAELossConfig, MeDUETLossConfig, mae_step_losses, meduet_step_losses
 
-__all__ = ["PretrainTrainer", "warmup_cosine_schedule", "read_latent_datalist"]
+__all__ = [
+    "PretrainTrainer",
+    "warmup_cosine_schedule",
+    "read_latent_datalist",
+    "LoadAugmentedLatentsd",
+    "PickAugmentedLatentd",
+    "pretrain_transforms",
+]
 
 
 def warmup_cosine_schedule(
@@ -44,7 +52,8 @@ class PretrainTrainer(MeduetTrainer):
 
     Args:
         device, max_epochs, train_data_loader, epoch_length: as MONAI's ``Trainer``; batches are dicts with
-            ``latent`` ``(B, C, S, S, S)`` and (for MeDUET) ``domain_index`` ``(B,)``. MeDUET pairs sample ``k``
+            ``latent`` ``(B, C, S, S, S)``, (for MeDUET) ``domain_index`` ``(B,)`` and, optionally, ``latent_aug``
+            (intensity-augmented copies of the same crops, for the ``aug_content`` term). MeDUET pairs sample ``k``
             with ``k + B/2``, so ``B`` must be even.
         network: ``MeDUET`` or ``MaskedAutoencoder`` (possibly DDP-wrapped).
         optimizer: e.g. AdamW(lr 1e-4, betas (0.9, 0.95), weight decay 0.01).
@@ -100,7 +109,13 @@ class PretrainTrainer(MeduetTrainer):
                 if x.shape[0] % 2:
                     raise ValueError(f"MeDUET mixes pairs of samples: the batch size must be even, got {x.shape[0]}")
                 domain = torch.as_tensor(batchdata["domain_index"]).long().to(engine.state.device).view(-1)
-                terms = meduet_step_losses(self.network, self.teacher, x, domain, step, self.loss_config)
+                x_aug = batchdata.get("latent_aug")
+                if x_aug is not None:
+                    x_aug = x_aug.to(engine.state.device, non_blocking=engine.non_blocking)
+                    x_aug = (x_aug.as_tensor() if hasattr(x_aug, "as_tensor") else x_aug).float()
+                    x_aug = x_aug * self.latent_scale_factor
+                terms = meduet_step_losses(self.network, self.teacher, x, domain, step, self.loss_config,
+                                           x_aug=x_aug)
             else:
                 terms = mae_step_losses(self.network, x, self.loss_config)
         loss = terms["loss"]
@@ -146,5 +161,86 @@ def read_latent_datalist(path: str, split: str | None = None) -> Any:
             raise MeduetInputError(f"{path}: item {i} of '{split}': latent file '{latent}' does not exist; {ENCODE_HINT}")
         if item.get("domain") not in domains:
             raise MeduetInputError(f"{path}: item {i} of '{split}': domain {item.get('domain')!r} not in {domains}")
-        items.append({**item, "latent": latent, "domain_index": domains.index(item["domain"])})
+        row = {**item, "latent": latent, "domain_index": domains.index(item["domain"])}
+        if item.get("latent_aug"):
+            row["latent_aug"] = [os.path.join(base, p) for p in item["latent_aug"]]
+            for p in row["latent_aug"]:
+                if not os.path.isfile(p):
+                    raise MeduetInputError(f"{path}: item {i} of '{split}': augmented latent '{p}' does not exist; "
+                                           f"{ENCODE_HINT}")
+        items.append(row)
     return items
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data: latent crops, optionally paired with an intensity-augmented copy of the same crop
+# ----------------------------------------------------------------------------------------------------------------
+class LoadAugmentedLatentsd:
+    """Deterministic part of the pairing: loads every augmented copy listed in ``item[list_key]`` (absolute
+    paths, as :func:`read_latent_datalist` gives them) into ``item["<key>_copies"]`` ``(n, C, *spatial)``; an
+    item without copies gets its own latent as the single copy (``aug_content`` is then 0 for it)."""
+
+    def __init__(self, key: str = "latent", list_key: str = "latent_aug") -> None:
+        self.key, self.list_key = key, list_key
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        from meduet.data import CheckedLoadImaged
+
+        d = dict(data)
+        ref = torch.as_tensor(d[self.key])
+        paths = list(d.get(self.list_key) or [])
+        copies = []
+        for p in paths:
+            z = CheckedLoadImaged(["z"], image_only=True, ensure_channel_first=True)({"z": p})["z"]
+            z = torch.as_tensor(z).float()
+            if z.shape != ref.shape:
+                from meduet.errors import MeduetInputError
+
+                raise MeduetInputError(f"{p}: augmented latent of shape {tuple(z.shape)} for a latent of "
+                                       f"{tuple(ref.shape)}; re-run meduet_vae's encode.yaml")
+            copies.append(z)
+        d[f"{self.key}_copies"] = torch.stack(copies) if copies else ref.float().unsqueeze(0).clone()
+        d.pop(self.list_key, None)
+        return d
+
+
+class PickAugmentedLatentd(Randomizable, MapTransform):
+    """Random part of the pairing: ``item[out_key]`` = one of ``item["<key>_copies"]``, chosen at random, as a
+    MetaTensor on the latent's grid, so the crop/flip/rotation transforms that follow treat both keys alike.
+    (Randomizable: CacheDataset caches only what comes before it; ``EpochSeeder`` re-seeds it.)"""
+
+    def __init__(self, key: str = "latent", out_key: str = "latent_aug") -> None:
+        MapTransform.__init__(self, [key])
+        self.key, self.out_key = key, out_key
+        self._pick = 0
+
+    def randomize(self, data: Any = None) -> None:
+        self._pick = int(self.R.randint(int(data)))
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        from monai.data import MetaTensor
+
+        d = dict(data)
+        copies = d.pop(f"{self.key}_copies")
+        self.randomize(len(copies))
+        ref = d[self.key]
+        pick = copies[self._pick]
+        d[self.out_key] = MetaTensor(pick, meta=dict(ref.meta)) if isinstance(ref, MetaTensor) else pick
+        return d
+
+
+def pretrain_transforms(crop_size: Sequence[int], crops_per_latent: int = 1, augmented_pairs: bool = False):
+    """The pretraining chain: load the latent, random crop(s), flips, rot90; with ``augmented_pairs`` also an
+    intensity-augmented copy of the same latent (``latent_aug``), cropped and turned exactly like ``latent``."""
+    import monai.transforms as mt
+
+    from meduet.data import CheckedLoadImaged, InputCheckedCompose, get_train_crop_transforms
+
+    steps: list[Any] = [CheckedLoadImaged(["latent"], image_only=True, ensure_channel_first=True),
+                        mt.EnsureTyped(["latent"], dtype=torch.float32)]
+    keys = ["latent"]
+    if augmented_pairs:
+        steps += [LoadAugmentedLatentsd(), PickAugmentedLatentd()]
+        keys.append("latent_aug")
+    steps += list(get_train_crop_transforms(crop_size, keys=keys, num_samples=crops_per_latent).transforms)
+    return InputCheckedCompose(steps)

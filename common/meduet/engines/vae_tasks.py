@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import os
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from meduet.data import get_load_transforms, load_datalist, write_datalist
+from meduet.data import get_appearance_augment, get_load_transforms, load_datalist, write_datalist
 from meduet.errors import MeduetConfigError
 from meduet.io import atomic_path
 from meduet.metrics.reconstruction import reconstruction_metrics, seam_error
@@ -208,8 +209,18 @@ def encode_datalist(
     patch_size: Sequence[int] | int = 64,
     overlap: float = 0.25,
     device: str | torch.device = "cpu",
+    augment_copies: int = 0,
+    augment_splits: Sequence[str] = ("training",),
+    augment_strength: float = 1.0,
+    augment_seed: int = 0,
 ) -> str:
     """Cache the latent mean of every item (whole volumes of any size, encoded patch-wise) as 4D NIfTI.
+
+    With ``augment_copies > 0``, items of ``augment_splits`` also get that many appearance-augmented copies
+    (:func:`meduet.data.get_appearance_augment` of the preprocessed image, ``augment_strength``; seeded by
+    ``augment_seed``, the case name and the copy number), written as ``latents/<case>_aug<k>.nii.gz`` and listed
+    in the item's ``latent_aug``; meduet_pretrain's ``aug_content`` term uses them. ``latent_std`` is measured on
+    the unaugmented latents only.
 
     Each latent ``(c, h, w, d)`` is written as ``<output_dir>/latents/<case>.nii.gz`` (channels last, an affine
     whose voxels are ``downsample_factor`` times larger), and ``<output_dir>/datalist.json`` lists them with
@@ -243,6 +254,12 @@ def encode_datalist(
         "latent_scale_factor": vae.latent_scale_factor,
         "preprocessing": prep,
     }
+    if augment_copies < 0:
+        raise MeduetConfigError(f"augment_copies must be >= 0, got {augment_copies}")
+    augment = get_appearance_augment(augment_strength) if augment_copies else None
+    if augment_copies:
+        result["augmentation"] = {"copies": int(augment_copies), "splits": list(augment_splits),
+                                  "strength": float(augment_strength), "seed": int(augment_seed)}
     seen: set[str] = set()
     for split in splits:
         rows = []
@@ -269,6 +286,16 @@ def encode_datalist(
                     "spacing": [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
                 }
             )
+            if augment is not None and split in augment_splits:
+                row["latent_aug"] = []
+                for k in range(int(augment_copies)):
+                    augment.set_random_state(seed=(zlib.crc32(f"{name}:{k}".encode()) + int(augment_seed)) % 2**32)
+                    xa = torch.as_tensor(augment(x[0].cpu())).float().unsqueeze(0).to(device)
+                    za = encode_patchwise(vae, xa, patch_size=patch_size, overlap=overlap,
+                                          mode="gaussian" if overlap else "constant")[0].float().cpu().numpy()
+                    rel_aug = f"latents/{name}_aug{k}.nii.gz"
+                    _atomic_nifti(out / rel_aug, np.moveaxis(za, 0, -1).astype(np.float32), latent_affine(affine, f))
+                    row["latent_aug"].append(rel_aug)
             rows.append(row)
         result[split] = rows
     if count:

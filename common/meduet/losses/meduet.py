@@ -61,6 +61,7 @@ __all__ = [
     "supcon_loss",
     "siqc_labels",
     "siqc_loss",
+    "aug_content_loss",
     "meduet_step_losses",
     "mae_step_losses",
 ]
@@ -127,6 +128,12 @@ class MeDUETLossConfig(_FromMapping):
         mftd_content_weight, mftd_style_weight: weights of the content and style token terms inside MFTD.
         w_*: weights of the terms in the total.
         use_*: ablation switches; a switched-off term is not computed at all.
+        w_aug_content: weight of ``aug_content`` (not in the paper; 0 = off): the student's content tokens of
+            each source, at its own positions of the mixed forward, against the teacher's content tokens of an
+            intensity-augmented copy of the same crop (``x_aug``: same anatomy, other appearance), distance
+            ``mftd_distance``. It makes content invariant to appearance on small pretraining sets, where the
+            domain adversary alone only learns to hide the few training sites. Needs ``x_aug`` batches
+            (meduet_vae ``encode.yaml`` with ``augment_copies``); active from ``aug_start_step``.
     """
 
     mix_ratio: float = 0.5
@@ -149,8 +156,12 @@ class MeDUETLossConfig(_FromMapping):
     use_domain_style: bool = True
     use_mftd: bool = True
     use_siqc: bool = True
+    w_aug_content: float = 0.0
+    aug_start_step: int = 0
 
     def __post_init__(self) -> None:
+        if self.w_aug_content < 0:
+            raise MeduetConfigError(f"w_aug_content must be >= 0, got {self.w_aug_content}")
         if self.rec_on not in ("hidden", "all"):
             raise MeduetConfigError(f"rec_on must be 'hidden' or 'all', got {self.rec_on!r}")
         if self.content_adversary not in ("grl", "confusion", "confusion_tokens"):
@@ -339,6 +350,27 @@ def siqc_loss(view_content: torch.Tensor, view_style: torch.Tensor, key_content:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# appearance-augmented content consistency (an addition to the paper, off by default)
+# ----------------------------------------------------------------------------------------------------------------
+def aug_content_loss(student_content: torch.Tensor, teacher_aug_content: torch.Tensor, visible: torch.Tensor,
+                     distance: str = "cosine") -> torch.Tensor:
+    """Content of the mixed forward against the teacher's content of the augmented copies.
+
+    Args:
+        student_content: ``(K, N, D)`` student content tokens of the mixed sequence (position ``n`` holds the
+            factor of the source that owns it).
+        teacher_aug_content: ``(2K, N, D)`` teacher content tokens of the augmented copies ``[A'; B']``.
+        visible: ``(2K, N)`` bool, each source's own positions (``cat([M, ~M])``).
+
+    Returns the mean over the two sources of the per-source mean distance over own positions.
+    """
+    k = student_content.shape[0]
+    per_source = student_content.repeat(2, 1, 1)
+    d = token_distance(per_source, teacher_aug_content.to(per_source.dtype), distance)
+    return 0.5 * (_masked_token_mean(d[:k], visible[:k]) + _masked_token_mean(d[k:], visible[k:]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # one step
 # ----------------------------------------------------------------------------------------------------------------
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -355,7 +387,7 @@ def _teacher_encode(teacher: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None, batch_latents: torch.Tensor,
                        domain_index: torch.Tensor, step: int, cfg: MeDUETLossConfig | Mapping | None = None,
-                       *, mix_mask: torch.Tensor | None = None,
+                       *, mix_mask: torch.Tensor | None = None, x_aug: torch.Tensor | None = None,
                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Every MeDUET loss term and the weighted total for one training step.
 
@@ -367,6 +399,8 @@ def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None,
         step: global step (gates MFTD / SiQC).
         cfg: ``MeDUETLossConfig`` or mapping of its fields (defaults: the paper's).
         mix_mask: optional fixed ``(K, N)`` mix mask (tests); sampled otherwise.
+        x_aug: ``(2K, C, S1, S2, S3)`` intensity-augmented copies of ``batch_latents`` (same crops), for
+            ``aug_content`` (``cfg.w_aug_content > 0``).
 
     Returns a dict of 0-d tensors: ``loss`` (weighted total, to back-propagate), the active terms ``rec``,
     ``domain_content``, ``domain_style``, ``mftd``, ``siqc`` (+ ``siqc_content``, ``siqc_style``), and the
@@ -412,10 +446,22 @@ def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None,
         if "domain_style" in losses:
             total = total + cfg.w_domain_style * losses["domain_style"]
 
-    teacher_out = None
-    if mftd_on or siqc_on:
+    aug_on = cfg.w_aug_content > 0 and step >= cfg.aug_start_step
+    if aug_on and (x_aug is None or x_aug.shape != x.shape):
+        raise ValueError("w_aug_content > 0 needs x_aug, augmented copies of the batch's crops (meduet_vae's "
+                         "encode.yaml with augment_copies > 0); got " +
+                         ("none" if x_aug is None else f"shape {tuple(x_aug.shape)} for {tuple(x.shape)}"))
+    teacher_out = teacher_aug = None
+    if mftd_on or siqc_on or aug_on:
         with torch.profiler.record_function("meduet/teacher"):
-            teacher_out = _teacher_encode(teacher, x)  # once per step, shared by MFTD and SiQC
+            if aug_on and (mftd_on or siqc_on):  # one teacher call for both
+                both = _teacher_encode(teacher, torch.cat([x, x_aug.to(x)]))
+                teacher_out = {kk: v[: x.shape[0]] for kk, v in both.items() if v is not None}
+                teacher_aug = {kk: v[x.shape[0]:] for kk, v in both.items() if v is not None}
+            elif aug_on:
+                teacher_aug = _teacher_encode(teacher, x_aug.to(x))
+            else:
+                teacher_out = _teacher_encode(teacher, x)  # once per step, shared by MFTD and SiQC
 
     with torch.profiler.record_function("meduet/losses"):
         if cfg.use_mftd:
@@ -432,6 +478,10 @@ def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None,
             losses.update(siqc_loss(out["view_content"], out["view_style"], teacher_out["content"],
                                     teacher_out["style"], domain_index, out["temperature"]))
             total = total + cfg.w_siqc * losses["siqc"]
+        if aug_on:
+            losses["aug_content"] = aug_content_loss(out["content_tokens"], teacher_aug["content_tokens"],
+                                                     out["visible"], cfg.mftd_distance)
+            total = total + cfg.w_aug_content * losses["aug_content"]
         if cfg.use_siqc:
             tau = out["temperature"].detach()
             losses["tau_content"], losses["tau_style"] = tau[0], tau[1]

@@ -1,0 +1,119 @@
+"""Appearance-augmented pairs for meduet_pretrain's optional ``aug_content`` term: meduet_vae's encode.yaml caches
+augmented copies of the training latents, the pretraining chain crops a latent and one of its copies alike, and
+the loss compares the student's content with the teacher's content of the copy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import bundle_run
+from meduet.data import get_appearance_augment
+from meduet.engines.ema import EMATeacher
+from meduet.engines.pretrain import pretrain_transforms, read_latent_datalist
+from meduet.errors import MeduetInputError
+from meduet.losses.meduet import aug_content_loss, meduet_step_losses
+from meduet.networks.meduet import build_meduet
+
+
+def test_appearance_augment_changes_intensities_only_within_range_and_reproducibly():
+    g = torch.Generator().manual_seed(0)
+    img = F.avg_pool3d(torch.rand(1, 1, 24, 24, 24, generator=g), 5, stride=1, padding=2)[0]
+    assert torch.equal(get_appearance_augment(0.0)(img), img)  # strength 0: identity
+    aug = get_appearance_augment(1.0)
+    outs = []
+    for seed in (3, 3, 4):
+        aug.set_random_state(seed=seed)
+        outs.append(torch.as_tensor(aug(img.clone())))
+    assert outs[0].shape == img.shape and 0.0 <= float(outs[0].min()) and float(outs[0].max()) <= 1.0
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])  # seeded
+    assert (outs[0] - img).abs().mean() > 0.01  # it does change the appearance
+
+
+def _write(path: Path, arr: np.ndarray) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.moveaxis(arr, 0, -1).astype(np.float32), np.diag([6.0, 6.0, 6.0, 1.0])), path)
+    return str(path)
+
+
+def test_pairs_are_the_same_crop_flip_and_rotation(tmp_path):
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(4, 10, 11, 12)).astype(np.float32)
+    item = {"latent": _write(tmp_path / "a.nii.gz", z),
+            "latent_aug": [_write(tmp_path / "a_aug0.nii.gz", z + 5.0), _write(tmp_path / "a_aug1.nii.gz", z - 3.0)],
+            "domain_index": 0}
+    chain = pretrain_transforms([4, 4, 4], crops_per_latent=6, augmented_pairs=True)
+    chain.set_random_state(seed=1)
+    offsets = set()
+    for _ in range(8):
+        for crop in chain(dict(item)):
+            assert crop["latent"].shape == crop["latent_aug"].shape == (4, 4, 4, 4)
+            diff = (crop["latent_aug"] - crop["latent"]).as_tensor()
+            offset = float(diff.mean())
+            # the same voxels, however the crop was placed, flipped and turned: only the copy's offset differs
+            torch.testing.assert_close(diff, torch.full_like(diff, offset), atol=1e-4, rtol=0)
+            offsets.add(round(offset))
+    assert offsets == {5, -3}  # both copies get picked
+    # an item without copies is paired with itself
+    lone = pretrain_transforms([4, 4, 4], 2, augmented_pairs=True)({"latent": item["latent"]})
+    assert all(torch.equal(c["latent"].as_tensor(), c["latent_aug"].as_tensor()) for c in lone)
+    # a listed copy that is missing is a one-line error naming it
+    gone = {**item, "latent_aug": [str(tmp_path / "gone.nii.gz")]}
+    with pytest.raises(MeduetInputError, match="gone.nii.gz"):
+        pretrain_transforms([4, 4, 4], 1, augmented_pairs=True)(gone)
+
+
+def test_aug_content_term_uses_the_teachers_content_of_the_copy():
+    torch.manual_seed(0)
+    model = build_meduet("tiny", num_domains=3)
+    teacher = EMATeacher(model)
+    x = torch.randn(4, 4, 8, 8, 8)
+    x_aug = 0.5 * x + 0.3
+    dom = torch.tensor([0, 1, 1, 2])
+    mask = torch.rand(2, 64).argsort(1) < 32
+    cfg = {"use_mftd": False, "use_siqc": False, "w_aug_content": 2.0}
+    torch.manual_seed(1)
+    losses = meduet_step_losses(model, teacher, x, dom, 0, cfg, mix_mask=mask, x_aug=x_aug)
+    torch.manual_seed(1)
+    out = model(x, mask, streams=2, reencode=0)
+    expect = aug_content_loss(out["content_tokens"], teacher.encode(x_aug)["content_tokens"], out["visible"])
+    torch.testing.assert_close(losses["aug_content"], expect)
+    assert float(expect) > 0
+    # it is in the total with its weight, and it trains the encoder
+    without = meduet_step_losses(model, teacher, x, dom, 0, {**cfg, "w_aug_content": 0.0}, mix_mask=mask)
+    assert "aug_content" not in without
+    model.zero_grad()
+    losses["aug_content"].backward()
+    assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="x_aug"):
+        meduet_step_losses(model, teacher, x, dom, 0, cfg, mix_mask=mask)
+    # with MFTD/SiQC on, one teacher call serves both the plain and the augmented batch
+    full = meduet_step_losses(model, teacher, x, dom, 0, {"mftd_start_step": 0, "w_aug_content": 1.0},
+                              mix_mask=mask, x_aug=x_aug)
+    assert {"aug_content", "mftd", "siqc"} <= set(full) and torch.isfinite(full["loss"])
+
+
+def test_encode_caches_copies_and_pretraining_uses_them(tiny_vae, tiny_data, tmp_path):
+    out = tmp_path / "latents"
+    bundle_run("meduet_vae", "encode", "--bundle_root", str(tiny_vae), "--dataset_dir", str(tiny_data / "phantoms"),
+               "--latent_dir", str(out), "--splits", "['training','test']", "--augment_copies", "2")
+    dl = json.loads((out / "datalist.json").read_text())
+    assert dl["augmentation"]["copies"] == 2 and dl["augmentation"]["splits"] == ["training"]
+    assert all("latent_aug" not in it for it in dl["test"])
+    items = read_latent_datalist(str(out / "datalist.json"), "training")
+    for it in items:
+        z = np.asarray(nib.load(it["latent"]).dataobj)
+        copies = [np.asarray(nib.load(p).dataobj) for p in it["latent_aug"]]
+        assert len(copies) == 2 and all(c.shape == z.shape for c in copies)
+        assert all(np.abs(c - z).mean() > 1e-3 for c in copies) and np.abs(copies[0] - copies[1]).mean() > 1e-3
+    root = tmp_path / "pretrain"
+    bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(out / "datalist.json"),
+               "--loss#w_aug_content", "1.0", run_id="training")
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
