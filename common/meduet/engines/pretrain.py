@@ -98,9 +98,13 @@ class PretrainTrainer(MeduetTrainer):
         self.teacher = teacher
         self.latent_scale_factor = float(latent_scale_factor)
 
+    def _latents(self, engine: Trainer, batch: torch.Tensor) -> torch.Tensor:
+        """A batch of cached latents on the device, as plain float tensors times the VAE's scale factor."""
+        x = batch.to(engine.state.device, non_blocking=engine.non_blocking)
+        return (x.as_tensor() if hasattr(x, "as_tensor") else x).float() * self.latent_scale_factor
+
     def _iteration(self, engine: Trainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
-        x = batchdata["latent"].to(engine.state.device, non_blocking=engine.non_blocking)
-        x = (x.as_tensor() if hasattr(x, "as_tensor") else x).float() * self.latent_scale_factor
+        x = self._latents(engine, batchdata["latent"])
         step = int(engine.state.iteration) - 1  # ignite counts from 1 and has already incremented
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -109,11 +113,7 @@ class PretrainTrainer(MeduetTrainer):
                 if x.shape[0] % 2:
                     raise ValueError(f"MeDUET mixes pairs of samples: the batch size must be even, got {x.shape[0]}")
                 domain = torch.as_tensor(batchdata["domain_index"]).long().to(engine.state.device).view(-1)
-                x_aug = batchdata.get("latent_aug")
-                if x_aug is not None:
-                    x_aug = x_aug.to(engine.state.device, non_blocking=engine.non_blocking)
-                    x_aug = (x_aug.as_tensor() if hasattr(x_aug, "as_tensor") else x_aug).float()
-                    x_aug = x_aug * self.latent_scale_factor
+                x_aug = self._latents(engine, batchdata["latent_aug"]) if "latent_aug" in batchdata else None
                 terms = meduet_step_losses(self.network, self.teacher, x, domain, step, self.loss_config,
                                            x_aug=x_aug)
             else:
@@ -185,17 +185,15 @@ class LoadAugmentedLatentsd:
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         from meduet.data import CheckedLoadImaged
+        from meduet.errors import MeduetInputError
 
         d = dict(data)
         ref = torch.as_tensor(d[self.key])
-        paths = list(d.get(self.list_key) or [])
+        load = CheckedLoadImaged(["z"], image_only=True, ensure_channel_first=True)
         copies = []
-        for p in paths:
-            z = CheckedLoadImaged(["z"], image_only=True, ensure_channel_first=True)({"z": p})["z"]
-            z = torch.as_tensor(z).float()
+        for p in d.get(self.list_key) or []:
+            z = torch.as_tensor(load({"z": p})["z"]).float()
             if z.shape != ref.shape:
-                from meduet.errors import MeduetInputError
-
                 raise MeduetInputError(f"{p}: augmented latent of shape {tuple(z.shape)} for a latent of "
                                        f"{tuple(ref.shape)}; re-run meduet_vae's encode.yaml")
             copies.append(z)

@@ -131,9 +131,10 @@ class MeDUETLossConfig(_FromMapping):
         w_aug_content: weight of ``aug_content`` (not in the paper; 0 = off): the student's content tokens of
             each source, at its own positions of the mixed forward, against the teacher's content tokens of an
             intensity-augmented copy of the same crop (``x_aug``: same anatomy, other appearance), distance
-            ``mftd_distance``. It makes content invariant to appearance on small pretraining sets, where the
-            domain adversary alone only learns to hide the few training sites. Needs ``x_aug`` batches
-            (meduet_vae ``encode.yaml`` with ``augment_copies``); active from ``aug_start_step``.
+            ``mftd_distance``. It asks for content that does not change with appearance, beyond the few sites a
+            small pretraining set shows the domain adversary (at demo size it did not move the site probes: see
+            meduet_pretrain's docs). Needs ``x_aug`` batches (meduet_vae ``encode.yaml`` with
+            ``augment_copies``); active from ``aug_start_step``.
     """
 
     mix_ratio: float = 0.5
