@@ -14,7 +14,7 @@ import torch
 from conftest import bundle_run
 from meduet.engines.pretrain_tasks import _eta_squared, encode_latents, load_latent
 from meduet.errors import MeduetConfigError
-from meduet.metrics.disentanglement import chance_level, probe_accuracy, similarity_ratio
+from meduet.metrics.disentanglement import chance_level, fit_linear_eraser, probe_accuracy, similarity_ratio
 from meduet.networks.meduet import build_meduet, load_encoder, load_pretrain
 
 
@@ -105,9 +105,13 @@ def test_evaluate_reports_probes_plots_and_style_swap(pretrained, tiny_latents, 
     m = json.loads((out / "metrics.json").read_text())
     assert m["cases"] == 8 and m["subjects"] == 2  # 2 test subjects x 4 sites
     f = m["factors"]
-    assert set(f) == {"MeDUET content", "MeDUET style", "MAE baseline", "chance"}
+    assert set(f) == {"MeDUET content", "MeDUET style", "MAE baseline", "MeDUET content, site-erased", "chance"}
     assert f["chance"]["site"] == pytest.approx(0.25)
-    for name in ("MeDUET content", "MeDUET style", "MAE baseline"):
+    # the eraser is fitted on the pretraining cases (training + validation: 3 seen sites), never on the test split
+    er = m["content_erasure"]
+    train_sites = {it["domain"] for s in ("training", "validation") for it in json.loads(tiny_latents.read_text())[s]}
+    assert er["fit_sites"] == sorted(train_sites) and 1 <= er["rank"] <= len(train_sites) - 1
+    for name in ("MeDUET content", "MeDUET style", "MAE baseline", "MeDUET content, site-erased"):
         assert 0.0 <= f[name]["site_probe_balanced_accuracy"] <= 1.0
         assert f[name]["site_similarity"]["ratio"] > 0
     assert set(m["targets_met"]) == {"style_site_probe>=0.9", "content_site_probe<=chance+0.15",
@@ -172,6 +176,33 @@ def test_probe_and_similarity_measure_what_they_claim():
     assert abs(np.mean(noise_acc) - chance_level(sites)) < 0.06
     assert similarity_ratio(separable, sites)["ratio"] < 0.8
     assert abs(similarity_ratio(noise, sites)["ratio"] - 1.0) < 0.1
+
+
+def test_linear_eraser_removes_what_a_linear_probe_reads_and_keeps_the_rest():
+    rng = np.random.default_rng(1)
+    n_sites, per = 4, 12
+    site_code = rng.normal(size=(n_sites, 24)) * 3.0
+    anatomy_code = rng.normal(size=(per, 24)) * 3.0
+
+    def cases(seed):  # every subject at every site: site offset + anatomy offset + noise
+        r = np.random.default_rng(seed)
+        s = np.repeat(np.arange(n_sites), per)
+        a = np.tile(np.arange(per), n_sites)
+        return site_code[s] + anatomy_code[a] + r.normal(size=(len(s), 24)), s, a
+
+    fit_x, fit_s, _ = cases(2)
+    eraser = fit_linear_eraser(fit_x, fit_s)
+    assert eraser.rank == n_sites - 1
+    erased_fit = eraser(fit_x)
+    means = np.stack([erased_fit[fit_s == c].mean(0) for c in range(n_sites)])
+    np.testing.assert_allclose(means, means.mean(0, keepdims=True).repeat(n_sites, 0), atol=1e-8)  # equal means
+    # fitted on some cases, applied to new ones: the site probe falls to about chance, the anatomy stays readable
+    x, s, a = cases(3)
+    assert probe_accuracy(x, s, groups=a) == pytest.approx(1.0)
+    assert probe_accuracy(eraser(x), s, groups=a) < chance_level(s) + 0.15
+    assert probe_accuracy(eraser(x), a, groups=s) > 0.9
+    with pytest.raises(ValueError, match="two classes"):
+        fit_linear_eraser(fit_x, np.zeros(len(fit_x)))
 
 
 def test_eta_squared_follows_the_label_structure():

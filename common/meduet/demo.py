@@ -152,6 +152,12 @@ def stage_pretrain(d: Demo) -> None:
         lines.append(f"| {name} | {_fmt(r['site_probe_balanced_accuracy'])} | {_fmt(r['site_similarity']['ratio'])} "
                      f"| {_fmt(r.get('anatomy_probe_balanced_accuracy', '-'))} "
                      f"| {_fmt(r.get('anatomy_similarity', {}).get('ratio', '-'))} |")
+    er = m.get("content_erasure")
+    if er:
+        lines.append(f"\n*MeDUET content, site-erased*: the content through a linear site eraser (least-squares "
+                     f"concept erasure) fitted on the {er['fit_cases']} pretraining cases' pooled content "
+                     f"(sites {', '.join(er['fit_sites'])}; rank {er['rank']}), never on these test cases: what "
+                     "remains is site information the pretraining cases do not show linearly.")
     lines.append("\nTargets of the issue, as they came out: " + ", ".join(
         f"`{k}`: {'met' if v else 'NOT met'}" for k, v in m["targets_met"].items()) + "\n")
     lines.append(f"![embeddings]({d.rel(out / m['plot'])})\n")

@@ -406,12 +406,18 @@ def evaluate_disentanglement(
     method: str = "tsne",
     swaps: int = 4,
     device: str | torch.device = "cpu",
+    erasure_fit_splits: Sequence[str] | None = ("training", "validation"),
 ) -> dict[str, Any]:
     """The disentanglement report (paper Figure 1) on the latent datalist's ``split`` (cases held out of
     pretraining): probes and similarity ratios for MeDUET's pooled content and style (and the masked-autoencoder
     baseline's pooled features when ``baseline_ckpt`` is given), t-SNE/PCA plots coloured by site and by anatomy
     (subject), and with ``vae_ckpt`` the style-swap study. Writes ``metrics.json``, ``embeddings_2d.png``,
-    ``style_swap.png`` to ``output_dir`` and returns the metrics."""
+    ``style_swap.png`` to ``output_dir`` and returns the metrics.
+
+    With ``erasure_fit_splits`` (the pretraining cases by default) it also fits a linear site eraser
+    (:func:`meduet.metrics.disentanglement.fit_linear_eraser`) on those cases' pooled content and reports the
+    evaluated cases' content through it as ``MeDUET content, site-erased``: how much of the site the content keeps
+    in directions the pretraining cases already show. The issue's targets stay on the content itself."""
     device = torch.device(device)
     out = Path(output_dir)
     model = load_pretrain(pretrain_ckpt, device)
@@ -428,6 +434,20 @@ def evaluate_disentanglement(
     enc = encode_latents(model, z, scale, device, desc="encode (MeDUET)")
     features = {"MeDUET content": np.stack([e["content"].numpy() for e in enc]),
                 "MeDUET style": np.stack([e["style"].numpy() for e in enc])}
+    fit_items = [it for sp in (erasure_fit_splits or []) if sp in latents and sp != split
+                 for it in read_latent_datalist(latent_datalist, sp)]
+    if len({it["domain"] for it in fit_items}) >= 2:
+        from meduet.metrics.disentanglement import fit_linear_eraser
+
+        fit = encode_latents(model, [load_latent(it["latent"]) for it in fit_items], scale, device,
+                             desc="encode (eraser fit)")
+        eraser = fit_linear_eraser(np.stack([e["content"].numpy() for e in fit]), [it["domain"] for it in fit_items])
+        features["MeDUET content, site-erased"] = eraser(features["MeDUET content"])
+        erasure = {"fit_splits": [sp for sp in erasure_fit_splits if sp in latents and sp != split],
+                   "fit_cases": len(fit_items), "fit_sites": sorted({it["domain"] for it in fit_items}),
+                   "rank": eraser.rank}
+    else:
+        erasure = None
     if baseline_ckpt:
         base = load_pretrain(baseline_ckpt, device)
         check_compatible(base.meta, latents, baseline_ckpt, latent_datalist)
@@ -440,6 +460,8 @@ def evaluate_disentanglement(
         "pretrain_ckpt": os.path.abspath(pretrain_ckpt), "baseline_ckpt": baseline_ckpt and os.path.abspath(baseline_ckpt),
         "factors": _factor_metrics(features, sites, subjects),
     }
+    if erasure:
+        metrics["content_erasure"] = erasure
     _plot_embeddings(out / "embeddings_2d.png", features, sites, subjects, method)
     metrics["plot"] = "embeddings_2d.png"
     if vae_ckpt:

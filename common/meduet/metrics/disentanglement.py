@@ -8,6 +8,8 @@
   between cases of the *same* value, on standardised features, with cosine mapped to ``[0, 1]`` by
   ``(1 + cos) / 2``. Near 1: the features ignore the label; well below 1: they cluster by it.
 * ``embed_2d``: t-SNE (or PCA) coordinates for plots.
+* ``fit_linear_eraser``: least-squares linear concept erasure (LEACE) of a label, fitted on one set of cases and
+  applied to others.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["probe_accuracy", "similarity_ratio", "embed_2d", "chance_level"]
+__all__ = ["probe_accuracy", "similarity_ratio", "embed_2d", "chance_level", "LinearEraser", "fit_linear_eraser"]
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
@@ -93,3 +95,53 @@ def embed_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.nd
 
     perplexity = float(max(2.0, min(30.0, (len(x) - 1) / 3.0)))
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+
+
+class LinearEraser:
+    """An affine map ``x -> x - (x - mean) @ proj.T`` that removes what a linear model can read of a label.
+
+    Made by :func:`fit_linear_eraser`; ``proj`` has rank <= (number of classes - 1).
+    """
+
+    def __init__(self, mean: np.ndarray, proj: np.ndarray) -> None:
+        self.mean, self.proj = np.asarray(mean, dtype=np.float64), np.asarray(proj, dtype=np.float64)
+
+    @property
+    def rank(self) -> int:
+        return int(np.linalg.matrix_rank(self.proj, tol=1e-8))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        return x - (x - self.mean) @ self.proj.T
+
+
+def fit_linear_eraser(features: np.ndarray, labels: Sequence, shrinkage: float = 0.1) -> LinearEraser:
+    """Least-squares concept erasure (LEACE, Belrose et al. 2023) of ``labels`` from ``features (n, f)``.
+
+    In the whitened space (covariance shrunk towards its mean eigenvalue by ``shrinkage``, so that few samples in
+    many dimensions still give a well-conditioned whitening) the span of the feature/one-hot-label cross-covariance
+    is projected out, and the result mapped back. On the fitting data every class then has the same mean
+    (no linear classifier beats a constant one), while the features change as little as possible in the
+    whitened norm. Used by meduet_pretrain's ``evaluate.yaml`` to measure how much site information in the content
+    is *linear* in directions that the pretraining cases already show.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    if x.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"features must be (n, f) with n = len(labels), got {x.shape} and {len(y)}")
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise ValueError("erasure needs at least two classes")
+    mean = x.mean(0)
+    xc = x - mean
+    cov = xc.T @ xc / len(x)
+    cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
+    evals, evecs = np.linalg.eigh(cov)
+    evals = np.clip(evals, 1e-12, None)
+    whiten = evecs @ np.diag(evals ** -0.5) @ evecs.T
+    unwhiten = evecs @ np.diag(evals ** 0.5) @ evecs.T
+    onehot = (y[:, None] == classes[None, :]).astype(np.float64)
+    cross = xc.T @ (onehot - onehot.mean(0)) / len(x)
+    u, sv, _ = np.linalg.svd(whiten @ cross, full_matrices=False)
+    u = u[:, sv > 1e-10 * max(sv.max(), 1e-30)]
+    return LinearEraser(mean, unwhiten @ u @ u.T @ whiten)
