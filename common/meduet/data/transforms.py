@@ -271,14 +271,15 @@ def get_appearance_augment(strength: float = 1.0) -> Compose:
     a = float(strength)
     if a < 0:
         raise MeduetConfigError(f"augmentation strength must be >= 0, got {strength}")
+    always, often = (1.0, 0.5) if a else (0.0, 0.0)  # strength 0: no transform fires
+    sigma = (0.25, 0.25 + a)
     return Compose([
-        RandHistogramShift(num_control_points=(4, 8), prob=1.0 if a else 0.0),
-        RandAdjustContrast(gamma=(max(0.1, 1 - 0.5 * a), 1 + 1.0 * a), prob=1.0 if a else 0.0),
-        RandBiasField(degree=3, coeff_range=(0.0, 0.25 * a), prob=0.5 if a else 0.0),
-        RandScaleIntensity(factors=0.25 * a, prob=0.5 if a else 0.0),
-        RandShiftIntensity(offsets=0.1 * a, prob=0.5 if a else 0.0),
-        RandGaussianSmooth(sigma_x=(0.25, 0.25 + a), sigma_y=(0.25, 0.25 + a), sigma_z=(0.25, 0.25 + a),
-                           prob=0.5 if a else 0.0),
-        RandGaussianNoise(mean=0.0, std=0.04 * a, prob=0.5 if a else 0.0),
+        RandHistogramShift(num_control_points=(4, 8), prob=always),
+        RandAdjustContrast(gamma=(max(0.1, 1 - 0.5 * a), 1 + 1.0 * a), prob=always),
+        RandBiasField(degree=3, coeff_range=(0.0, 0.25 * a), prob=often),
+        RandScaleIntensity(factors=0.25 * a, prob=often),
+        RandShiftIntensity(offsets=0.1 * a, prob=often),
+        RandGaussianSmooth(sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=often),
+        RandGaussianNoise(mean=0.0, std=0.04 * a, prob=often),
         Lambda(lambda x: x.clamp(0.0, 1.0)),
     ])

@@ -434,8 +434,8 @@ def evaluate_disentanglement(
     enc = encode_latents(model, z, scale, device, desc="encode (MeDUET)")
     features = {"MeDUET content": np.stack([e["content"].numpy() for e in enc]),
                 "MeDUET style": np.stack([e["style"].numpy() for e in enc])}
-    fit_items = [it for sp in (erasure_fit_splits or []) if sp in latents and sp != split
-                 for it in read_latent_datalist(latent_datalist, sp)]
+    fit_splits = [sp for sp in (erasure_fit_splits or []) if sp in latents and sp != split]
+    fit_items = [it for sp in fit_splits for it in read_latent_datalist(latent_datalist, sp)]
     if len({it["domain"] for it in fit_items}) >= 2:
         from meduet.metrics.disentanglement import fit_linear_eraser
 
@@ -443,8 +443,7 @@ def evaluate_disentanglement(
                              desc="encode (eraser fit)")
         eraser = fit_linear_eraser(np.stack([e["content"].numpy() for e in fit]), [it["domain"] for it in fit_items])
         features["MeDUET content, site-erased"] = eraser(features["MeDUET content"])
-        erasure = {"fit_splits": [sp for sp in erasure_fit_splits if sp in latents and sp != split],
-                   "fit_cases": len(fit_items), "fit_sites": sorted({it["domain"] for it in fit_items}),
+        erasure = {"fit_splits": fit_splits, "fit_cases": len(fit_items), "fit_sites": sorted({it["domain"] for it in fit_items}),
                    "rank": eraser.rank}
     else:
         erasure = None
