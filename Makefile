@@ -33,7 +33,7 @@ $(MLSTAMP): pyproject.toml Makefile
 monailabel-setup: $(MLSTAMP)
 
 sample: setup
-	$(BIN)/python -m meduet.data.sample --out data/sample
+	$(BIN)/python -m meduet.data.sample --out data/sample --pretrain-subjects 72
 
 demo: setup
 	$(BIN)/python -m meduet.demo --out outputs/demo --preset demo

@@ -156,6 +156,27 @@ def test_determinism_and_rerun(tmp_path, sample, phantoms, capsys):
     assert os.listdir(foreign) == ["keep.txt"]
 
 
+def test_pretraining_pool_is_unlabeled_seen_sites_and_changes_nothing_else(tmp_path, sample, phantoms):
+    out = tmp_path / "pool"
+    assert sample_main(["--out", str(out), "--seed", "0", *SMALL, "--pretrain-subjects", "6"]) == 0
+    dl = load_datalist(str(out / "phantoms" / "datalist.json"))
+    pool = dl["pretraining"]
+    assert len(pool) == 6 and all("label" not in it for it in pool)
+    seen = [d for d in dl["domains"] if d not in dl["heldout_domains"]]
+    counts = {d: sum(it["domain"] == d for it in pool) for d in seen}
+    assert max(counts.values()) - min(counts.values()) <= 1  # balanced over the seen sites only
+    labelled = {it["subject"] for s in ("training", "validation", "test") for it in dl[s]}
+    assert not labelled & {it["subject"] for it in pool}
+    assert all(os.path.isfile(it["image"]) and _array(it["image"]).ndim == 3 for it in pool)
+    assert not (out / "phantoms" / "labels" / f"{pool[0]['subject']}.nii.gz").exists()
+    # the labelled splits are the same files as without the pool
+    for s in ("training", "validation", "test"):
+        assert [(it["subject"], it["domain"]) for it in dl[s]] == [(it["subject"], it["domain"]) for it in phantoms[s]]
+    a, b = phantoms["training"][0], dl["training"][0]
+    np.testing.assert_array_equal(_array(a["image"]), _array(b["image"]))
+    assert sample_main(["--out", str(tmp_path / "neg"), *SMALL, "--pretrain-subjects", "-1"]) == 2
+
+
 def test_subjects_too_few_is_input_error(tmp_path):
     assert sample_main(["--out", str(tmp_path / "x"), "--subjects", "2", "--no-brain"]) == 2
     assert not os.path.exists(tmp_path / "x")

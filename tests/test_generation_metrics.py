@@ -110,7 +110,7 @@ def test_encoder_features_from_checkpoint(pretrain_ckpt):
     assert ext.latent_scale_factor == 0.5
     real = _latents(6, 0)
     feats = ext(real)
-    assert feats.shape == (6, net.dim + net.style_dim) == (6, ext.feature_dim)
+    assert feats.shape == (6, net.dim + net.style_vector_dim) == (6, ext.feature_dim)
     assert torch.equal(feats, ext(real))  # deterministic
     # same as the in-memory network's pooled factors on the scaled latent (one window = the whole 8^3 latent)
     enc = net.eval().encode(real * 0.5)

@@ -3,6 +3,7 @@ style smoothing, the MAE baseline and the downstream ``encode`` API (tiny networ
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ from meduet.networks.meduet import (
     StyleSmoothing,
     build_mae,
     build_meduet,
+    pool_style,
     sample_mix_mask,
     sample_visible_mask,
 )
@@ -97,20 +99,22 @@ def test_preset_shapes(preset):
     model = build_meduet(preset, num_domains=5)
     s, p, d = cfg["input_size"], cfg["patch_size"], cfg["dim"]
     ds, n, k = d // 4, (cfg["input_size"] // cfg["patch_size"]) ** 3, 2
+    dv = 2 * ds  # tiny and demo pool style as [mean, std]
+    assert model.style_vector_dim == dv
     x = torch.randn(2 * k, 4, s, s, s)
     out = model(x, streams=4, reencode=4)
     assert out["mix_mask"].shape == (k, n) and out["visible"].shape == (2 * k, n)
     assert out["content_tokens"].shape == (k, n, d) and out["style_tokens"].shape == (k, n, ds)
-    assert out["content"].shape == (2 * k, d) and out["style"].shape == (2 * k, ds)
+    assert out["content"].shape == (2 * k, d) and out["style"].shape == (2 * k, dv)
     assert out["domain_content_logits"].shape == out["domain_style_logits"].shape == (2 * k, 5)
     assert out["pred"].shape == (4 * k, n, 4 * p**3)
     assert out["view_content_tokens"].shape == (4 * k, n, d) and out["view_style_tokens"].shape == (4 * k, n, ds)
-    assert out["view_content"].shape == (4 * k, d) and out["view_style"].shape == (4 * k, ds)
+    assert out["view_content"].shape == (4 * k, d) and out["view_style"].shape == (4 * k, dv)
     enc = model.encode(x)
     g = s // p
     assert enc["tokens"].shape == enc["content_tokens"].shape == (2 * k, n, d)
     assert enc["style_tokens"].shape == (2 * k, n, ds)
-    assert enc["content"].shape == (2 * k, d) and enc["style"].shape == (2 * k, ds)
+    assert enc["content"].shape == (2 * k, d) and enc["style"].shape == (2 * k, dv)
     assert enc["content_map"].shape == (2 * k, d, g, g, g)
 
 
@@ -247,8 +251,10 @@ def test_swap_streams_use_other_source_pooled_style():
     assert tokens.shape == (4 * k, n, 32)
     with torch.no_grad():
         for i in range(k):
-            swap_a = model.recombine(out["content_tokens"][i], out["style"][k + i].expand(n, -1))
-            swap_b = model.recombine(out["content_tokens"][i], out["style"][i].expand(n, -1))
+            # the swap broadcasts the mean part of the other source's pooled style ([mean, std] here)
+            ds = model.style_dim
+            swap_a = model.recombine(out["content_tokens"][i], out["style"][k + i, :ds].expand(n, -1))
+            swap_b = model.recombine(out["content_tokens"][i], out["style"][i, :ds].expand(n, -1))
             torch.testing.assert_close(tokens[2 * k + i][mask[i]], swap_a[mask[i]])
             torch.testing.assert_close(tokens[3 * k + i][~mask[i]], swap_b[~mask[i]])
             rec = model.recombine(out["content_tokens"][i], out["style_tokens"][i])
@@ -256,17 +262,36 @@ def test_swap_streams_use_other_source_pooled_style():
     assert torch.equal(visible[2 * k:3 * k], mask) and torch.equal(visible[3 * k:], ~mask)
 
 
-def test_pooled_factors_are_means_over_own_positions():
-    model = _model()
+def _stats(tokens):
+    return torch.cat([tokens.mean(0), (tokens.var(0, unbiased=False) + 1e-6).sqrt()])
+
+
+@pytest.mark.parametrize("style_pool", ["mean", "mean_std"])
+def test_pooled_factors_are_statistics_over_own_positions(style_pool):
+    model = build_meduet("tiny", num_domains=3, style_pool=style_pool)
     k = 2
     mask = _hand_masks(k, 64)
     with torch.no_grad():
         out = model(torch.randn(2 * k, 4, 8, 8, 8), mask, streams=0)
+    pool = (lambda t: t.mean(0)) if style_pool == "mean" else _stats
+    assert out["style"].shape[1] == model.style_vector_dim == model.style_dim * (1 if style_pool == "mean" else 2)
+    assert model.domain_style_head.in_features == model.style_vector_dim
     for i in range(k):
         torch.testing.assert_close(out["content"][i], out["content_tokens"][i][mask[i]].mean(0))
         torch.testing.assert_close(out["content"][k + i], out["content_tokens"][i][~mask[i]].mean(0))
-        torch.testing.assert_close(out["style"][i], out["style_tokens"][i][mask[i]].mean(0))
-        torch.testing.assert_close(out["style"][k + i], out["style_tokens"][i][~mask[i]].mean(0))
+        torch.testing.assert_close(out["style"][i], pool(out["style_tokens"][i][mask[i]]))
+        torch.testing.assert_close(out["style"][k + i], pool(out["style_tokens"][i][~mask[i]]))
+
+
+def test_style_std_separates_what_the_mean_cannot():
+    # two token sets with the same mean but different spread: only mean_std tells them apart
+    a = torch.tensor([[[1.0], [1.0], [1.0], [1.0]]])
+    b = torch.tensor([[[0.0], [2.0], [0.0], [2.0]]])
+    assert torch.equal(pool_style(a, None, "mean"), pool_style(b, None, "mean"))
+    sa, sb = pool_style(a, None, "mean_std"), pool_style(b, None, "mean_std")
+    assert sa[0, 1] < 1e-2 and abs(float(sb[0, 1]) - 1.0) < 1e-5
+    with pytest.raises(ValueError, match="style_pool"):
+        pool_style(a, None, "max")
 
 
 # ------------------------------------------------------------------------------------------------ style smoothing
@@ -392,3 +417,33 @@ def test_render_decodes_factors_in_the_mode_the_decoder_was_trained_for():
         assert pooled.shape == x.shape
         model.meta = {"rec_on": "all"}
         torch.testing.assert_close(model.render(enc["content_tokens"], enc["style_tokens"], grid), one_pass)
+
+
+# ------------------------------------------------------------------------------------------------ content eraser
+def test_content_eraser_is_identity_until_set_and_applies_the_affine_map():
+    from meduet.metrics.disentanglement import LinearEraser
+
+    model = _model()
+    x = torch.randn(2, 4, 8, 8, 8)
+    with torch.no_grad():
+        before = model.encode(x)
+        rng = np.random.default_rng(0)
+        mean, a = rng.normal(size=32), rng.normal(size=(32, 32)) * 0.1
+        model.factors.eraser.set(torch.from_numpy(mean), torch.from_numpy(a))
+        after = model.encode(x)
+        raw = model.encode(x, erase=False)
+    torch.testing.assert_close(raw["content_tokens"], before["content_tokens"])  # erase=False: the head alone
+    torch.testing.assert_close(after["style"], before["style"])  # style untouched
+    want = LinearEraser(mean, a)(before["content_tokens"].double().numpy().reshape(-1, 32)).reshape(2, -1, 32)
+    np.testing.assert_allclose(after["content_tokens"].numpy(), want, atol=1e-5)
+    torch.testing.assert_close(after["content"], after["content_tokens"].mean(1))  # pooled = mean of erased tokens
+    # it travels in the state dict; a state dict from before the eraser existed loads as identity
+    state = model.state_dict()
+    other = _model()
+    other.load_state_dict(state)
+    assert bool(other.factors.eraser.fitted) and torch.equal(other.factors.eraser.proj, model.factors.eraser.proj)
+    legacy = {k: v for k, v in state.items() if ".eraser." not in k}
+    other.load_state_dict(legacy)
+    assert not bool(other.factors.eraser.fitted)
+    with torch.no_grad():
+        torch.testing.assert_close(other.encode(x)["content"], before["content"])

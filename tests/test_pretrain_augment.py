@@ -17,9 +17,10 @@ from conftest import bundle_run
 from meduet.data import get_appearance_augment
 from meduet.engines.ema import EMATeacher
 from meduet.engines.pretrain import pretrain_transforms, read_latent_datalist
+from meduet.engines.pretrain_tasks import encode_latents, load_latent
 from meduet.errors import MeduetInputError
 from meduet.losses.meduet import aug_content_loss, meduet_step_losses
-from meduet.networks.meduet import build_meduet
+from meduet.networks.meduet import build_meduet, load_pretrain
 
 
 def test_appearance_augment_changes_intensities_only_within_range_and_reproducibly():
@@ -117,3 +118,21 @@ def test_encode_caches_copies_and_pretraining_uses_them(tiny_vae, tiny_data, tmp
                "--loss#w_aug_content", "1.0", run_id="training")
     state = torch.load(root / "models" / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    # the content eraser's appearance part was fitted on the copies: the directions in which the (site-erased)
+    # pooled content follows them are gone, so the copies move the content far less than the head alone
+    model = load_pretrain(root / "models" / "model.pt")
+    er = model.meta["content_eraser"]
+    assert er["appearance_copies"] == 2 * len(items) and 1 <= er["appearance_dims"] <= 8
+    scale = dl["latent_scale_factor"]
+    orig = [load_latent(it["latent"]) for it in items for _ in it["latent_aug"]]
+    copies = [load_latent(p) for it in items for p in it["latent_aug"]]
+
+    def moves():
+        a = np.stack([e["content"].numpy() for e in encode_latents(model, orig, scale)])
+        b = np.stack([e["content"].numpy() for e in encode_latents(model, copies, scale)])
+        return np.linalg.norm(b - a, axis=1)
+
+    erased = moves()
+    model.factors.eraser.set(None, None)
+    raw = moves()
+    assert erased.mean() < 0.8 * raw.mean()

@@ -69,19 +69,24 @@ def test_extract_writes_embeddings_of_every_item(pretrained, tiny_latents):
     index = json.loads((out / "embeddings.json").read_text())
     latents = json.loads(tiny_latents.read_text())
     assert index["objective"] == "meduet" and index["content_dim"] == 32 and index["style_dim"] == 8
+    assert index["style_pool"] == "mean_std" and index["style_vector_dim"] == 16  # tiny: [mean, std] of 8 channels
     assert index["domains"] == latents["domains"]
     enc = load_encoder(pretrained / "models/model.pt")
     for split in ("training", "validation", "test"):
         assert len(index[split]) == len(latents[split])
         for item in index[split]:
             emb = torch.load(out / item["embedding"], weights_only=True)
-            assert emb["content"].shape == (32,) and emb["style"].shape == (8,)
+            assert emb["content"].shape == (32,) and emb["style"].shape == (16,)
             assert emb["content_map"].shape[0] == 32 and emb["style_map"].shape[0] == 8
             assert item["domain"] in latents["domains"] and item["domain_index"] == latents["domains"].index(item["domain"])
     # recompute one: the stored vector is the encoder's pooled content of the scaled, padded whole latent
     item = index["test"][0]
     again = encode_latents(enc, [load_latent(item["latent"])], latents["latent_scale_factor"])[0]
-    torch.testing.assert_close(torch.load(out / item["embedding"], weights_only=True)["content"], again["content"])
+    stored = torch.load(out / item["embedding"], weights_only=True)
+    torch.testing.assert_close(stored["content"], again["content"])
+    # the style vector: mean and (population) std of the style map's channels over its tokens
+    sm = stored["style_map"].flatten(1)
+    torch.testing.assert_close(stored["style"], torch.cat([sm.mean(1), (sm.var(1, unbiased=False) + 1e-6).sqrt()]))
 
 
 def test_extract_refuses_latents_of_another_vae(pretrained, tiny_latents, tmp_path):
@@ -105,13 +110,15 @@ def test_evaluate_reports_probes_plots_and_style_swap(pretrained, tiny_latents, 
     m = json.loads((out / "metrics.json").read_text())
     assert m["cases"] == 8 and m["subjects"] == 2  # 2 test subjects x 4 sites
     f = m["factors"]
-    assert set(f) == {"MeDUET content", "MeDUET style", "MAE baseline", "MeDUET content, site-erased", "chance"}
+    assert set(f) == {"MeDUET content", "MeDUET style", "MAE baseline", "MeDUET content, no eraser", "chance"}
     assert f["chance"]["site"] == pytest.approx(0.25)
-    # the eraser is fitted on the pretraining cases (training + validation: 3 seen sites), never on the test split
-    er = m["content_erasure"]
+    # train.yaml fitted the content eraser on the pretraining cases (training + validation: 3 seen sites), never on
+    # the test split; the tiny latents have no augmented copies, so only its site part
+    er = m["content_eraser"]
     train_sites = {it["domain"] for s in ("training", "validation") for it in json.loads(tiny_latents.read_text())[s]}
-    assert er["fit_sites"] == sorted(train_sites) and 1 <= er["rank"] <= len(train_sites) - 1
-    for name in ("MeDUET content", "MeDUET style", "MAE baseline", "MeDUET content, site-erased"):
+    assert er["sites"] == sorted(train_sites) and er["splits"] == ["training", "validation"]
+    assert 1 <= er["site_rank"] <= len(train_sites) - 1 and er["appearance_dims"] == er["appearance_copies"] == 0
+    for name in ("MeDUET content", "MeDUET style", "MAE baseline", "MeDUET content, no eraser"):
         assert 0.0 <= f[name]["site_probe_balanced_accuracy"] <= 1.0
         assert f[name]["site_similarity"]["ratio"] > 0
     assert set(m["targets_met"]) == {"style_site_probe>=0.9", "content_site_probe<=chance+0.15",
@@ -203,6 +210,40 @@ def test_linear_eraser_removes_what_a_linear_probe_reads_and_keeps_the_rest():
     assert probe_accuracy(eraser(x), a, groups=s) > 0.9
     with pytest.raises(ValueError, match="two classes"):
         fit_linear_eraser(fit_x, np.zeros(len(fit_x)))
+
+
+def test_model_pt_content_eraser_equalises_the_sites_of_its_fit_cases(pretrained, tiny_latents):
+    model = load_pretrain(pretrained / "models/model.pt")
+    er = model.meta["content_eraser"]
+    assert bool(model.factors.eraser.fitted) and er["cases"] == sum(
+        len(json.loads(tiny_latents.read_text())[s]) for s in er["splits"])
+    from meduet.engines.pretrain import read_latent_datalist
+
+    latents = read_latent_datalist(str(tiny_latents))
+    items = [it for s in er["splits"] for it in read_latent_datalist(str(tiny_latents), s)]
+    z = [load_latent(it["latent"]) for it in items]
+    sites = np.array([it["domain"] for it in items])
+    erased = np.stack([e["content"].numpy() for e in encode_latents(model, z, latents["latent_scale_factor"])])
+    fitted = {k: v.clone() for k, v in model.factors.eraser.state_dict().items()}
+    model.factors.eraser.set(None, None)
+    raw = np.stack([e["content"].numpy() for e in encode_latents(model, z, latents["latent_scale_factor"])])
+    model.factors.eraser.load_state_dict(fitted)
+
+    def spread_of_site_means(x):
+        means = np.stack([x[sites == c].mean(0) for c in np.unique(sites)])
+        return float(np.abs(means - means.mean(0)).max())
+
+    # LEACE: on the cases it was fitted on, every site has the same mean pooled content (float32 encoder)
+    assert spread_of_site_means(raw) > 1e-3
+    assert spread_of_site_means(erased) < 1e-3 * spread_of_site_means(raw) + 1e-5
+    # and the content changes only along the erased directions (rank <= sites - 1)
+    assert np.linalg.matrix_rank(raw - erased, tol=1e-4 * np.abs(raw).max()) <= len(er["sites"]) - 1
+    # the decoder-facing content (erase=False) is the head before the eraser
+    x = torch.randn(1, 4, 8, 8, 8)
+    with torch.no_grad():
+        a, b = model.encode(x)["content"], model.encode(x, erase=False)["content"]
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(model.factors.eraser(b), a)
 
 
 def test_eta_squared_follows_the_label_structure():

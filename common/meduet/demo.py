@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+#: unlabeled subjects in the sample data's pretraining pool (meduet_pretrain trains on them and fits its content
+#: eraser on them; the VAE, diffusion and segmentation stages never see them)
+PRETRAIN_POOL = 72
 
 
 def bundle_cmd(bundle: str, workflow: str, preset: str, run_id: str | None = None, **overrides: Any) -> list[str]:
@@ -61,14 +64,16 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 
 def stage_sample_data(d: Demo) -> None:
-    d.run("sample data", [sys.executable, "-m", "meduet.data.sample", "--out", "data/sample"])
+    d.run("sample data", [sys.executable, "-m", "meduet.data.sample", "--out", "data/sample",
+                          "--pretrain-subjects", str(PRETRAIN_POOL)])
     dl = json.loads((REPO / "data/sample/phantoms/datalist.json").read_text())
     d.sections.append(
         "## Sample data\n\n"
         f"Synthetic phantoms: {len(dl['domains'])} sites ({', '.join(dl['domains'])}; held out of training: "
         f"{', '.join(dl.get('heldout_domains', []))}), {len(dl['training'])} training / {len(dl['validation'])} "
         f"validation / {len(dl['test'])} test images, labels {dl['labels']}. "
-        "Made by `python -m meduet.data.sample --out data/sample`.\n"
+        f"Unlabeled pretraining pool (meduet_pretrain only): {len(dl.get('pretraining', []))} images, one seen "
+        f"site each. Made by `python -m meduet.data.sample --out data/sample --pretrain-subjects {PRETRAIN_POOL}`.\n"
     )
 
 
@@ -152,12 +157,15 @@ def stage_pretrain(d: Demo) -> None:
         lines.append(f"| {name} | {_fmt(r['site_probe_balanced_accuracy'])} | {_fmt(r['site_similarity']['ratio'])} "
                      f"| {_fmt(r.get('anatomy_probe_balanced_accuracy', '-'))} "
                      f"| {_fmt(r.get('anatomy_similarity', {}).get('ratio', '-'))} |")
-    er = m.get("content_erasure")
+    er = m.get("content_eraser")
     if er:
-        lines.append(f"\n*MeDUET content, site-erased*: the content through a linear site eraser (least-squares "
-                     f"concept erasure) fitted on the {er['fit_cases']} pretraining cases' pooled content "
-                     f"(sites {', '.join(er['fit_sites'])}; rank {er['rank']}), never on these test cases: what "
-                     "remains is site information the pretraining cases do not show linearly.")
+        lines.append(
+            f"\n*MeDUET content* is the content head's output through the linear site eraser that `train.yaml` "
+            f"fitted after pretraining and stored in `model.pt`: least-squares concept erasure (LEACE) of the sites "
+            f"on the pooled content of the {er['cases']} pretraining latents (splits {', '.join(er['splits'])}; "
+            f"sites {', '.join(er['sites'])}), plus the {er['appearance_dims']} leading directions in which the "
+            f"content follows {er['appearance_copies']} appearance-augmented copies of training latents. It never "
+            "saw these test cases nor the held-out sites. *MeDUET content, no eraser* is the head before it.")
     lines.append("\nTargets of the issue, as they came out: " + ", ".join(
         f"`{k}`: {'met' if v else 'NOT met'}" for k, v in m["targets_met"].items()) + "\n")
     lines.append(f"![embeddings]({d.rel(out / m['plot'])})\n")

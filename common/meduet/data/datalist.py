@@ -32,8 +32,9 @@ from meduet.io import atomic_path
 
 __all__ = ["SPLITS", "SAMPLE_HINT", "load_datalist", "get_split", "write_datalist", "resolve_path"]
 
-#: Split keys a datalist may hold, in the order they are validated.
-SPLITS: tuple[str, ...] = ("training", "validation", "test")
+#: Split keys a datalist may hold, in the order they are validated (``pretraining``: unlabeled images for
+#: self-supervised pretraining only).
+SPLITS: tuple[str, ...] = ("training", "validation", "test", "pretraining")
 
 #: The command that (re)creates the default sample data; quoted in error messages.
 SAMPLE_HINT = "python -m meduet.data.sample --out data/sample"

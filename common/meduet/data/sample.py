@@ -3,7 +3,7 @@
 Command line::
 
     python -m meduet.data.sample --out data/sample [--seed 0] [--size 64] [--subjects 24] [--sites 6]
-                                 [--no-brain] [--brain-size 64] [--force]
+                                 [--pretrain-subjects 0] [--no-brain] [--brain-size 64] [--force]
 
 Writes::
 
@@ -21,6 +21,9 @@ A site renders a label map through its own contrast table (HU per class), blur, 
 field, global intensity scale/offset and Gaussian noise; nothing about the anatomy depends on the site.
 Training and validation subjects are rendered once, each by one seen site (balanced over seen sites);
 test subjects are rendered by every site (seen and held out), so the same anatomy exists in all styles.
+``--pretrain-subjects N`` adds the split ``pretraining``: N further subjects, each rendered once by a seen site
+(balanced), listed *without labels* -- the unlabeled multi-site pool that self-supervised pretraining is for
+(meduet_pretrain trains on it; the VAE and the segmentation never see it). Adding it changes no other file.
 
 Everything is deterministic from ``--seed`` (independent of thread scheduling). The output is generated in a
 hidden temporary folder next to ``--out`` and renamed into place, so a killed run leaves nothing half-written.
@@ -302,7 +305,16 @@ def _save_nifti(path: str, array: np.ndarray, affine: np.ndarray) -> None:
     nib.save(img, path)
 
 
-def _make_phantoms(root: str, seed: int, size: int, n_subjects: int, n_sites: int) -> dict:
+def assign_pool(n_subjects: int, n_pool: int, seen: Sequence[str], seed: int) -> list[tuple[int, str]]:
+    """The unlabeled pretraining pool: subjects ``n_subjects .. n_subjects + n_pool - 1`` (after every labelled
+    subject, so the pool never changes them), each with one seen site, balanced over the seen sites."""
+    rng = np.random.default_rng([seed, _SPLIT, 1])
+    sites = [seen[i % len(seen)] for i in range(n_pool)]
+    rng.shuffle(sites)
+    return [(n_subjects + i, site) for i, site in enumerate(sites)]
+
+
+def _make_phantoms(root: str, seed: int, size: int, n_subjects: int, n_sites: int, n_pool: int = 0) -> dict:
     """Write ``root/{images,labels,datalist.json}``; returns the datalist dict (relative paths).
 
     Volumes are computed in this thread and gzip-written by two worker threads (zlib releases the GIL), so
@@ -315,6 +327,8 @@ def _make_phantoms(root: str, seed: int, size: int, n_subjects: int, n_sites: in
     n_heldout = max(1, n_sites // 3)
     seen, heldout = domains[: n_sites - n_heldout], domains[n_sites - n_heldout :]
     splits = assign_splits(n_subjects, seen, seed)
+    if n_pool > 0:
+        splits["pretraining"] = assign_pool(n_subjects, n_pool, seen, seed)
     affine = phantom_affine(size)
     biases = {s.name: _bias_field(seed, s, size) for s in styles}
     by_name = {s.name: s for s in styles}
@@ -334,6 +348,7 @@ def _make_phantoms(root: str, seed: int, size: int, n_subjects: int, n_sites: in
         "training": [],
         "validation": [],
         "test": [],
+        **({"pretraining": []} if n_pool > 0 else {}),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending = []
@@ -342,14 +357,17 @@ def _make_phantoms(root: str, seed: int, size: int, n_subjects: int, n_sites: in
                 subject = f"s{subj_idx:03d}"
                 label = make_anatomy(np.random.default_rng([seed, _ANATOMY, subj_idx]), size)
                 label_rel = f"labels/{subject}.nii.gz"
-                pending.append(pool.submit(_save_nifti, os.path.join(root, label_rel), label, affine))
+                unlabeled = split == "pretraining"
+                if not unlabeled:
+                    pending.append(pool.submit(_save_nifti, os.path.join(root, label_rel), label, affine))
                 for name in [site_name] if site_name is not None else domains:
                     site = by_name[name]
                     rng = np.random.default_rng([seed, _RENDER, subj_idx, site.index])
                     image = render(label, site, biases[name], rng)
                     image_rel = f"images/{subject}_{name}.nii.gz"
                     pending.append(pool.submit(_save_nifti, os.path.join(root, image_rel), image, affine))
-                    item = {"image": image_rel, "label": label_rel, "domain": name, "subject": subject}
+                    item = {"image": image_rel, **({} if unlabeled else {"label": label_rel}), "domain": name,
+                            "subject": subject}
                     datalist[split].append(item)
                 # bound the memory held by queued volumes; .result() re-raises a failed write here
                 while len(pending) > 8:
@@ -502,6 +520,7 @@ def generate_sample_data(
     brain_size: int = 64,
     force: bool = False,
     log=print,
+    pretrain_subjects: int = 0,
 ) -> dict:
     """Generate the sample data into ``out`` (see the module docstring); returns the ``sample.json`` record.
 
@@ -516,9 +535,12 @@ def generate_sample_data(
         raise MeduetInputError(f"--brain-size {brain_size}: need at least 8 voxels per side")
     if subjects < 3:
         raise MeduetInputError(f"--subjects {subjects}: need at least 3 subjects (training, validation, test)")
+    if pretrain_subjects < 0:
+        raise MeduetInputError(f"--pretrain-subjects {pretrain_subjects}: must be >= 0")
     out = os.path.abspath(os.fspath(out))
     params = {"version": GENERATOR_VERSION, "seed": seed, "size": size, "subjects": subjects, "sites": sites,
-              "brain": bool(brain), "brain_size": brain_size if brain else None}
+              "brain": bool(brain), "brain_size": brain_size if brain else None,
+              "pretrain_subjects": int(pretrain_subjects)}
     if os.path.isdir(out) and not force and _is_up_to_date(out, params):
         log(f"{out} already holds sample data with these parameters; nothing to do (--force regenerates)")
         with open(os.path.join(out, "sample.json"), encoding="utf-8") as f:
@@ -538,7 +560,7 @@ def generate_sample_data(
     t0 = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent)
     try:
-        phantoms = _make_phantoms(os.path.join(tmp, "phantoms"), seed, size, subjects, sites)
+        phantoms = _make_phantoms(os.path.join(tmp, "phantoms"), seed, size, subjects, sites, pretrain_subjects)
         brain_dl = None
         if brain:
             if importlib.util.find_spec("nilearn") is None:
@@ -576,6 +598,8 @@ def generate_sample_data(
         f"test {len(phantoms['test'])} images = {n_test_subj} subjects x {sites} sites; "
         "labels 0 bg, 1 body, 2 organ_a, 3 organ_b, 4 lesion"
     )
+    if pretrain_subjects:
+        log(f"            pretraining pool: {pretrain_subjects} unlabeled images (one seen site each)")
     if brain_dl is not None:
         log(f"  brain:    MNI152 T1 {brain_size}^3 at {brain_dl['spacing'][0]:.2f} mm, MR, labels 0 bg, 1 GM, 2 WM")
     return record
@@ -589,12 +613,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64, help="phantom cube side in voxels (1.5 mm), default 64")
     p.add_argument("--subjects", type=int, default=24)
     p.add_argument("--sites", type=int, default=6, help="number of sites; the last third is held out of training")
+    p.add_argument("--pretrain-subjects", type=int, default=0,
+                   help="unlabeled subjects in a 'pretraining' split (one seen site each), default 0")
     p.add_argument("--no-brain", action="store_true", help="skip the MNI152 brain sample")
     p.add_argument("--brain-size", type=int, default=64, help="brain cube side in voxels, default 64")
     p.add_argument("--force", action="store_true", help="regenerate even if the output is up to date")
     a = p.parse_args(argv)
     try:
-        generate_sample_data(a.out, a.seed, a.size, a.subjects, a.sites, not a.no_brain, a.brain_size, a.force)
+        generate_sample_data(a.out, a.seed, a.size, a.subjects, a.sites, not a.no_brain, a.brain_size, a.force,
+                             pretrain_subjects=a.pretrain_subjects)
     except MeduetInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

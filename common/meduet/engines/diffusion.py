@@ -92,7 +92,9 @@ class Conditioner(nn.Module):
             encoder.requires_grad_(False).eval()
             self.crop = tuple(int(c) for c in (crop or crop_size_of(encoder)))
             self.content_dim = int(encoder.dim)
-            self.style_dim = int(getattr(encoder, "style_dim", 0) or 0) if hasattr(encoder, "factors") else 0
+            # the pooled style vector's width (Ds, or 2 Ds for style_pool mean_std); the map keeps Ds channels
+            self.style_dim = int(getattr(encoder, "style_vector_dim", 0) or 0) if hasattr(encoder, "factors") else 0
+            self.style_pool = getattr(encoder, "style_pool", "mean")
         else:
             self.crop, self.content_dim, self.style_dim = None, 0, 0
 
@@ -106,6 +108,7 @@ class Conditioner(nn.Module):
     def factors(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pooled factors (and the content map) of scaled latents ``x (B, C, S1, S2, S3)``."""
         from meduet.engines.pretrain_tasks import _prepare, _windows, factor_map
+        from meduet.networks.meduet import pool_style
 
         enc = self.encoder
         z, _ = _prepare(x.float(), int(enc.patch_size), self.crop)
@@ -113,7 +116,7 @@ class Conditioner(nn.Module):
         content = fmap[:, : self.content_dim]
         out = {"content": content.flatten(2).mean(2)}
         if self.style_dim:
-            out["style"] = fmap[:, self.content_dim:].flatten(2).mean(2)
+            out["style"] = pool_style(fmap[:, self.content_dim:].flatten(2).transpose(1, 2), None, self.style_pool)
         if self.content_map:
             out["content_map"] = content
         return out

@@ -22,6 +22,7 @@ from meduet.losses.meduet import MAELossConfig, MeDUETLossConfig, mae_step_losse
 
 __all__ = [
     "PretrainTrainer",
+    "ContentEraserFit",
     "warmup_cosine_schedule",
     "read_latent_datalist",
     "LoadAugmentedLatentsd",
@@ -65,6 +66,8 @@ class PretrainTrainer(MeduetTrainer):
         grad_clip: max gradient norm (``None``: no clipping).
         amp: bf16 autocast on CUDA (ignored on CPU).
         train_handlers: MONAI/ignite handlers.
+        content_eraser: a ``ContentEraserFit`` (also the checkpointer's ``before_save``): the content head's site
+            eraser is reset to identity when a run starts (after any resume), so training never sees a stale one.
     """
 
     def __init__(
@@ -83,11 +86,16 @@ class PretrainTrainer(MeduetTrainer):
         epoch_length: int | None = None,
         amp: bool = False,
         train_handlers: Sequence | None = None,
+        content_eraser: ContentEraserFit | None = None,
     ) -> None:
         super().__init__(
             device, max_epochs, train_data_loader, network, optimizer, lr_scheduler=lr_scheduler,
             grad_clip=grad_clip, epoch_length=epoch_length, amp=amp, train_handlers=train_handlers,
         )
+        if content_eraser is not None:
+            from ignite.engine import Events
+
+            self.add_event_handler(Events.STARTED, content_eraser.reset)  # after the checkpointer's resume
         if objective not in ("meduet", "mae"):
             raise ValueError(f"objective must be 'meduet' or 'mae', got {objective!r}")
         if objective == "meduet" and teacher is None:
@@ -128,15 +136,114 @@ class PretrainTrainer(MeduetTrainer):
         return {"loss": loss.detach(), "losses": losses}
 
 
+class ContentEraserFit:
+    """Fits the content head's linear site eraser (``meduet.networks.meduet.ContentEraser``) at the end of
+    pretraining, in two parts composed into one affine map:
+
+    1. sites: the pooled content of every latent of ``splits`` (whole latents by sliding windows of the
+       pretraining crop, ``meduet.engines.pretrain_tasks.encode_latents``) with the identity eraser, then LEACE
+       (``meduet.metrics.disentanglement.fit_linear_eraser``, covariance ``shrinkage``) of the items' sites;
+    2. appearance: when items carry appearance-augmented copies (``latent_aug``, meduet_vae ``encode.yaml
+       --augment_copies N``), the ``nuisance_dims`` leading principal directions of how a case's (site-erased)
+       pooled content moves between the case and its copies are projected out too. The seen sites span only
+       ``sites - 1`` directions; the copies show how content follows intensity changes in general, which is how
+       a site never seen in pretraining differs.
+
+    Use it as ``TrainingCheckpointer(before_save=...)``: it acts only at the save after the last epoch, so the
+    exported ``model.pt`` (and ``checkpoint.pt``) hold the fitted eraser, and it records what it was fitted on in
+    ``network.meta["content_eraser"]``; give it to ``PretrainTrainer(content_eraser=...)`` too, which resets the
+    eraser when a run starts. Splits the datalist lacks are skipped; with fewer than two sites the eraser stays
+    identity (a warning says so). Every rank fits the same eraser (the computation is deterministic).
+    """
+
+    def __init__(self, network: torch.nn.Module, latent_datalist: str, splits: Sequence[str] = ("training",),
+                 shrinkage: float = 0.1, nuisance_dims: int = 8, device: str | torch.device | None = None) -> None:
+        self.network = network
+        self.latent_datalist = latent_datalist
+        self.splits = list(splits)
+        self.shrinkage = float(shrinkage)
+        self.nuisance_dims = int(nuisance_dims)
+        self.device = device
+        self._fitted_at: int | None = None
+
+    def _model(self) -> torch.nn.Module:
+        from meduet.engines.checkpoint import unwrap
+
+        return unwrap(self.network)
+
+    def reset(self, engine: Trainer | None = None) -> None:
+        model = self._model()
+        model.factors.eraser.set(None, None)
+        model.meta.pop("content_eraser", None)
+
+    def __call__(self, engine: Trainer) -> None:
+        if engine.state.epoch < engine.state.max_epochs or self._fitted_at == engine.state.iteration:
+            return
+        self.fit()
+        self._fitted_at = engine.state.iteration
+
+    def fit(self) -> dict[str, Any] | None:
+        """Fit and install the eraser now; returns the record stored in ``meta["content_eraser"]`` (None if
+        the splits hold fewer than two sites)."""
+        import logging
+
+        import numpy as np
+
+        from meduet.engines.pretrain_tasks import encode_latents, load_latent
+        from meduet.metrics.disentanglement import fit_linear_eraser
+
+        model = self._model()
+        self.reset()
+        latents = read_latent_datalist(self.latent_datalist)
+        splits = [sp for sp in self.splits if sp in latents]
+        items = [it for sp in splits for it in read_latent_datalist(self.latent_datalist, sp)]
+        sites = sorted({it["domain"] for it in items})
+        if len(sites) < 2:
+            logging.getLogger(__name__).warning(
+                f"content eraser not fitted: splits {splits} of '{self.latent_datalist}' hold sites {sites}")
+            return None
+        was_training = model.training
+        device = self.device or next(model.parameters()).device
+        scale = float(latents["latent_scale_factor"])
+
+        def pooled(paths: list[str], desc: str) -> np.ndarray:
+            with torch.no_grad():
+                enc = encode_latents(model, [load_latent(p) for p in paths], scale, device, desc=desc)
+            return np.stack([e["content"].double().numpy() for e in enc])
+
+        content = pooled([it["latent"] for it in items], "content eraser: sites")
+        eraser = fit_linear_eraser(content, [it["domain"] for it in items], self.shrinkage)
+        proj, nuisance, copies = eraser.proj, 0, 0
+        with_copies = [(i, it["latent_aug"]) for i, it in enumerate(items) if it.get("latent_aug")]
+        if with_copies and self.nuisance_dims > 0:
+            aug = pooled([p for _, ps in with_copies for p in ps], "content eraser: appearance")
+            base = np.concatenate([np.repeat(content[i][None], len(ps), 0) for i, ps in with_copies])
+            moves = eraser(aug) - eraser(base)  # how the site-erased content follows appearance changes
+            _, sv, vt = np.linalg.svd(moves, full_matrices=False)
+            v = vt[: min(self.nuisance_dims, int((sv > 1e-8 * max(sv.max(), 1e-30)).sum()))]
+            # compose c -> c - (c - m) A^T, then c' -> c' - (c' - m) V^T V, as one map c - (c - m) M^T
+            eye = np.eye(proj.shape[0])
+            proj = proj + v.T @ v @ (eye - proj)
+            nuisance, copies = len(v), len(aug)
+        model.train(was_training)
+        model.factors.eraser.set(torch.from_numpy(eraser.mean), torch.from_numpy(proj))
+        record = {"splits": splits, "cases": len(items), "sites": sites, "shrinkage": self.shrinkage,
+                  "site_rank": eraser.rank, "appearance_copies": copies, "appearance_dims": nuisance}
+        model.meta["content_eraser"] = record
+        return record
+
+
 ENCODE_HINT = (
     "make it with meduet_vae's encode workflow: python -m monai.bundle run --config_file "
     "\"['bundles/meduet_vae/configs/encode.yaml','bundles/meduet_vae/configs/presets/demo.yaml']\""
 )
 
 
-def read_latent_datalist(path: str, split: str | None = None) -> Any:
+def read_latent_datalist(path: str, split: str | None = None, optional_splits: Sequence[str] = ()) -> Any:
     """Read meduet_vae's latent datalist: the whole dict, or with ``split`` that split's items with absolute
-    ``latent`` paths and a ``domain_index``. A missing cache is a one-line error naming the command that makes it."""
+    ``latent`` paths and a ``domain_index``, followed by the items of those ``optional_splits`` the datalist has
+    (e.g. the sample data's unlabeled ``pretraining`` pool). A missing cache is a one-line error naming the command
+    that makes it."""
     import json
     import os
 
@@ -152,6 +259,18 @@ def read_latent_datalist(path: str, split: str | None = None) -> Any:
         return data
     if split not in data:
         raise MeduetInputError(f"{path}: has no split '{split}'")
+    items = _latent_items(path, data, split)
+    for extra in optional_splits:
+        if extra in data and extra != split:
+            items += _latent_items(path, data, extra)
+    return items
+
+
+def _latent_items(path: str, data: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
+    import os
+
+    from meduet.errors import MeduetInputError
+
     base = os.path.dirname(os.path.abspath(path))
     domains = list(data["domains"])
     items = []
@@ -229,7 +348,8 @@ class PickAugmentedLatentd(Randomizable, MapTransform):
 
 def pretrain_transforms(crop_size: Sequence[int], crops_per_latent: int = 1, augmented_pairs: bool = False):
     """The pretraining chain: load the latent, random crop(s), flips, rot90; with ``augmented_pairs`` also an
-    intensity-augmented copy of the same latent (``latent_aug``), cropped and turned exactly like ``latent``."""
+    intensity-augmented copy of the same latent (``latent_aug``), cropped and turned exactly like ``latent``.
+    Items keep only ``latent``, ``domain_index`` (and ``latent_aug``)."""
     import monai.transforms as mt
 
     from meduet.data import CheckedLoadImaged, InputCheckedCompose, get_train_crop_transforms
@@ -241,4 +361,7 @@ def pretrain_transforms(crop_size: Sequence[int], crops_per_latent: int = 1, aug
         steps += [LoadAugmentedLatentsd(), PickAugmentedLatentd()]
         keys.append("latent_aug")
     steps += list(get_train_crop_transforms(crop_size, keys=keys, num_samples=crops_per_latent).transforms)
+    # only what the step uses, so that items with and without e.g. a label (the unlabeled pretraining pool) or
+    # other metadata share a batch
+    steps.append(mt.SelectItemsd([*keys, "domain_index"], allow_missing_keys=True))
     return InputCheckedCompose(steps)

@@ -108,15 +108,23 @@ def _prepare(z: torch.Tensor, patch: int, crop: Sequence[int]) -> tuple[torch.Te
     return x, shape
 
 
+def style_vector(style_map: torch.Tensor, style_pool: str = "mean") -> torch.Tensor:
+    """A case's style vector from its style map ``(Ds, g1, g2, g3)`` (``pool_style`` over all its tokens)."""
+    from meduet.networks.meduet import pool_style
+
+    return pool_style(style_map.flatten(1).T[None], None, style_pool)[0]
+
+
 @torch.no_grad()
 def encode_latents(network: torch.nn.Module, latents: Sequence[torch.Tensor], latent_scale_factor: float,
                    device: str | torch.device = "cpu", desc: str = "encode",
                    crop: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
     """Embeddings of whole latents ``(C, X, Y, Z)``: the factor map by sliding windows of the pretraining crop
-    size (``crop``, default from the network's record; overlap 0.5), and pooled vectors as its means.
+    size (``crop``, default from the network's record; overlap 0.5), and pooled vectors of it.
 
-    Returns CPU tensors without the batch axis: ``content (D,)``, ``content_map (D, g1, g2, g3)`` and, for MeDUET,
-    ``style (Ds,)``, ``style_map (Ds, g...)`` (the token grid of the latent padded to patch multiples).
+    Returns CPU tensors without the batch axis: ``content (D,)`` (mean), ``content_map (D, g1, g2, g3)`` and, for
+    MeDUET, ``style (Ds,)`` or ``(2 Ds,)`` (``style_vector`` with the network's ``style_pool``), ``style_map
+    (Ds, g...)`` (the token grid of the latent padded to patch multiples).
     """
     network = network.to(device).eval()
     patch, dim = int(network.patch_size), int(network.dim)
@@ -128,7 +136,7 @@ def encode_latents(network: torch.nn.Module, latents: Sequence[torch.Tensor], la
         row = {"content_map": fmap[:dim], "content": fmap[:dim].flatten(1).mean(1)}
         if fmap.shape[0] > dim:
             row["style_map"] = fmap[dim:]
-            row["style"] = fmap[dim:].flatten(1).mean(1)
+            row["style"] = style_vector(fmap[dim:], getattr(network, "style_pool", "mean"))
         out.append(row)
     return out
 
@@ -140,9 +148,10 @@ class EmbeddingWriter:
     ``<output_dir>/embeddings.json`` listing them with each item's ``domain``. Items name their case by
     ``latent_path`` (else the input's file name)."""
 
-    def __init__(self, output_dir: str, content_dim: int) -> None:
+    def __init__(self, output_dir: str, content_dim: int, style_pool: str = "mean") -> None:
         self.output_dir = Path(output_dir)
         self.content_dim = int(content_dim)
+        self.style_pool = style_pool
         self.rows: list[dict[str, Any]] = []
 
     def attach(self, engine) -> None:
@@ -166,7 +175,7 @@ class EmbeddingWriter:
             rec = {"content_map": fmap[: self.content_dim], "content": fmap[: self.content_dim].flatten(1).mean(1)}
             if fmap.shape[0] > self.content_dim:
                 rec["style_map"] = fmap[self.content_dim:]
-                rec["style"] = rec["style_map"].flatten(1).mean(1)
+                rec["style"] = style_vector(rec["style_map"], self.style_pool)
             atomic_save(rec, self.output_dir / f"{name}.pt")
             self.rows.append({"latent": str(path), "domain": item.get("domain"), "embedding": f"{name}.pt"})
 
@@ -184,7 +193,7 @@ def extract_embeddings(
 ) -> str:
     """Content and style embeddings of every item of the latent datalist's ``splits``.
 
-    Writes ``<output_dir>/<split>/<case>.pt`` (``content (D,)``, ``style (Ds,)``, with ``maps``:
+    Writes ``<output_dir>/<split>/<case>.pt`` (``content (D,)``, ``style (Ds,)`` / ``(2 Ds,)``, with ``maps``:
     ``content_map (D, g1, g2, g3)``, ``style_map (Ds, g...)``; ``torch.load(weights_only=True)`` reads them) and
     ``<output_dir>/embeddings.json``: the items (with ``embedding`` paths relative to it, ``domain``,
     ``domain_index``) and what a downstream stage needs (``objective``, ``content_dim``, ``style_dim``,
@@ -201,7 +210,9 @@ def extract_embeddings(
         "latent_datalist": os.path.abspath(latent_datalist),
         "objective": network.kind,
         "content_dim": network.dim,
-        "style_dim": network.style_dim,
+        "style_dim": network.style_dim,  # channels of style_map
+        "style_pool": network.style_pool,
+        "style_vector_dim": network.style_vector_dim,  # width of the pooled style
         "patch_size": network.patch_size,
         **{k: latents[k] for k in ("domains", "heldout_domains", "labels", "latent_channels", "downsample_factor",
                                    "latent_scale_factor", "vae_config_hash") if k in latents},
@@ -348,7 +359,7 @@ def style_swap_study(model, vae, latents: dict[str, Any], items: list[dict[str, 
 
     def render(z: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         def predictor(t: torch.Tensor) -> torch.Tensor:
-            enc = model.encode(t)
+            enc = model.encode(t, erase=False)  # the decoder was trained on the content head before the eraser
             return model.render(enc["content_tokens"], style.to(t).expand(t.shape[0], -1),
                                 enc["content_map"].shape[2:], generator=gen)
         return _windows(z, crop, predictor)
@@ -406,7 +417,6 @@ def evaluate_disentanglement(
     method: str = "tsne",
     swaps: int = 4,
     device: str | torch.device = "cpu",
-    erasure_fit_splits: Sequence[str] | None = ("training", "validation"),
 ) -> dict[str, Any]:
     """The disentanglement report (paper Figure 1) on the latent datalist's ``split`` (cases held out of
     pretraining): probes and similarity ratios for MeDUET's pooled content and style (and the masked-autoencoder
@@ -414,10 +424,9 @@ def evaluate_disentanglement(
     (subject), and with ``vae_ckpt`` the style-swap study. Writes ``metrics.json``, ``embeddings_2d.png``,
     ``style_swap.png`` to ``output_dir`` and returns the metrics.
 
-    With ``erasure_fit_splits`` (the pretraining cases by default) it also fits a linear site eraser
-    (:func:`meduet.metrics.disentanglement.fit_linear_eraser`) on those cases' pooled content and reports the
-    evaluated cases' content through it as ``MeDUET content, site-erased``: how much of the site the content keeps
-    in directions the pretraining cases already show. The issue's targets stay on the content itself."""
+    ``MeDUET content`` is the model's content (through its site eraser when train.yaml fitted one, see
+    ``meduet.engines.pretrain.ContentEraserFit``); the row ``MeDUET content, no eraser`` then shows the content
+    head's output before it, and ``metrics["content_eraser"]`` what the eraser was fitted on."""
     device = torch.device(device)
     out = Path(output_dir)
     model = load_pretrain(pretrain_ckpt, device)
@@ -434,19 +443,14 @@ def evaluate_disentanglement(
     enc = encode_latents(model, z, scale, device, desc="encode (MeDUET)")
     features = {"MeDUET content": np.stack([e["content"].numpy() for e in enc]),
                 "MeDUET style": np.stack([e["style"].numpy() for e in enc])}
-    fit_splits = [sp for sp in (erasure_fit_splits or []) if sp in latents and sp != split]
-    fit_items = [it for sp in fit_splits for it in read_latent_datalist(latent_datalist, sp)]
-    if len({it["domain"] for it in fit_items}) >= 2:
-        from meduet.metrics.disentanglement import fit_linear_eraser
-
-        fit = encode_latents(model, [load_latent(it["latent"]) for it in fit_items], scale, device,
-                             desc="encode (eraser fit)")
-        eraser = fit_linear_eraser(np.stack([e["content"].numpy() for e in fit]), [it["domain"] for it in fit_items])
-        features["MeDUET content, site-erased"] = eraser(features["MeDUET content"])
-        erasure = {"fit_splits": fit_splits, "fit_cases": len(fit_items), "fit_sites": sorted({it["domain"] for it in fit_items}),
-                   "rank": eraser.rank}
-    else:
-        erasure = None
+    eraser = model.factors.eraser
+    erasure = model.meta.get("content_eraser") if bool(eraser.fitted) else None
+    if erasure:
+        fitted = {k: v.clone() for k, v in eraser.state_dict().items()}
+        eraser.set(None, None)
+        raw = encode_latents(model, z, scale, device, desc="encode (MeDUET, no eraser)")
+        eraser.load_state_dict(fitted)
+        features["MeDUET content, no eraser"] = np.stack([e["content"].numpy() for e in raw])
     if baseline_ckpt:
         base = load_pretrain(baseline_ckpt, device)
         check_compatible(base.meta, latents, baseline_ckpt, latent_datalist)
@@ -460,7 +464,7 @@ def evaluate_disentanglement(
         "factors": _factor_metrics(features, sites, subjects),
     }
     if erasure:
-        metrics["content_erasure"] = erasure
+        metrics["content_eraser"] = erasure
     _plot_embeddings(out / "embeddings_2d.png", features, sites, subjects, method)
     metrics["plot"] = "embeddings_2d.png"
     if vae_ckpt:

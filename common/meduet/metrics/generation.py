@@ -127,7 +127,7 @@ class EncoderFeatures(FeatureExtractor):
         device: where the encoder runs.
 
     ``forward(latents (N, C, S1, S2, S3) | [(C, S1, S2, S3)] * N) -> (N, D + Ds)``: the pooled content ``(D)`` and
-    pooled style ``(Ds)`` of ``encode_latents`` (windows with overlap 0.5); ``(N, D)`` for the baseline.
+    pooled style ``(Ds or 2 Ds)`` of ``encode_latents`` (windows with overlap 0.5); ``(N, D)`` for the baseline.
     """
 
     space = "latent"
@@ -157,7 +157,7 @@ class EncoderFeatures(FeatureExtractor):
             crop = (int(crop),) * 3 if isinstance(crop, int) else tuple(int(c) for c in crop)
         self.crop = crop
         self.kind = getattr(encoder, "kind", "") or "meduet"
-        self.style_dim = 0 if self.kind == "mae" else int(getattr(encoder, "style_dim", 0) or 0)
+        self.style_dim = 0 if self.kind == "mae" else int(getattr(encoder, "style_vector_dim", 0) or 0)
         self.name = f"{self.kind}-encoder (proxy)"
 
     @property

@@ -72,6 +72,9 @@ __all__ = [
     "sample_mix_mask",
     "sample_visible_mask",
     "masked_mean",
+    "pool_style",
+    "STYLE_POOLS",
+    "ContentEraser",
     "StyleSmoothing",
     "FactorHeads",
     "Recombination",
@@ -93,12 +96,18 @@ __all__ = [
 #: the seed paper's ViT-B on 4x24^3 MAISI latents (216 tokens). ``style_dim`` defaults to ``dim // 4``.
 MEDUET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(input_size=8, patch_size=2, dim=32, depth=2, num_heads=2, mlp_ratio=4.0,
-                 dec_dim=32, dec_depth=1, dec_heads=2),
+                 dec_dim=32, dec_depth=1, dec_heads=2, style_pool="mean_std"),
     "demo": dict(input_size=8, patch_size=2, dim=96, depth=4, num_heads=4, mlp_ratio=4.0,
-                 dec_dim=64, dec_depth=2, dec_heads=4),
+                 dec_dim=64, dec_depth=2, dec_heads=4, style_pool="mean_std"),
     "paper": dict(input_size=24, patch_size=4, dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                   dec_dim=384, dec_depth=8, dec_heads=12),
 }
+
+#: How a case's style tokens become its style vector: ``"mean"`` (the paper: the mean token, width ``Ds``) or
+#: ``"mean_std"`` (mean and standard deviation per channel, width ``2 Ds``: the feature statistics that
+#: AdaIN-style transfer calls style). A site shows in *how* the style of tissues differs across a volume, which
+#: the mean of a few hundred tokens dilutes (docs/README.md, "Style statistics").
+STYLE_POOLS = ("mean", "mean_std")
 
 #: Clamp range of the SiQC temperature.
 TAU_RANGE = (0.01, 1.0)
@@ -139,6 +148,20 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
         return tokens.mean(dim=1)
     w = mask.to(tokens.dtype).unsqueeze(-1)
     return (tokens * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+
+
+def pool_style(style: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "mean") -> torch.Tensor:
+    """A case's style vector from its style tokens ``(B, N, Ds)`` over the positions where ``mask (B, N)`` is
+    True (all if None): ``mode="mean"`` -> ``(B, Ds)``; ``"mean_std"`` -> ``(B, 2 Ds)`` = [mean, standard
+    deviation] (population std, ``sqrt(var + 1e-6)`` so that its gradient stays finite)."""
+    if mode not in STYLE_POOLS:
+        raise ValueError(f"style_pool must be one of {STYLE_POOLS}, got {mode!r}")
+    mean = masked_mean(style, mask)
+    if mode == "mean":
+        return mean
+    sq = (style - mean.unsqueeze(1)).square()
+    var = masked_mean(sq, mask)
+    return torch.cat([mean, (var + 1e-6).sqrt()], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,19 +264,62 @@ class StyleSmoothing(nn.Module):
         return out.reshape(b, c, n).transpose(1, 2)
 
 
+class ContentEraser(nn.Module):
+    """A fixed affine map on content tokens, ``c -> c - (c - mean) @ proj.T``, fitted after pretraining to remove
+    what a linear model reads of the site from the pooled content (LEACE,
+    ``meduet.engines.pretrain.fit_content_eraser``). Identity (``proj = 0``) until fitted; ``fitted`` says which.
+
+    Its buffers travel in the state dict (``*.eraser.mean / proj / fitted``); a state dict written before the
+    eraser existed loads as an identity eraser. Since pooling is a mean, erasing every token erases the pooled
+    vector in the same way.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("proj", torch.zeros(dim, dim))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self._register_load_state_dict_pre_hook(self._identity_if_absent)
+
+    def _identity_if_absent(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name, buf in (("mean", self.mean), ("proj", self.proj), ("fitted", self.fitted)):
+            state_dict.setdefault(prefix + name, torch.zeros_like(buf))
+
+    def set(self, mean: torch.Tensor | None, proj: torch.Tensor | None) -> None:
+        """Install a fitted eraser (``mean (D,)``, ``proj (D, D)``), or reset to identity with ``None``."""
+        with torch.no_grad():
+            if proj is None:
+                self.mean.zero_(), self.proj.zero_(), self.fitted.fill_(False)
+                return
+            self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
+            self.proj.copy_(torch.as_tensor(proj, dtype=self.proj.dtype))
+            self.fitted.fill_(True)
+
+    def forward(self, content: torch.Tensor) -> torch.Tensor:
+        if not bool(self.fitted):
+            return content
+        return content - F.linear(content - self.mean.to(content.dtype), self.proj.to(content.dtype))
+
+
 class FactorHeads(nn.Module):
-    """Per-token factor heads: ``content = Linear(D, D)``, ``style = StyleSmoothing(Linear(D, Ds))``."""
+    """Per-token factor heads: ``content = eraser(Linear(D, D))`` (the eraser is identity unless fitted after
+    pretraining, see ``ContentEraser``), ``style = StyleSmoothing(Linear(D, Ds))``."""
 
     def __init__(self, dim: int, style_dim: int, smooth_kernel: int = 3) -> None:
         super().__init__()
         self.content = nn.Linear(dim, dim)
         self.style = nn.Linear(dim, style_dim)
         self.smooth = StyleSmoothing(style_dim, smooth_kernel)
+        self.eraser = ContentEraser(dim)
+
+    def content_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Content tokens ``(B, N, D)`` of encoder tokens: the linear head, then the (fitted or identity) eraser."""
+        return self.eraser(self.content(tokens))
 
     def forward(self, tokens: torch.Tensor, grid: Sequence[int],
                 visible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``tokens (B, N, D) -> content (B, N, D), smoothed style (B, N, Ds)`` (style over ``visible`` only)."""
-        return self.content(tokens), self.smooth(self.style(tokens), visible, grid)
+        return self.content_of(tokens), self.smooth(self.style(tokens), visible, grid)
 
 
 class Recombination(nn.Module):
@@ -283,7 +349,8 @@ class FactorEncoder(nn.Module):
     ``encode(x (B, C, S1, S2, S3))`` on unmixed full inputs (any grid divisible by ``patch_size``) returns a dict:
 
     * ``tokens (B, N, D)``: encoder output; ``content_tokens (B, N, D)``; ``style_tokens (B, N, Ds)`` (smoothed);
-    * ``content (B, D)``, ``style (B, Ds)``: means over all tokens;
+    * ``content (B, D)``: mean over all tokens; ``style (B, Ds)`` or ``(B, 2 Ds)``: ``pool_style`` with the
+      encoder's ``style_pool``;
     * ``content_map (B, D, g1, g2, g3)``: content tokens on the token grid.
 
     ``forward(x)`` is ``encode(x)``.
@@ -292,9 +359,12 @@ class FactorEncoder(nn.Module):
     def __init__(self, in_channels: int = 4, input_size: int | Sequence[int] = 24, patch_size: int = 4,
                  dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  style_dim: int | None = None, smooth_kernel: int = 3, qkv_bias: bool = True,
-                 dropout_rate: float = 0.0) -> None:
+                 dropout_rate: float = 0.0, style_pool: str = "mean") -> None:
         super().__init__()
+        if style_pool not in STYLE_POOLS:
+            raise ValueError(f"style_pool must be one of {STYLE_POOLS}, got {style_pool!r}")
         self.style_dim = style_dim or dim // 4
+        self.style_pool = style_pool
         self.encoder = LatentViT(in_channels, input_size, patch_size, dim, depth, num_heads, mlp_ratio,
                                  qkv_bias, dropout_rate)
         self.factors = FactorHeads(dim, self.style_dim, smooth_kernel)
@@ -306,16 +376,20 @@ class FactorEncoder(nn.Module):
     def ema_source(self) -> nn.Module:
         return self
 
-    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, x: torch.Tensor, erase: bool = True) -> dict[str, torch.Tensor]:
+        """See the class docstring; ``erase=False`` gives the content head's output before the site eraser
+        (what the decoder was trained on: ``MeDUET.render`` wants it)."""
         tokens, grid = self.encoder.embed(x)
         tokens = self.encoder.forward_tokens(tokens)
         content, style = self.factors(tokens, grid)
+        if not erase:
+            content = self.factors.content(tokens)
         return {
             "tokens": tokens,
             "content_tokens": content,
             "style_tokens": style,
             "content": content.mean(dim=1),
-            "style": style.mean(dim=1),
+            "style": pool_style(style, None, self.style_pool),
             "content_map": tokens_to_map(content, grid),
         }
 
@@ -347,6 +421,8 @@ class MeDUET(_CheckpointRecord, nn.Module):
         num_domains: number of sites/datasets for the domain heads.
         domain_hidden: 0 = linear domain heads; > 0 = MLP with that hidden width.
         siqc_temperature: SiQC temperature (initial value when learnable).
+        style_pool: how style tokens become a case's style vector (``STYLE_POOLS``; the domain head, SiQC and
+            downstream stages use that vector; a style swap uses its mean part).
         learn_temperature: make ``log_tau`` (content, style) an optimised ``nn.Parameter``.
         smooth_kernel: style smoothing kernel size.
         qkv_bias, dropout_rate: transformer options.
@@ -364,7 +440,7 @@ class MeDUET(_CheckpointRecord, nn.Module):
                  dec_dim: int = 384, dec_depth: int = 8, dec_heads: int | None = None,
                  style_dim: int | None = None, num_domains: int = 2, domain_hidden: int = 0,
                  siqc_temperature: float = 0.07, learn_temperature: bool = False, smooth_kernel: int = 3,
-                 qkv_bias: bool = True, dropout_rate: float = 0.0) -> None:
+                 qkv_bias: bool = True, dropout_rate: float = 0.0, style_pool: str = "mean") -> None:
         super().__init__()
         style_dim = style_dim or dim // 4
         if dec_heads is None:
@@ -376,17 +452,18 @@ class MeDUET(_CheckpointRecord, nn.Module):
                          dec_depth=dec_depth, dec_heads=dec_heads, style_dim=style_dim, num_domains=num_domains,
                          domain_hidden=domain_hidden, siqc_temperature=siqc_temperature,
                          learn_temperature=learn_temperature, smooth_kernel=smooth_kernel, qkv_bias=qkv_bias,
-                         dropout_rate=dropout_rate)
+                         dropout_rate=dropout_rate, style_pool=style_pool)
         self.meta: dict[str, Any] = {}
         self.in_channels, self.patch_size, self.dim, self.style_dim = in_channels, patch_size, dim, style_dim
+        self.style_pool = style_pool
         self.num_domains = num_domains
         self.backbone = FactorEncoder(in_channels, input_size, patch_size, dim, depth, num_heads, mlp_ratio,
-                                      style_dim, smooth_kernel, qkv_bias, dropout_rate)
+                                      style_dim, smooth_kernel, qkv_bias, dropout_rate, style_pool)
         self.recombine = Recombination(dim, style_dim)
         self.decoder = LatentDecoder(dim, in_channels, input_size, patch_size, dec_dim, dec_depth, dec_heads,
                                      mlp_ratio, qkv_bias, dropout_rate)
         self.domain_content_head = _domain_head(dim, num_domains, domain_hidden)
-        self.domain_style_head = _domain_head(style_dim, num_domains, domain_hidden)
+        self.domain_style_head = _domain_head(self.style_vector_dim, num_domains, domain_hidden)
         nn.init.xavier_uniform_(self.recombine.proj.weight)
         nn.init.zeros_(self.recombine.proj.bias)
         log_tau = torch.full((2,), math.log(siqc_temperature))
@@ -396,6 +473,11 @@ class MeDUET(_CheckpointRecord, nn.Module):
             self.register_buffer("log_tau", log_tau)
 
     # ------------------------------------------------------------------ accessors
+    @property
+    def style_vector_dim(self) -> int:
+        """Width of a case's pooled style vector (``Ds``, or ``2 Ds`` with ``style_pool="mean_std"``)."""
+        return self.style_dim * (2 if self.style_pool == "mean_std" else 1)
+
     @property
     def encoder(self) -> LatentViT:
         return self.backbone.encoder
@@ -412,16 +494,17 @@ class MeDUET(_CheckpointRecord, nn.Module):
         """SiQC temperatures ``(2,)`` = (content, style), clamped to ``TAU_RANGE``."""
         return self.log_tau.clamp(math.log(TAU_RANGE[0]), math.log(TAU_RANGE[1])).exp()
 
-    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, x: torch.Tensor, erase: bool = True) -> dict[str, torch.Tensor]:
         """Downstream API on unmixed inputs; see ``FactorEncoder.encode``."""
-        return self.backbone.encode(x)
+        return self.backbone.encode(x, erase)
 
     def render(self, content_tokens: torch.Tensor, style: torch.Tensor, grid: Sequence[int],
                generator: torch.Generator | None = None, as_hidden: bool | None = None) -> torch.Tensor:
         """Decode factors back to a latent: ``content_tokens (B, N, D)`` recombined with ``style`` (per token
         ``(B, N, Ds)``, or one vector per sample ``(B, Ds)``/``(B, 1, Ds)`` broadcast over the tokens, e.g. another
-        case's pooled style for a style swap) -> ``(B, C, g1 p, g2 p, g3 p)`` in the scaled latent space (divide by
-        ``latent_scale_factor`` before the VAE decoder).
+        case's pooled style for a style swap; of a ``mean_std`` style vector the mean part) -> ``(B, C, g1 p, g2 p,
+        g3 p)`` in the scaled latent space (divide by ``latent_scale_factor`` before the VAE decoder). The decoder
+        was trained on content before the site eraser: take it from ``encode(x, erase=False)``.
 
         With the paper's reconstruction target (``rec_on="hidden"``) the decoder only learns the positions a source
         did *not* see, so every patch is rendered as a hidden one (``as_hidden``): two decoder passes with a random
@@ -430,7 +513,7 @@ class MeDUET(_CheckpointRecord, nn.Module):
         visible. ``as_hidden=None`` follows ``meta["rec_on"]`` (default hidden).
         """
         if style.ndim == 2:
-            style = style.unsqueeze(1)
+            style = style[:, : self.style_dim].unsqueeze(1)  # a pooled style vector: its mean part
         tokens = self.recombine(content_tokens, style)
         if as_hidden is None:
             as_hidden = self.meta.get("rec_on", "hidden") == "hidden"
@@ -479,7 +562,8 @@ class MeDUET(_CheckpointRecord, nn.Module):
         Returns a dict (``V = reencode``):
             ``mix_mask (K, N)``, ``visible (2K, N)`` (each source's own positions, A rows then B rows),
             ``content_tokens (K, N, D)`` / ``style_tokens (K, N, Ds)`` (each position holds its own source's
-            factor), ``content (2K, D)`` / ``style (2K, Ds)`` pooled per source over its own positions;
+            factor), ``content (2K, D)`` / ``style (2K, style_vector_dim)`` pooled per source over its own
+            positions (style by ``pool_style``; the swap streams broadcast its mean part);
             optional ``domain_content_logits``/``domain_style_logits (2K, num_domains)``;
             ``pred (streams*K, N, C p^3)`` in stream order [A, B, A<-sB, B<-sA];
             ``view_content_tokens (V*K, N, D)``, ``view_style_tokens (V*K, N, Ds)``, ``view_content (V*K, D)``,
@@ -507,11 +591,11 @@ class MeDUET(_CheckpointRecord, nn.Module):
             m = mix_mask.unsqueeze(-1)
             z = self.encoder.forward_tokens(torch.where(m, tokens[:k], tokens[k:]))
             visible = torch.cat([mix_mask, ~mix_mask], dim=0)
-            content = self.factors.content(z)
+            content = self.factors.content_of(z)
             style_per_source = self.factors.smooth(self.factors.style(z).repeat(2, 1, 1), visible, grid)
             style = torch.where(m, style_per_source[:k], style_per_source[k:])
             content_pooled = masked_mean(content.repeat(2, 1, 1), visible)
-            style_pooled = masked_mean(style_per_source, visible)
+            style_pooled = pool_style(style_per_source, visible, self.style_pool)
         out: dict[str, torch.Tensor] = {
             "mix_mask": mix_mask,
             "visible": visible,
@@ -549,7 +633,7 @@ class MeDUET(_CheckpointRecord, nn.Module):
                 dec_tokens, dec_visible = [rec, rec], [mix_mask, ~mix_mask]
                 if streams == 4:
                     # A's content with B's pooled style (A positions) and B's content with A's pooled style
-                    s_part = self.recombine.style_part(style_pooled.unsqueeze(1))  # (2K, 1, D)
+                    s_part = self.recombine.style_part(style_pooled[:, None, : self.style_dim])  # (2K, 1, D)
                     dec_tokens += [c_part + s_part[k:], c_part + s_part[:k]]
                     dec_visible += [mix_mask, ~mix_mask]
                 pred = self.decoder(torch.cat(dec_tokens), torch.cat(dec_visible), grid)
@@ -662,7 +746,7 @@ def build_mae(preset: str | Mapping[str, Any] | None = "tiny", **overrides: Any)
     """``MaskedAutoencoder`` with the backbone of a MeDUET preset (MeDUET-only keys are dropped)."""
     kw = _preset(preset, overrides)
     for key in ("style_dim", "num_domains", "domain_hidden", "siqc_temperature", "learn_temperature",
-                "smooth_kernel"):
+                "smooth_kernel", "style_pool"):
         kw.pop(key, None)
     return MaskedAutoencoder(**kw)
 
@@ -688,7 +772,7 @@ class PretrainedEncoder(_CheckpointRecord, nn.Module):
     def __init__(self, objective: str = "meduet", in_channels: int = 4, input_size: int | Sequence[int] = 24,
                  patch_size: int = 4, dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  style_dim: int | None = None, smooth_kernel: int = 3, qkv_bias: bool = True,
-                 dropout_rate: float = 0.0) -> None:
+                 dropout_rate: float = 0.0, style_pool: str = "mean") -> None:
         super().__init__()
         if objective not in ("meduet", "mae"):
             raise ValueError(f"objective must be 'meduet' or 'mae', got {objective!r}")
@@ -699,18 +783,25 @@ class PretrainedEncoder(_CheckpointRecord, nn.Module):
                          dropout_rate=dropout_rate)
         self.meta: dict[str, Any] = {}
         if objective == "meduet":
-            self.arch.update(style_dim=style_dim or dim // 4, smooth_kernel=smooth_kernel)
+            self.arch.update(style_dim=style_dim or dim // 4, smooth_kernel=smooth_kernel, style_pool=style_pool)
             self.backbone = FactorEncoder(in_channels, input_size, patch_size, dim, depth, num_heads, mlp_ratio,
-                                          style_dim, smooth_kernel, qkv_bias, dropout_rate)
+                                          style_dim, smooth_kernel, qkv_bias, dropout_rate, style_pool)
             self.style_dim = self.backbone.style_dim
+            self.style_pool = style_pool
         else:
             self.encoder = LatentViT(in_channels, input_size, patch_size, dim, depth, num_heads, mlp_ratio,
                                      qkv_bias, dropout_rate)
             self.style_dim = 0
+            self.style_pool = "mean"
 
     @property
     def out_channels(self) -> int:
         return self.dim + self.style_dim
+
+    @property
+    def style_vector_dim(self) -> int:
+        """Width of a case's pooled style vector (0 for the baseline)."""
+        return self.style_dim * (2 if self.style_pool == "mean_std" else 1)
 
     @property
     def vit(self) -> LatentViT:
@@ -734,7 +825,8 @@ class PretrainedEncoder(_CheckpointRecord, nn.Module):
 
 
 _ENCODER_KEYS = ("in_channels", "input_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "style_dim",
-                 "smooth_kernel", "qkv_bias", "dropout_rate")
+                 "smooth_kernel", "qkv_bias", "dropout_rate", "style_pool")
+_STYLE_KEYS = ("style_dim", "smooth_kernel", "style_pool")  # MeDUET-only encoder arguments
 
 
 def build_encoder(preset: str | Mapping[str, Any] | None = "tiny", objective: str = "meduet",
@@ -742,8 +834,7 @@ def build_encoder(preset: str | Mapping[str, Any] | None = "tiny", objective: st
     """``PretrainedEncoder`` with the backbone of a MeDUET preset (decoder/domain keys are dropped)."""
     kw = {k: v for k, v in _preset(preset, overrides).items() if k in _ENCODER_KEYS}
     if objective != "meduet":
-        kw.pop("style_dim", None)
-        kw.pop("smooth_kernel", None)
+        kw = {k: v for k, v in kw.items() if k not in _STYLE_KEYS}
     return PretrainedEncoder(objective, **kw)
 
 
@@ -796,13 +887,12 @@ def load_encoder(path: Any, device: str | torch.device = "cpu") -> PretrainedEnc
     state, record = _read_record(path, "pretraining checkpoint")
     arch = {k: v for k, v in record["architecture"].items() if k in _ENCODER_KEYS}
     if record["kind"] != "meduet":
-        arch.pop("style_dim", None)
-        arch.pop("smooth_kernel", None)
+        arch = {k: v for k, v in arch.items() if k not in _STYLE_KEYS}
     enc = PretrainedEncoder(record["kind"], **arch)
     own = enc.state_dict()
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and ".eraser." not in k]  # an absent eraser loads as identity
     if missing:
         raise MeduetConfigError(f"pretraining checkpoint '{path}' lacks {len(missing)} encoder weights "
                                 f"(e.g. {missing[:2]}); {PRETRAIN_FIX}")
-    enc.load_state_dict({k: state[k] for k in own}, strict=True)
+    enc.load_state_dict({k: state[k] for k in own if k in state}, strict=True)
     return enc.to(device).eval()

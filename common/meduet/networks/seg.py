@@ -181,7 +181,7 @@ class MeduetSegNet(_CheckpointRecord, nn.Module):
         tokens = vit.norm(tokens)
         if self.use_content_head:
             heads = self.encoder.backbone.factors
-            feats = heads.content(tokens)
+            feats = heads.content_of(tokens)
             if self.features == "content+style":
                 feats = torch.cat([feats, heads.smooth(heads.style(tokens), None, grid)], dim=-1)
         else:
@@ -215,10 +215,10 @@ class MeduetSegNet(_CheckpointRecord, nn.Module):
             raise MeduetConfigError(f"'{pretrain_ckpt}' holds a '{record['kind']}' network but init "
                                     f"'{self.arch['init']}' needs '{want}'")
         own = self.encoder.state_dict()
-        missing = [k for k in own if k not in state]
+        missing = [k for k in own if k not in state and ".eraser." not in k]  # no eraser = identity eraser
         if missing:
             raise MeduetConfigError(f"'{pretrain_ckpt}' lacks {len(missing)} encoder weights (e.g. {missing[:2]})")
-        self.encoder.load_state_dict({k: state[k] for k in own}, strict=True)
+        self.encoder.load_state_dict({k: state[k] for k in own if k in state}, strict=True)
         return self
 
 
