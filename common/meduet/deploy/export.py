@@ -14,7 +14,7 @@ What is exported (single tensor in, tensors out, no sampling, eval mode):
 * ``seg`` (meduet_seg, ``load_seg``): ``image (B, 1, X, Y, Z)``, sides divisible by ``f p`` ->
   ``pred (B, classes, X, Y, Z)`` logits (frozen VAE encoder included);
 * ``encoder`` (meduet_pretrain, ``load_encoder``): ``latent (B, c, x, y, z)`` (unscaled ``z_mu``, sides divisible by
-  the latent patch ``p``) -> ``content (B, D)`` and ``style (B, Ds)``; the masked-autoencoder baseline
+  the latent patch ``p``) -> ``content (B, D)`` and ``style (B, Ds or 2 Ds)``; the masked-autoencoder baseline
   (``--ckpt models/baseline_mae/model.pt``) has ``content`` only.
 
 The ``encoder`` wrapper mirrors ``meduet.engines.pretrain_tasks.encode_latents`` for one window: the latent is
@@ -160,9 +160,9 @@ class SegLogits(nn.Module):
 
 
 class PooledFactors(nn.Module):
-    """``latent (B, c, x, y, z)`` (unscaled) -> ``content (B, D)`` and, for MeDUET, ``style (B, Ds)``: the means
-    of the content and smoothed style tokens of the latent times ``latent_scale_factor`` (as
-    ``pretrain_tasks.encode_latents`` pools one window)."""
+    """``latent (B, c, x, y, z)`` (unscaled) -> ``content (B, D)`` and, for MeDUET, ``style (B, Ds or 2 Ds)``: the
+    mean of the (site-erased) content tokens and the pooled smoothed style tokens (``style_pool``) of the latent
+    times ``latent_scale_factor`` (as ``pretrain_tasks.encode_latents`` pools one window)."""
 
     input_names = ("latent",)
 

@@ -43,7 +43,7 @@ SEG_FIX = ("train meduet_seg first (python -m monai.bundle run training --config
            "\"['bundles/meduet_seg/configs/train.yaml','bundles/meduet_seg/configs/presets/demo.yaml']\") "
            "or download the bundle")
 _VIT_KEYS = ("input_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "style_dim", "smooth_kernel",
-             "qkv_bias")
+             "qkv_bias", "style_pool")
 
 
 class _FrozenVAEEncoder(nn.Module):
@@ -111,7 +111,8 @@ class MeduetSegNet(_CheckpointRecord, nn.Module):
         f = self.latent_encoder.downsample_factor
         in_ch = int(vae_architecture.get("in_channels", 1))
         latent_ch = int(vae_architecture["latent_channels"])
-        enc_kw = {k: v for k, v in vit.items() if init != "mae" or k not in ("style_dim", "smooth_kernel")}
+        style_keys = ("style_dim", "smooth_kernel", "style_pool")
+        enc_kw = {k: v for k, v in vit.items() if init != "mae" or k not in style_keys}
         self.encoder = PretrainedEncoder("mae" if init == "mae" else "meduet", in_channels=latent_ch, **enc_kw)
         self.arch["vit"] = {k: v for k, v in self.encoder.arch.items() if k in _VIT_KEYS}  # defaults resolved
         p = self.encoder.patch_size
