@@ -235,6 +235,27 @@ def test_ct_load_chain(phantoms):
     assert "label" not in get_load_transforms("CT")(no_label)
 
 
+def test_ct_body_crop_does_not_depend_on_the_site(phantoms):
+    """The same anatomy rendered by every site (different blur, noise, bias, tissue values) gets the same crop:
+    the field of view must not tell the site apart. A crop at the window floor (-175 HU, the old default, still
+    reachable with foreground_threshold=0) does move with the site on these phantoms."""
+    from meduet.data.transforms import get_load_transforms
+
+    by_subject: dict = {}
+    for it in phantoms["test"]:
+        by_subject.setdefault(it["subject"], []).append(it)
+    body, floor = get_load_transforms("CT"), get_load_transforms("CT", foreground_threshold=0.0)
+    floor_shapes = set()
+    for items in by_subject.values():
+        assert len(items) == len(phantoms["domains"])
+        outs = [body(it) for it in items]
+        assert len({tuple(o["image"].shape) for o in outs}) == 1
+        for o in outs[1:]:  # the same box up to one voxel (1.5 mm) where noise touches the body edge
+            np.testing.assert_allclose(o["image"].affine.numpy(), outs[0]["image"].affine.numpy(), atol=1.5)
+        floor_shapes |= {(items[0]["subject"], tuple(floor(it)["image"].shape)) for it in items}
+    assert len(floor_shapes) > len(by_subject)  # the window-floor crop varies with the site for some subject
+
+
 def test_train_crops(phantoms):
     import torch
 

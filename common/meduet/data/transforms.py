@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 #: intensity threshold (after scaling to [0, 1]) above which a voxel counts as foreground, per modality
-DEFAULT_FOREGROUND_THRESHOLD = {"CT": 0.0, "MR": 0.02}
+DEFAULT_FOREGROUND_THRESHOLD = {"CT": 0.0, "MR": 0.02}  # on the normalised image (CT: see ``ct_body_hu``)
 
 
 class InputCheckedCompose(Compose):
@@ -101,6 +101,19 @@ def foreground_above(threshold: float):
     return partial(_above, threshold=float(threshold))
 
 
+def _crop_foreground(keys: Sequence[str], image_key: str, threshold: float) -> CropForegroundd:
+    return CropForegroundd(
+        keys,
+        source_key=image_key,
+        select_fn=foreground_above(threshold),
+        margin=0,
+        allow_smaller=True,
+        start_coord_key=None,  # the crop is recorded in the MetaTensor (affine, applied_operations)
+        end_coord_key=None,
+        allow_missing_keys=True,
+    )
+
+
 def _modality(modality: str) -> str:
     m = str(modality).upper()
     if m in ("MR", "MRI"):
@@ -121,6 +134,7 @@ def get_load_transforms(
     check: bool = True,
     expected_channels: int | None = None,
     foreground_threshold: float | None = None,
+    ct_body_hu: float = -500.0,
 ) -> InputCheckedCompose:
     """Load, check, reorient, resample, normalise, crop and pad one item.
 
@@ -134,8 +148,12 @@ def get_load_transforms(
         pad_multiple: pad every spatial size up to a multiple of this (symmetric, zeros); ``None``/1 skips.
         check: insert :class:`~meduet.data.checks.CheckInputd` right after loading.
         expected_channels: channel count the image must have (``None`` accepts any).
-        foreground_threshold: on the [0, 1] image; default 0.0 for CT (air clips to exactly 0 in the
-            window) and 0.02 for MR.
+        foreground_threshold: on the [0, 1] image, after normalisation; default for MR 0.02. For CT the default
+            (``None``) crops *before* the window, to the voxels above ``ct_body_hu``.
+        ct_body_hu: CT body threshold in HU (default -500, half-way between air and soft tissue). A threshold at
+            the window's floor (-175 HU) sits close to the body's own value, so a scanner's blur or noise moves
+            the crop by voxels: the field of view would then tell the site apart (on the sample phantoms the crop
+            size alone predicted the site). Half-way between air and tissue the blurred edge stays put.
 
     Returns:
         A compose mapping ``{"image": path, "label": path, ...}`` to the same dict with
@@ -162,6 +180,9 @@ def get_load_transforms(
                 allow_missing_keys=True,
             )
         )
+    ct_body_crop = crop_foreground and modality == "CT" and foreground_threshold is None
+    if ct_body_crop:
+        steps.append(_crop_foreground(keys, image_key, float(ct_body_hu)))
     if modality == "CT":
         a_min, a_max = (float(v) for v in ct_window)
         steps.append(ScaleIntensityRanged(image_key, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True))
@@ -172,20 +193,9 @@ def get_load_transforms(
                 image_key, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True, channel_wise=True
             )
         )
-    if crop_foreground:
+    if crop_foreground and not ct_body_crop:
         thr = DEFAULT_FOREGROUND_THRESHOLD[modality] if foreground_threshold is None else foreground_threshold
-        steps.append(
-            CropForegroundd(
-                keys,
-                source_key=image_key,
-                select_fn=foreground_above(thr),
-                margin=0,
-                allow_smaller=True,
-                start_coord_key=None,  # the crop is recorded in the MetaTensor (affine, applied_operations)
-                end_coord_key=None,
-                allow_missing_keys=True,
-            )
-        )
+        steps.append(_crop_foreground(keys, image_key, thr))
     if pad_multiple is not None and pad_multiple > 1:
         steps.append(DivisiblePadd(keys, k=int(pad_multiple), allow_missing_keys=True))
     steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True))
