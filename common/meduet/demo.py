@@ -164,8 +164,9 @@ def stage_pretrain(d: Demo) -> None:
             f"fitted after pretraining and stored in `model.pt`: least-squares concept erasure (LEACE) of the sites "
             f"on the pooled content of the {er['cases']} pretraining latents (splits {', '.join(er['splits'])}; "
             f"sites {', '.join(er['sites'])}), plus the {er['appearance_dims']} leading directions in which the "
-            f"content follows {er['appearance_copies']} appearance-augmented copies of training latents. It never "
-            "saw these test cases nor the held-out sites. *MeDUET content, no eraser* is the head before it.")
+            f"content follows {er['appearance_copies']} appearance-augmented copies of those latents. It never "
+            "saw these test cases nor the held-out sites. *MeDUET content, no eraser* is the head before it. "
+            "*MeDUET style* is the style vector: mean and standard deviation of the style tokens (`style_pool`).")
     lines.append("\nTargets of the issue, as they came out: " + ", ".join(
         f"`{k}`: {'met' if v else 'NOT met'}" for k, v in m["targets_met"].items()) + "\n")
     lines.append(f"![embeddings]({d.rel(out / m['plot'])})\n")
