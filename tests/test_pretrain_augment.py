@@ -136,3 +136,31 @@ def test_encode_caches_copies_and_pretraining_uses_them(tiny_vae, tiny_data, tmp
     model.factors.eraser.set(None, None)
     raw = moves()
     assert erased.mean() < 0.8 * raw.mean()
+
+
+def test_unlabeled_pretraining_pool_is_encoded_pretrained_on_and_erased_with(tiny_vae, tmp_path):
+    from meduet.data.sample import main as sample_main
+
+    data = tmp_path / "data"
+    assert sample_main(["--out", str(data), "--size", "32", "--subjects", "8", "--sites", "4", "--no-brain",
+                        "--pretrain-subjects", "6"]) == 0
+    out = tmp_path / "latents"
+    bundle_run("meduet_vae", "encode", "--bundle_root", str(tiny_vae), "--dataset_dir", str(data / "phantoms"),
+               "--latent_dir", str(out))
+    dl = json.loads((out / "datalist.json").read_text())
+    assert len(dl["pretraining"]) == 6 and all("label" not in it for it in dl["pretraining"])
+    n_train = len(dl["training"])
+    root = tmp_path / "pretrain"
+    # labelled training items and unlabeled pool items share batches (tiny: 4 latents a batch, drop_last)
+    bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(out / "datalist.json"),
+               run_id="training")
+    ckpt = torch.load(root / "models" / "checkpoint.pt", weights_only=True)
+    assert ckpt["engine"]["iteration"] == 2 * ((n_train + 6) // 4)  # 2 epochs over training + pool
+    er = load_pretrain(root / "models" / "model.pt").meta["content_eraser"]
+    assert er["splits"] == ["training", "validation", "pretraining"]
+    assert er["cases"] == n_train + len(dl["validation"]) + 6 and er["appearance_copies"] == 0
+    # --extra_train_splits [] pretrains on the training split alone
+    bundle_run("meduet_pretrain", "train", "--bundle_root", str(tmp_path / "only"), "--latent_datalist",
+               str(out / "datalist.json"), "--extra_train_splits", "[]", run_id="training")
+    ckpt = torch.load(tmp_path / "only" / "models" / "checkpoint.pt", weights_only=True)
+    assert ckpt["engine"]["iteration"] == 2 * (n_train // 4)
