@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 #: intensity threshold (after scaling to [0, 1]) above which a voxel counts as foreground, per modality
-DEFAULT_FOREGROUND_THRESHOLD = {"CT": 0.0, "MR": 0.02}  # on the normalised image (CT: see ``ct_body_hu``)
+DEFAULT_FOREGROUND_THRESHOLD = {"MR": 0.02}  # on the normalised image; CT crops the body in HU (``ct_body_hu``)
 
 
 class InputCheckedCompose(Compose):

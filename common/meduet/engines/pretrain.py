@@ -144,7 +144,7 @@ class ContentEraserFit:
        pretraining crop, ``meduet.engines.pretrain_tasks.encode_latents``) with the identity eraser, then LEACE
        (``meduet.metrics.disentanglement.fit_linear_eraser``, covariance ``shrinkage``) of the items' sites;
     2. appearance: when items carry appearance-augmented copies (``latent_aug``, meduet_vae ``encode.yaml
-       --augment_copies N``), the ``nuisance_dims`` leading principal directions of how a case's (site-erased)
+       --augment_copies N``), the ``appearance_dims`` leading principal directions of how a case's (site-erased)
        pooled content moves between the case and its copies are projected out too. The seen sites span only
        ``sites - 1`` directions; the copies show how content follows intensity changes in general, which is how
        a site never seen in pretraining differs.
@@ -157,12 +157,12 @@ class ContentEraserFit:
     """
 
     def __init__(self, network: torch.nn.Module, latent_datalist: str, splits: Sequence[str] = ("training",),
-                 shrinkage: float = 0.1, nuisance_dims: int = 8, device: str | torch.device | None = None) -> None:
+                 shrinkage: float = 0.1, appearance_dims: int = 8, device: str | torch.device | None = None) -> None:
         self.network = network
         self.latent_datalist = latent_datalist
         self.splits = list(splits)
         self.shrinkage = float(shrinkage)
-        self.nuisance_dims = int(nuisance_dims)
+        self.appearance_dims = int(appearance_dims)
         self.device = device
         self._fitted_at: int | None = None
 
@@ -207,28 +207,27 @@ class ContentEraserFit:
         scale = float(latents["latent_scale_factor"])
 
         def pooled(paths: list[str], desc: str) -> np.ndarray:
-            with torch.no_grad():
-                enc = encode_latents(model, [load_latent(p) for p in paths], scale, device, desc=desc)
+            enc = encode_latents(model, [load_latent(p) for p in paths], scale, device, desc=desc)  # no_grad
             return np.stack([e["content"].double().numpy() for e in enc])
 
         content = pooled([it["latent"] for it in items], "content eraser: sites")
         eraser = fit_linear_eraser(content, [it["domain"] for it in items], self.shrinkage)
-        proj, nuisance, copies = eraser.proj, 0, 0
+        proj, dims, copies = eraser.proj, 0, 0
         with_copies = [(i, it["latent_aug"]) for i, it in enumerate(items) if it.get("latent_aug")]
-        if with_copies and self.nuisance_dims > 0:
+        if with_copies and self.appearance_dims > 0:
             aug = pooled([p for _, ps in with_copies for p in ps], "content eraser: appearance")
             base = np.concatenate([np.repeat(content[i][None], len(ps), 0) for i, ps in with_copies])
             moves = eraser(aug) - eraser(base)  # how the site-erased content follows appearance changes
             _, sv, vt = np.linalg.svd(moves, full_matrices=False)
-            v = vt[: min(self.nuisance_dims, int((sv > 1e-8 * max(sv.max(), 1e-30)).sum()))]
+            v = vt[: min(self.appearance_dims, int((sv > 1e-8 * max(sv.max(), 1e-30)).sum()))]
             # compose c -> c - (c - m) A^T, then c' -> c' - (c' - m) V^T V, as one map c - (c - m) M^T
             eye = np.eye(proj.shape[0])
             proj = proj + v.T @ v @ (eye - proj)
-            nuisance, copies = len(v), len(aug)
+            dims, copies = len(v), len(aug)
         model.train(was_training)
         model.factors.eraser.set(torch.from_numpy(eraser.mean), torch.from_numpy(proj))
         record = {"splits": splits, "cases": len(items), "sites": sites, "shrinkage": self.shrinkage,
-                  "site_rank": eraser.rank, "appearance_copies": copies, "appearance_dims": nuisance}
+                  "site_rank": eraser.rank, "appearance_copies": copies, "appearance_dims": dims}
         model.meta["content_eraser"] = record
         return record
 

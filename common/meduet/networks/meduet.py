@@ -109,6 +109,11 @@ MEDUET_PRESETS: dict[str, dict[str, Any]] = {
 #: the mean of a few hundred tokens dilutes (docs/README.md, "Style statistics").
 STYLE_POOLS = ("mean", "mean_std")
 
+
+def style_vector_width(style_dim: int, style_pool: str) -> int:
+    """Width of a case's pooled style vector: ``Ds``, or ``2 Ds`` for ``"mean_std"``."""
+    return int(style_dim) * (2 if style_pool == "mean_std" else 1)
+
 #: Clamp range of the SiQC temperature.
 TAU_RANGE = (0.01, 1.0)
 
@@ -267,7 +272,7 @@ class StyleSmoothing(nn.Module):
 class ContentEraser(nn.Module):
     """A fixed affine map on content tokens, ``c -> c - (c - mean) @ proj.T``, fitted after pretraining to remove
     what a linear model reads of the site from the pooled content (LEACE,
-    ``meduet.engines.pretrain.fit_content_eraser``). Identity (``proj = 0``) until fitted; ``fitted`` says which.
+    ``meduet.engines.pretrain.ContentEraserFit``). Identity (``proj = 0``) until fitted; ``fitted`` says which.
 
     Its buffers travel in the state dict (``*.eraser.mean / proj / fitted``); a state dict written before the
     eraser existed loads as an identity eraser. Since pooling is a mean, erasing every token erases the pooled
@@ -289,7 +294,9 @@ class ContentEraser(nn.Module):
         """Install a fitted eraser (``mean (D,)``, ``proj (D, D)``), or reset to identity with ``None``."""
         with torch.no_grad():
             if proj is None:
-                self.mean.zero_(), self.proj.zero_(), self.fitted.fill_(False)
+                self.mean.zero_()
+                self.proj.zero_()
+                self.fitted.fill_(False)
                 return
             self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
             self.proj.copy_(torch.as_tensor(proj, dtype=self.proj.dtype))
@@ -315,10 +322,12 @@ class FactorHeads(nn.Module):
         """Content tokens ``(B, N, D)`` of encoder tokens: the linear head, then the (fitted or identity) eraser."""
         return self.eraser(self.content(tokens))
 
-    def forward(self, tokens: torch.Tensor, grid: Sequence[int],
-                visible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``tokens (B, N, D) -> content (B, N, D), smoothed style (B, N, Ds)`` (style over ``visible`` only)."""
-        return self.content_of(tokens), self.smooth(self.style(tokens), visible, grid)
+    def forward(self, tokens: torch.Tensor, grid: Sequence[int], visible: torch.Tensor | None = None,
+                erase: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokens (B, N, D) -> content (B, N, D), smoothed style (B, N, Ds)`` (style over ``visible`` only;
+        ``erase=False``: content without the eraser)."""
+        content = self.content_of(tokens) if erase else self.content(tokens)
+        return content, self.smooth(self.style(tokens), visible, grid)
 
 
 class Recombination(nn.Module):
@@ -380,9 +389,7 @@ class FactorEncoder(nn.Module):
         (what the decoder was trained on: ``MeDUET.render`` wants it)."""
         tokens, grid = self.encoder.embed(x)
         tokens = self.encoder.forward_tokens(tokens)
-        content, style = self.factors(tokens, grid)
-        if not erase:
-            content = self.factors.content(tokens)
+        content, style = self.factors(tokens, grid, erase=erase)
         return {
             "tokens": tokens,
             "content_tokens": content,
@@ -475,7 +482,7 @@ class MeDUET(_CheckpointRecord, nn.Module):
     @property
     def style_vector_dim(self) -> int:
         """Width of a case's pooled style vector (``Ds``, or ``2 Ds`` with ``style_pool="mean_std"``)."""
-        return self.style_dim * (2 if self.style_pool == "mean_std" else 1)
+        return style_vector_width(self.style_dim, self.style_pool)
 
     @property
     def encoder(self) -> LatentViT:
@@ -800,7 +807,7 @@ class PretrainedEncoder(_CheckpointRecord, nn.Module):
     @property
     def style_vector_dim(self) -> int:
         """Width of a case's pooled style vector (0 for the baseline)."""
-        return self.style_dim * (2 if self.style_pool == "mean_std" else 1)
+        return style_vector_width(self.style_dim, self.style_pool)
 
     @property
     def vit(self) -> LatentViT:
