@@ -11,7 +11,9 @@ what a trainer does per batch, timed end to end:
   ``backward``, clipping, AdamW step.
 
 Optional ablation rows (``--models``): ``meduet_rec_dom`` (reconstruction + domain terms only: no teacher, no
-re-encoding), ``meduet_no_siqc`` (+ MFTD), ``meduet_no_mftd`` (+ SiQC).
+re-encoding), ``meduet_no_siqc`` (+ MFTD), ``meduet_no_mftd`` (+ SiQC); ``meduet_pairs_half`` /
+``meduet_pairs_quarter``: all four objectives with MFTD and SiQC on 1/2 or 1/4 of each batch's pairs
+(``aux_pair_fraction``; the reconstruction, domain terms and teacher keys on all).
 
 Timing: one child process (this script re-invoked with ``--worker``, ``torch.set_num_threads(--threads)``) builds
 every requested model and runs their steps *interleaved* (one step of each model per round, order rotated every
@@ -53,12 +55,16 @@ MODELS = {
     "meduet_rec_dom": "MeDUET, rec + domain only",
     "meduet_no_siqc": "MeDUET, rec + domain + MFTD",
     "meduet_no_mftd": "MeDUET, rec + domain + SiQC",
+    "meduet_pairs_half": "MeDUET, MFTD + SiQC on 1/2 of the pairs",
+    "meduet_pairs_quarter": "MeDUET, MFTD + SiQC on 1/4 of the pairs",
 }
 ABLATIONS = {
     "meduet": {},
     "meduet_rec_dom": {"use_mftd": False, "use_siqc": False},
     "meduet_no_siqc": {"use_siqc": False},
     "meduet_no_mftd": {"use_mftd": False},
+    "meduet_pairs_half": {"aux_pair_fraction": 0.5},
+    "meduet_pairs_quarter": {"aux_pair_fraction": 0.25},
 }
 
 

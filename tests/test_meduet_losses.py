@@ -225,6 +225,50 @@ def test_siqc_labels():
     assert cq.tolist() == [0, 1, 2, 3, 0, 1, 2, 3] and ck.tolist() == [0, 1, 2, 3]
     # views: x_hat_A (dom A), x_hat_B (dom B), A<-sB (dom B), B<-sA (dom A)
     assert sq.tolist() == [0, 1, 2, 0, 2, 0, 0, 1] and sk.tolist() == [0, 1, 2, 0]
+    # the first pair only (aux_pair_fraction < 1): queries of samples 0 and 2, keys still all four samples
+    cq, ck, sq, sk = siqc_labels(torch.tensor([0, 1, 2, 0]), pairs=1)
+    assert cq.tolist() == [0, 2, 0, 2] and ck.tolist() == [0, 1, 2, 3]
+    assert sq.tolist() == [0, 2, 2, 0] and sk.tolist() == [0, 1, 2, 0]
+
+
+def test_aux_pairs_give_the_same_views_and_terms_as_those_pairs_of_the_full_step():
+    """MFTD/SiQC on a subset of the pairs: the swapped streams and re-encoded views are exactly the rows of the
+    full step's for those pairs (every sequence is encoded and decoded on its own), and the terms are MFTD/SiQC
+    of those rows against the teacher's tokens of those samples and keys of all samples."""
+    torch.manual_seed(0)
+    model = build_meduet("tiny", num_domains=3).eval()  # eval: no dropout, so both passes see the same weights
+    teacher = EMATeacher(model)
+    x = torch.randn(8, 4, 8, 8, 8)
+    dom = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    mask = torch.rand(4, 64).argsort(1) < 32
+    with torch.no_grad():
+        full = model(x, mask, streams=4, reencode=4)
+        sub = model(x, mask, streams=4, reencode=4, aux_pairs=2)
+    k, p = 4, 2
+    assert sub["pred"].shape[0] == 2 * k + 2 * p and sub["view_content"].shape[0] == 4 * p
+    torch.testing.assert_close(sub["pred"][: 2 * k], full["pred"][: 2 * k])
+    for blk in range(2):  # the swapped streams A<-sB, B<-sA of pairs 0, 1
+        torch.testing.assert_close(sub["pred"][2 * k + blk * p: 2 * k + (blk + 1) * p],
+                                   full["pred"][2 * k + blk * k: 2 * k + blk * k + p], atol=1e-5, rtol=1e-5)
+    for blk in range(4):  # views x_hat_A, x_hat_B, A<-sB, B<-sA of pairs 0, 1
+        torch.testing.assert_close(sub["view_content"][blk * p: (blk + 1) * p],
+                                   full["view_content"][blk * k: blk * k + p], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="aux_pairs"):
+        model(x, mask, streams=4, reencode=4, aux_pairs=5)
+    # the step's terms with aux_pair_fraction 0.5 are MFTD and SiQC of those rows
+    cfg = {"mftd_start_step": 0, "aux_pair_fraction": 0.5}
+    with torch.no_grad():
+        losses = meduet_step_losses(model, teacher, x, dom, 0, cfg, mix_mask=mask)
+        t = teacher.encode(x)
+    rows = torch.tensor([0, 1, 4, 5])
+    expect_mftd = mftd_loss(sub["view_content_tokens"][:4], sub["view_style_tokens"][:4], t["content_tokens"][rows],
+                            t["style_tokens"][rows], ~sub["visible"][rows])
+    torch.testing.assert_close(losses["mftd"], expect_mftd, atol=1e-5, rtol=1e-5)
+    expect_siqc = siqc_loss(sub["view_content"], sub["view_style"], t["content"], t["style"], dom,
+                            sub["temperature"], pairs=2)["siqc"]
+    torch.testing.assert_close(losses["siqc"], expect_siqc, atol=1e-5, rtol=1e-5)
+    with pytest.raises(Exception, match="aux_pair_fraction"):
+        meduet_step_losses(model, teacher, x, dom, 0, {"aux_pair_fraction": 0.0}, mix_mask=mask)
 
 
 def test_supcon_lower_when_queries_match_positive_keys():

@@ -128,6 +128,11 @@ class MeDUETLossConfig(_FromMapping):
         mftd_content_weight, mftd_style_weight: weights of the content and style token terms inside MFTD.
         w_*: weights of the terms in the total.
         use_*: ablation switches; a switched-off term is not computed at all.
+        aux_pair_fraction: share of each batch's pairs that get MFTD and SiQC (not in the paper, which uses all:
+            1.0). The first ``round(f K)`` (at least 1) of the ``K`` random pairs get the style-swapped decoder
+            streams and the re-encoded views; the reconstruction, domain terms and the teacher keys (all ``2K``
+            samples) are unchanged. These two terms are most of a step's arithmetic (BENCHMARKS.md), so e.g.
+            1/3 of the pairs brings the full step to about 3x the masked-autoencoder step.
         w_aug_content: weight of ``aug_content`` (not in the paper; 0 = off): the student's content tokens of
             each source, at its own positions of the mixed forward, against the teacher's content tokens of an
             intensity-augmented copy of the same crop (``x_aug``: same anatomy, other appearance), distance
@@ -157,6 +162,7 @@ class MeDUETLossConfig(_FromMapping):
     use_domain_style: bool = True
     use_mftd: bool = True
     use_siqc: bool = True
+    aux_pair_fraction: float = 1.0
     w_aug_content: float = 0.0
     aug_start_step: int = 0
 
@@ -170,6 +176,8 @@ class MeDUETLossConfig(_FromMapping):
                                     f"got {self.content_adversary!r}")
         if self.mftd_distance not in ("cosine", "smooth_l1", "mse"):
             raise MeduetConfigError(f"mftd_distance must be cosine/smooth_l1/mse, got {self.mftd_distance!r}")
+        if not 0.0 < self.aux_pair_fraction <= 1.0:
+            raise MeduetConfigError(f"aux_pair_fraction must be in (0, 1], got {self.aux_pair_fraction}")
         if not 0.0 < self.mix_ratio < 1.0:
             raise MeduetConfigError(f"mix_ratio must be in (0, 1), got {self.mix_ratio}")
 
@@ -311,25 +319,30 @@ def supcon_loss(queries: torch.Tensor, keys: torch.Tensor, query_labels: torch.T
     return per_query[valid].mean() if bool(valid.any()) else per_query.sum() * 0.0
 
 
-def siqc_labels(domain_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Labels for the four views ``[x_hat_A, x_hat_B, x_hat_A<-sB, x_hat_B<-sA]`` of ``K`` pairs.
+def siqc_labels(domain_index: torch.Tensor, pairs: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labels for the four views ``[x_hat_A, x_hat_B, x_hat_A<-sB, x_hat_B<-sA]`` of the first ``pairs`` (default
+    all ``K``) of ``K`` pairs.
 
     Returns ``(content_query, content_key, style_query, style_key)``: content labels are sample indices
     (``[A, B, A, B]`` against keys ``[A; B]`` = ``arange(2K)``); style labels are domains
-    (``[dom A, dom B, dom B, dom A]`` against keys ``domain_index``).
+    (``[dom A, dom B, dom B, dom A]`` against keys ``domain_index``). The keys are always all ``2K`` samples.
     """
     n = domain_index.shape[0]
     k = n // 2
+    p = k if pairs is None else int(pairs)
     sample = torch.arange(n, device=domain_index.device)
-    content_q = torch.cat([sample, sample])
-    style_q = torch.cat([domain_index, domain_index[k:], domain_index[:k]])
+    a, b = sample[:p], sample[k: k + p]
+    content_q = torch.cat([a, b, a, b])
+    style_q = domain_index[torch.cat([a, b, b, a])]
     return content_q, sample, style_q, domain_index
 
 
 def siqc_loss(view_content: torch.Tensor, view_style: torch.Tensor, key_content: torch.Tensor,
               key_style: torch.Tensor, domain_index: torch.Tensor,
-              temperature: torch.Tensor | tuple[float, float] | float = 0.07) -> dict[str, torch.Tensor]:
-    """SiQC on pooled features.
+              temperature: torch.Tensor | tuple[float, float] | float = 0.07,
+              pairs: int | None = None) -> dict[str, torch.Tensor]:
+    """SiQC on pooled features (of the first ``pairs`` pairs' views, default all; see ``siqc_labels``).
 
     Args:
         view_content, view_style: ``(4K, D)``, ``(4K, Ds)`` student pooled factors of the views
@@ -344,7 +357,7 @@ def siqc_loss(view_content: torch.Tensor, view_style: torch.Tensor, key_content:
         tau_c = tau_s = float(temperature)
     else:
         tau_c, tau_s = temperature[0], temperature[1]
-    cq, ck, sq, sk = siqc_labels(domain_index)
+    cq, ck, sq, sk = siqc_labels(domain_index, pairs)
     lc = supcon_loss(view_content, key_content, cq, ck, tau_c)
     ls = supcon_loss(view_style, key_style, sq, sk, tau_s)
     return {"siqc": lc + ls, "siqc_content": lc, "siqc_style": ls}
@@ -415,14 +428,16 @@ def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None,
         raise ValueError(f"domain_index has {domain_index.shape[0]} entries for a batch of {x.shape[0]}")
     mftd_on = cfg.use_mftd and step >= cfg.mftd_start_step
     siqc_on = cfg.use_siqc and step >= cfg.siqc_start_step
+    k = x.shape[0] // 2
+    p = max(1, min(k, round(cfg.aux_pair_fraction * k)))  # pairs that get MFTD / SiQC
     streams = 4 if siqc_on else (2 if (cfg.use_rec or mftd_on) else 0)
     reencode = 4 if siqc_on else (2 if mftd_on else 0)
 
     out = model(x, mix_mask, mix_ratio=cfg.mix_ratio, streams=streams, reencode=reencode,
                 domain_content=cfg.use_domain_content, domain_style=cfg.use_domain_style,
-                grl_lambda=cfg.grl_lambda, content_adversary=cfg.content_adversary, generator=generator)
+                grl_lambda=cfg.grl_lambda, content_adversary=cfg.content_adversary, generator=generator,
+                aux_pairs=p if p < k else None)
     mix_mask = out["mix_mask"]
-    k = mix_mask.shape[0]
     losses: dict[str, torch.Tensor] = {}
     total = x.new_zeros(())
 
@@ -467,17 +482,18 @@ def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None,
     with torch.profiler.record_function("meduet/losses"):
         if cfg.use_mftd:
             if mftd_on:
-                hidden = ~out["visible"]
-                losses["mftd"] = mftd_loss(out["view_content_tokens"][: 2 * k], out["view_style_tokens"][: 2 * k],
-                                           teacher_out["content_tokens"], teacher_out["style_tokens"], hidden,
-                                           cfg.mftd_distance, cfg.mftd_content_weight, cfg.mftd_style_weight)
+                rows = torch.cat([torch.arange(p), k + torch.arange(p)]).to(x.device)  # [A[:P]; B[:P]]
+                losses["mftd"] = mftd_loss(out["view_content_tokens"][: 2 * p], out["view_style_tokens"][: 2 * p],
+                                           teacher_out["content_tokens"][rows], teacher_out["style_tokens"][rows],
+                                           ~out["visible"][rows], cfg.mftd_distance, cfg.mftd_content_weight,
+                                           cfg.mftd_style_weight)
                 total = total + cfg.w_mftd * losses["mftd"]
             else:
                 losses["mftd"] = x.new_zeros(())
 
         if siqc_on:
             losses.update(siqc_loss(out["view_content"], out["view_style"], teacher_out["content"],
-                                    teacher_out["style"], domain_index, out["temperature"]))
+                                    teacher_out["style"], domain_index, out["temperature"], p))
             total = total + cfg.w_siqc * losses["siqc"]
         if aug_on:
             losses["aug_content"] = aug_content_loss(out["content_tokens"], teacher_aug["content_tokens"],

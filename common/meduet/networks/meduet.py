@@ -545,6 +545,7 @@ class MeDUET(_CheckpointRecord, nn.Module):
         grl_lambda: float = 1.0,
         content_adversary: str = "grl",
         generator: torch.Generator | None = None,
+        aux_pairs: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Student side of one MeDUET step on a batch of ``K`` pairs.
 
@@ -564,6 +565,10 @@ class MeDUET(_CheckpointRecord, nn.Module):
                 the encoder can win by making the head confidently *wrong*, which keeps the site decodable;
                 confusion has no such optimum. ``"confusion_tokens"``: the same with the head on every content
                 token at its source's own positions (logits ``(2K, N, num_domains)``, valid where ``visible``).
+            aux_pairs: ``P`` (1..K, default K): only the first ``P`` pairs get the style-swapped streams and the
+                re-encoded views (MFTD / SiQC on a subset of the pairs; the pairs are random, so any ``P`` of
+                them are a random subset). ``pred`` is then ``(2K + 2P, ...)`` with 4 streams and the views are
+                ``[x_hat_A[:P], x_hat_B[:P], x_hat_A<-sB, x_hat_B<-sA][:V]`` (``V * P`` rows).
 
         Returns a dict (``V = reencode``):
             ``mix_mask (K, N)``, ``visible (2K, N)`` (each source's own positions, A rows then B rows),
@@ -571,9 +576,10 @@ class MeDUET(_CheckpointRecord, nn.Module):
             factor), ``content (2K, D)`` / ``style (2K, style_vector_dim)`` pooled per source over its own
             positions (style by ``pool_style``; the swap streams broadcast its mean part);
             optional ``domain_content_logits``/``domain_style_logits (2K, num_domains)``;
-            ``pred (streams*K, N, C p^3)`` in stream order [A, B, A<-sB, B<-sA];
-            ``view_content_tokens (V*K, N, D)``, ``view_style_tokens (V*K, N, Ds)``, ``view_content (V*K, D)``,
-            ``view_style (V*K, Ds)`` for views [x_hat_A, x_hat_B, x_hat_A<-sB, x_hat_B<-sA][:V];
+            ``pred (2K [+ 2P], N, C p^3)`` in stream order [A, B, A<-sB, B<-sA] (the swapped streams for the
+            first ``P`` pairs); ``view_content_tokens (V*P, N, D)``, ``view_style_tokens (V*P, N, Ds)``,
+            ``view_content (V*P, D)``, ``view_style (V*P, Ds)`` for views [x_hat_A, x_hat_B, x_hat_A<-sB,
+            x_hat_B<-sA][:V] of those pairs;
             ``temperature (2,)`` = ``self.temperature()`` (returned here so that a learnable temperature is part
             of the forward graph, which DDP needs).
 
@@ -586,6 +592,9 @@ class MeDUET(_CheckpointRecord, nn.Module):
         if b < 2 or b % 2:
             raise ValueError(f"MeDUET needs an even batch of at least 2 (pairs k, k+K), got {b}")
         k = b // 2
+        p = k if aux_pairs is None else int(aux_pairs)
+        if not 1 <= p <= k:
+            raise ValueError(f"aux_pairs must be in 1..{k} (the number of pairs), got {aux_pairs}")
         with torch.profiler.record_function("meduet/mixed_encode"):
             tokens, grid = self.encoder.embed(x)
             n = tokens.shape[1]
@@ -640,13 +649,17 @@ class MeDUET(_CheckpointRecord, nn.Module):
                 if streams == 4:
                     # A's content with B's pooled style (A positions) and B's content with A's pooled style
                     s_part = self.recombine.style_part(style_pooled[:, None, : self.style_dim])  # (2K, 1, D)
-                    dec_tokens += [c_part + s_part[k:], c_part + s_part[:k]]
-                    dec_visible += [mix_mask, ~mix_mask]
+                    dec_tokens += [c_part[:p] + s_part[k: k + p], c_part[:p] + s_part[:p]]
+                    dec_visible += [mix_mask[:p], ~mix_mask[:p]]
                 pred = self.decoder(torch.cat(dec_tokens), torch.cat(dec_visible), grid)
             out["pred"] = pred
             if reencode:
                 with torch.profiler.record_function("meduet/reencode"):
-                    views = unpatchify(pred[: reencode * k], self.patch_size, grid, self.in_channels)
+                    if p == k:  # the first `reencode` streams, as they are
+                        rows = pred[: reencode * k]
+                    else:  # x_hat_A and x_hat_B of the first P pairs, then their swapped views
+                        rows = torch.cat([pred[:p], pred[k: k + p]] + ([pred[2 * k:]] if reencode == 4 else []))
+                    views = unpatchify(rows, self.patch_size, grid, self.in_channels)
                     enc = self.backbone.encode(views)
                 out.update({
                     "view_content_tokens": enc["content_tokens"],
