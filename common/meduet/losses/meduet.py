@@ -345,11 +345,13 @@ def siqc_loss(view_content: torch.Tensor, view_style: torch.Tensor, key_content:
     """SiQC on pooled features (of the first ``pairs`` pairs' views, default all; see ``siqc_labels``).
 
     Args:
-        view_content, view_style: ``(4K, D)``, ``(4K, Ds)`` student pooled factors of the views
-            ``[x_hat_A, x_hat_B, x_hat_A<-sB, x_hat_B<-sA]`` (each block K rows).
+        view_content, view_style: ``(4P, D)``, ``(4P, Ds)`` student pooled factors of the views
+            ``[x_hat_A, x_hat_B, x_hat_A<-sB, x_hat_B<-sA]`` of the first ``P = pairs`` pairs (each block P rows;
+            ``P = K`` by default).
         key_content, key_style: ``(2K, D)``, ``(2K, Ds)`` teacher pooled factors of the inputs [A; B].
         domain_index: ``(2K,)``.
         temperature: scalar or ``(content, style)`` (``MeDUET.temperature()``).
+        pairs: ``P`` (default all ``K``).
 
     Returns ``siqc`` (content + style), ``siqc_content``, ``siqc_style``.
     """
