@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import atexit
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -20,69 +17,44 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
-class _ForkServer:
-    """Client of tests/bundle_server.py: ``python -m monai.bundle <args>`` as a fork of one interpreter that has
-    already imported torch and MONAI (10-15 s per fresh process on the 2-core CI machines). Same arguments, working
-    folder, environment, exit status and output as the subprocess; started on first use, stopped at exit."""
+class _ForkRuns:
+    """``python -m monai.bundle <args>`` as forks of one helper that imported torch and MONAI once
+    (``meduet.forkrun``; 10-15 s per fresh interpreter on the 2-core CI machines): same arguments, working folder,
+    environment, exit status and output as the subprocess, each run in its own process group (timeouts)."""
 
     def __init__(self):
-        self.proc = None
-        self.lock = threading.Lock()
-        self.log = None
-
-    def _start(self):
-        self.log = tempfile.NamedTemporaryFile(prefix="bundle_server_", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "bundle_server.py")], cwd=REPO,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        ready = self.proc.stdout.readline()
-        if not ready:
-            raise RuntimeError(f"tests/bundle_server.py did not start; see {self.log.name}")
-        atexit.register(self.stop)
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc = None
+        self.runner = None
 
     def run(self, cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
-        assert cmd[1:3] == ["-m", "monai.bundle"], cmd
-        with self.lock:
-            if self.proc is None or self.proc.poll() is not None:
-                self._start()
-            fd_out, out = tempfile.mkstemp(prefix="bundle_out_")
-            fd_err, err = tempfile.mkstemp(prefix="bundle_err_")
-            os.close(fd_out)
-            os.close(fd_err)
-            try:
-                req = {"args": cmd[3:], "cwd": str(cwd), "env": env, "stdout": out, "stderr": err, "timeout": timeout}
-                self.proc.stdin.write(json.dumps(req) + "\n")
-                self.proc.stdin.flush()
-                line = self.proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"tests/bundle_server.py stopped during {' '.join(cmd)}; see {self.log.name}")
-                reply = json.loads(line)
-                stdout, stderr = Path(out).read_text(errors="replace"), Path(err).read_text(errors="replace")
-            finally:
-                os.unlink(out)
-                os.unlink(err)
-        if reply["timed_out"]:
+        from meduet.forkrun import ForkRunner
+
+        if self.runner is None:
+            self.runner = ForkRunner(log=Path(tempfile.gettempdir()) / f"meduet_forkrun_{os.getpid()}.log")
+        fd_out, out = tempfile.mkstemp(prefix="bundle_out_")
+        fd_err, err = tempfile.mkstemp(prefix="bundle_err_")
+        os.close(fd_out)
+        os.close(fd_err)
+        try:
+            rc, timed_out = self.runner.run(cmd[1:], cwd=cwd, env=env, stdout=out, stderr=err, timeout=timeout,
+                                            new_session=True)
+            stdout, stderr = Path(out).read_text(errors="replace"), Path(err).read_text(errors="replace")
+        finally:
+            os.unlink(out)
+            os.unlink(err)
+        if timed_out:
             raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
-        return subprocess.CompletedProcess(cmd, reply["rc"], stdout, stderr)
+        return subprocess.CompletedProcess(cmd, rc, stdout, stderr)
 
 
-_FORK_SERVER = _ForkServer()
+_FORK_RUNS = _ForkRuns()
 
 
 def bundle_run(bundle: str, workflow: str, *overrides: str, run_id: str | None = None, preset: str = "tiny",
                extra_configs: tuple[str, ...] = (), timeout: float = 600, check: bool = True,
                launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run [run_id] --config_file [workflow, *extra, preset] <overrides>`` from the repo root:
-    a fork of tests/bundle_server.py, or a fresh subprocess with a ``launcher`` (torchrun) or when
-    ``MEDUET_TEST_FRESH_PROCESS=1``."""
+    a fork of the ``meduet.forkrun`` helper, or a fresh subprocess with a ``launcher`` (torchrun) or when
+    ``MEDUET_FRESH_PROCESS=1``."""
     cfg_dir = f"bundles/{bundle}/configs"
     ext = "json" if workflow == "inference" else "yaml"
     files = [f"{cfg_dir}/{workflow}.{ext}", *(f"{cfg_dir}/{c}.yaml" for c in extra_configs)]
@@ -93,8 +65,10 @@ def bundle_run(bundle: str, workflow: str, *overrides: str, run_id: str | None =
         cmd.append(run_id)
     cmd += ["--config_file", "[" + ",".join(f"'{f}'" for f in files) + "]", *overrides]
     env = dict(os.environ, MEDUET_PROGRESS="0", PYTHONUNBUFFERED="1")
-    if launcher is None and os.environ.get("MEDUET_TEST_FRESH_PROCESS", "0") != "1":
-        proc = _FORK_SERVER.run(cmd, cwd=REPO, env=env, timeout=timeout)
+    from meduet.forkrun import fresh_process_requested
+
+    if launcher is None and not fresh_process_requested():
+        proc = _FORK_RUNS.run(cmd, cwd=REPO, env=env, timeout=timeout)
     else:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
