@@ -3,10 +3,11 @@
     python -m meduet.demo --out outputs/demo [--preset demo|tiny]
 
 Every stage is a ``python -m monai.bundle run ...`` command from the repository root with the preset merged
-on top of the bundle's own config, run as printed (as a fork of one helper that has imported torch and MONAI once,
-``meduet.forkrun``, which saves 10-15 s of start-up per stage on a small CPU machine; ``MEDUET_FRESH_PROCESS=1``
-starts a fresh interpreter per stage instead); afterwards ``<out>/REPORT.md`` summarises the measured numbers and links the
-pictures. Trained weights land in each bundle's ``models/`` (where the next stage looks for them).
+on top of the bundle's own config, run as printed (as a fork of one helper that has imported torch and MONAI
+once, ``meduet.forkrun``, which saves 10-15 s of start-up per stage on a small CPU machine;
+``MEDUET_FRESH_PROCESS=1`` starts a fresh interpreter per stage instead); afterwards ``<out>/REPORT.md``
+summarises the measured numbers and links the pictures. Trained weights land in each bundle's ``models/``
+(where the next stage looks for them).
 """
 
 from __future__ import annotations

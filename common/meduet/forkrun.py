@@ -43,8 +43,8 @@ class ForkRunner:
 
     ``run(["-m", module, *args], cwd, env, stdout=None, stderr=None, timeout=None, new_session=False)`` returns
     ``(returncode, timed_out)``. ``stdout``/``stderr``: a file path, or ``None`` to write where this process writes.
-    ``new_session=True`` puts the run in its own process group, so a timeout stops it and everything it started
-    (then Ctrl-C in a terminal does not reach it). Runs are serialised (one at a time).
+    ``new_session=True`` (always with a ``timeout``) puts the run in its own process group, so a timeout stops it
+    and everything it started (then Ctrl-C in a terminal does not reach it). Runs are serialised (one at a time).
     """
 
     def __init__(self, log: str | os.PathLike | None = None) -> None:
@@ -97,7 +97,7 @@ class ForkRunner:
             self._to_server.flush()
             line = self._from_server.readline()
         if not line:
-            self._proc = None
+            self.stop()
             raise RuntimeError(f"the meduet.forkrun helper stopped during `{' '.join(argv)}`"
                                + (f"; see {self._log}" if self._log else ""))
         reply = json.loads(line)
