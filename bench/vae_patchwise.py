@@ -214,13 +214,16 @@ def _run_worker(spec: dict) -> dict:
             if spec["op"] == "encode":
 
                 def call(x):
-                    return encode_patchwise(counter, x, patch_size=spec["patch_size"], overlap=spec["enc_overlap"])
+                    # one window per network call, as the window counter and the recorded tables assume
+                    return encode_patchwise(counter, x, patch_size=spec["patch_size"], overlap=spec["enc_overlap"],
+                                            sw_batch_size=1)
 
             else:
 
                 def call(z):
                     return decode_patchwise(
-                        counter, z, latent_patch_size=spec["latent_patch_size"], overlap=spec["dec_overlap"]
+                        counter, z, latent_patch_size=spec["latent_patch_size"], overlap=spec["dec_overlap"],
+                        sw_batch_size=1,
                     )
 
         import gc

@@ -95,6 +95,20 @@ def test_patchwise_encoding_is_per_patch(vae):
     assert not torch.allclose(z, whole, atol=1e-4)
 
 
+def test_patchwise_window_batching_gives_the_same_volume(vae):
+    """Several windows per network call (the default, much faster on CPU) stitch the same latent and image as one
+    window per call; 4 windows of 16^3 in two calls of 3 and 1 also cover a partial last batch."""
+    torch.manual_seed(3)
+    x = torch.rand(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        one = encode_patchwise(vae, x, patch_size=16, overlap=0.0, sw_batch_size=1)
+        for b in (3, 4):
+            assert torch.allclose(encode_patchwise(vae, x, patch_size=16, overlap=0.0, sw_batch_size=b), one, atol=1e-5)
+        dec_one = decode_patchwise(vae, one, latent_patch_size=4, overlap=0.25, sw_batch_size=1)
+        dec_many = decode_patchwise(vae, one, latent_patch_size=4, overlap=0.25)
+    assert torch.allclose(dec_many, dec_one, atol=1e-5)
+
+
 def test_patchwise_decoding_matches_shape(vae):
     z = torch.randn(1, 4, 12, 8, 8)
     with torch.no_grad():
