@@ -41,10 +41,11 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import replace_section, rss_kib, spawn
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION_TITLE = "## meduet_pretrain: full MeDUET step vs masked-autoencoder step"
@@ -71,12 +72,6 @@ ABLATIONS = {
 # ----------------------------------------------------------------------------------------------------------------
 # child side
 # ----------------------------------------------------------------------------------------------------------------
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return -1
 
 
 def _register_cpu_sdpa_flops() -> None:
@@ -181,7 +176,7 @@ def _memory_worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     runner = _Runner(spec["model"], spec)
-    rss_before = _rss_kib()
+    rss_before = rss_kib()
     for _ in range(spec["warmup"] + 2):
         runner.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -225,13 +220,7 @@ def _timing_worker(spec: dict) -> dict:
 # parent side
 # ----------------------------------------------------------------------------------------------------------------
 def _spawn(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    raise RuntimeError(f"worker {spec['mode']} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return spawn(__file__, spec, RESULT_TAG, timeout)
 
 
 def _spec(a: argparse.Namespace, mode: str, **extra) -> dict:
@@ -314,15 +303,7 @@ def write_md(path: Path, config: str, command: str, body: str, notes: str) -> No
              f"{os.cpu_count()} CPUs):\n\n```bash\n{command}\n```\n\nConfiguration: {config}.\n\n{body}\n")
     if notes:
         block += f"\n{notes.strip()}\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION_TITLE), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + block)
-        return
-    stop = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[stop:])
-    path.write_text("".join(lines[:start]) + block + ("\n" + tail if tail else ""))
+    replace_section(path, SECTION_TITLE, block)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -34,12 +34,12 @@ import platform
 import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, replace_section, rss_kib, spawn
+
 sys.path.insert(0, str(REPO / "common"))
 
 SECTION_TITLE = "## meduet_vae: sliding windows one at a time vs batched (CPU)"
@@ -50,14 +50,6 @@ WIDTHS = {
     "demo": dict(num_channels=[16, 32, 64], num_res_blocks=[1, 1, 1], norm_num_groups=8),
     "paper": None,
 }
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return -1
 
 
 def _setup(spec: dict):
@@ -87,7 +79,7 @@ def _call(vae, what: str, x, z, window: int, b: int):
 
 def _memory_worker(spec: dict) -> dict:
     torch, vae, x, z = _setup(spec)
-    rss_before = _rss_kib()
+    rss_before = rss_kib()
     with torch.no_grad():
         _call(vae, spec["what"], x, z, spec["window"], spec["b"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -134,13 +126,7 @@ def _timing(spec: dict) -> dict:
 
 
 def _spawn(spec: dict, timeout: float = 1800.0) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    raise RuntimeError(f"worker failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return spawn(__file__, spec, RESULT_TAG, timeout)
 
 
 def run(a: argparse.Namespace) -> str:
@@ -171,15 +157,7 @@ def write_md(path: Path, command: str, body: str) -> None:
     stamp = time.strftime("%Y-%m-%d")
     block = (f"{SECTION_TITLE}\n\nProduced by `bench/sliding_batch.py` (see its docstring). Command (run {stamp}, "
              f"{platform.machine()}, {os.cpu_count()} CPUs):\n\n```bash\n{command}\n```\n\n{body}\n")
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION_TITLE), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + block)
-        return
-    stop = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[stop:])
-    path.write_text("".join(lines[:start]) + block + ("\n" + tail if tail else ""))
+    replace_section(path, SECTION_TITLE, block)
 
 
 def main(argv=None) -> int:
