@@ -323,8 +323,8 @@ def encode_patchwise(
     ``device`` keeps the stitched output (e.g. CPU) while patches run on ``sw_device``.
     ``sw_batch_size`` windows go through the network per call (memory: that many windows' activations). On CPU
     the default 4 is also much faster than 1: for a batch of one, PyTorch runs small 3x3x3 convolutions (e.g.
-    32^3 windows) with its native ``slow_conv3d`` instead of oneDNN; ``bench/sliding_batch.py`` measures ~10x
-    for encoding 32^3 windows and ~3x for decoding, with less memory (BENCHMARKS.md).
+    32^3 windows) with its native ``slow_conv3d`` instead of oneDNN; ``bench/sliding_batch.py`` measures 6-8x
+    for encoding 32^3 windows and ~3.5x for decoding, with no more memory (BENCHMARKS.md).
     """
     f = vae.downsample_factor
     _check_divisible(image.shape[2:], f, "image spatial shape")
