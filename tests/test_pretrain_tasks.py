@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import bundle_run
-from meduet.engines.pretrain_tasks import _eta_squared, encode_latents, load_latent
+from meduet.engines.pretrain_tasks import SWAP_TARGET, _eta_squared, encode_latents, load_latent, oracle_paint, swap_gaps
 from meduet.errors import MeduetConfigError
 from meduet.metrics.disentanglement import chance_level, fit_linear_eraser, probe_accuracy, similarity_ratio
 from meduet.networks.meduet import build_meduet, load_encoder, load_pretrain
@@ -122,15 +122,64 @@ def test_evaluate_reports_probes_plots_and_style_swap(pretrained, tiny_latents, 
         assert 0.0 <= f[name]["site_probe_balanced_accuracy"] <= 1.0
         assert f[name]["site_similarity"]["ratio"] > 0
     assert set(m["targets_met"]) == {"style_site_probe>=0.9", "content_site_probe<=chance+0.15",
-                                     "baseline_site_probe>content_site_probe"}
+                                     "baseline_site_probe>content_site_probe", "style_swap_gap_closed>=0.25"}
     sw = m["style_swap"]
+    assert m["targets_met"]["style_swap_gap_closed>=0.25"] == (sw["mean"]["gap_closed"] >= SWAP_TARGET)
     assert len(sw["pairs"]) >= 2
     for row in sw["pairs"]:
         assert row["content_site"] != row["style_site"] and row["content_case"] != row["style_case"]
         assert row["target_case"].split("_")[0] == row["content_case"].split("_")[0]  # A's subject at B's site
-        assert all(np.isfinite(row[k]) for k in ("gap_closed", "anatomy_kept", "intensity_gap_swap"))
+        assert all(np.isfinite(row[k]) for k in ("gap_closed", "anatomy_kept", "intensity_gap_swap", "gap_closed_vs_scan",
+                                                 "vae_ceiling", "oracle_gap_closed"))
+        assert row["intensity_gap_rec"] >= 0 and row["intensity_gap_rec_vs_scan"] >= 0
     for png in ("embeddings_2d.png", "style_swap.png"):
         assert (out / png).stat().st_size > 5000
+
+
+def _blocks(rng: np.random.Generator, grid=(4, 3, 5), factor: int = 2, classes: int = 4) -> np.ndarray:
+    """A label map constant on every ``factor``^3 block (each class present)."""
+    lab = rng.integers(0, classes, size=grid)
+    lab.flat[:classes] = np.arange(classes)
+    return lab.repeat(factor, 0).repeat(factor, 1).repeat(factor, 2)
+
+
+def test_swap_gaps_measure_how_far_the_swap_moves_region_means():
+    rng = np.random.default_rng(0)
+    lab_a, lab_t = _blocks(rng), _blocks(rng)  # the same regions, other places (A and T need no alignment)
+    table_a, table_scan = np.array([0.0, 0.3, 0.5, 0.9]), np.array([0.0, 0.5, 0.2, 0.6])
+    table_vae = table_scan + np.array([0.0, 0.05, 0.1, -0.2])  # the VAE's rendering of T is off per region
+    scan = table_scan[lab_t] + rng.normal(0, 0.01, lab_t.shape)
+    rendered = table_vae[lab_t]
+    rec = table_a[lab_a]
+    to_rendered = table_vae[lab_a]
+    g = swap_gaps(rec, to_rendered, lab_a, rendered, scan, lab_t)
+    assert g["gap_closed"] == pytest.approx(1.0) and g["intensity_gap_swap"] == pytest.approx(0.0)
+    assert g["intensity_gap_rec"] == pytest.approx(np.abs(table_a - table_vae)[1:].mean())
+    assert g["gap_closed_vs_scan"] < 1.0  # against the real scan the same swap falls short
+    # the swap reaches exactly what T's own latent reaches against the scan
+    assert g["gap_closed_vs_scan"] == pytest.approx(g["vae_ceiling"])
+    assert swap_gaps(rec, rec, lab_a, rendered, scan, lab_t)["gap_closed"] == pytest.approx(0.0)
+    # halfway (every region moves toward the target from the same side): half the gap
+    half = swap_gaps(rec, 0.5 * (rec + to_rendered), lab_a, rendered, scan, lab_t)
+    assert half["gap_closed"] == pytest.approx(0.5)
+    # a perfect VAE: its rendering is the scan, the ceiling is 1
+    assert swap_gaps(rec, rec, lab_a, scan, scan, lab_t)["vae_ceiling"] == pytest.approx(1.0)
+    with pytest.raises(MeduetConfigError, match="share no region"):
+        swap_gaps(rec, rec, np.zeros_like(lab_a), rendered, scan, np.zeros_like(lab_t))
+
+
+def test_oracle_paint_takes_each_tissue_value_from_the_other_scan():
+    rng = np.random.default_rng(1)
+    lab_a, lab_t = _blocks(rng), _blocks(rng)
+    values_a, values_t = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))  # 4 tissues, 3 latent channels
+
+    def latent(lab, values):  # one latent voxel per 2^3 label block
+        return torch.from_numpy(values[lab[::2, ::2, ::2]]).permute(3, 0, 1, 2).float()
+
+    z_a, z_t = latent(lab_a, values_a), latent(lab_t, values_t)
+    torch.testing.assert_close(oracle_paint(lab_a, z_a, 2), z_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(oracle_paint(lab_a, z_a, 2, (lab_t, z_t)), latent(lab_a, values_t), atol=1e-5, rtol=0)
+    assert oracle_paint(lab_a[:-1], z_a, 2) is None  # the label grid is not factor x the latent grid
 
 
 def test_inference_json_and_monai_bundle_load(pretrained, tiny_latents, tmp_path):

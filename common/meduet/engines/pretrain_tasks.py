@@ -307,19 +307,86 @@ def _region_means(image: np.ndarray, label: np.ndarray, regions: Sequence[int]) 
     return np.array([image[label == r].mean() for r in regions], dtype=np.float64)
 
 
+#: ``gap_closed`` the style swap must reach for the issue's "changes the decoded intensities toward the other site":
+#: a quarter of the gap. The reference swap that knows the anatomy (``oracle_paint``, reported as
+#: ``oracle_gap_closed``) closes far more on the demo VAE, so the target is within what a latent swap can do.
+SWAP_TARGET = 0.25
+
+
+def swap_gaps(rec: np.ndarray, swap: np.ndarray, label: np.ndarray, target_rendered: np.ndarray,
+              target_scan: np.ndarray, target_label: np.ndarray) -> dict[str, float]:
+    """How far a style swap moves a case's decoded intensities toward the target scan T, per label region.
+
+    ``rec`` / ``swap``: case A decoded with its own / the other site's style (A's grid, ``label``);
+    ``target_rendered``: T's own latent decoded by the same VAE, ``target_scan``: the real T (both on
+    ``target_label``'s grid; no spatial alignment with A is needed). Regions are the labels ``r > 0`` with at
+    least 8 voxels in both label maps; ``d(x, Y)`` is the mean over them of ``|mean_r(x) - mean_r(Y)|``.
+
+    Returns ``intensity_gap_rec / _swap`` and ``gap_closed = 1 - d(swap) / d(rec)`` against the rendered T (what
+    a latent-space swap can reach through this VAE), the same three ``*_vs_scan`` against the real T, and
+    ``vae_ceiling = 1 - d(rendered T, T) / d(rec, T)``: the share of the real-scan gap that T's own latent closes,
+    i.e. the most any swap can close against the scan with this VAE.
+    """
+    regions = [r for r in range(1, int(max(label.max(), target_label.max())) + 1)
+               if (label == r).sum() >= 8 and (target_label == r).sum() >= 8]
+    if not regions:
+        raise MeduetConfigError("style swap: the two label maps share no region of >= 8 voxels")
+    mu_rendered = _region_means(target_rendered, target_label, regions)
+    mu_scan = _region_means(target_scan, target_label, regions)
+
+    def d(x: np.ndarray, lab: np.ndarray, target: np.ndarray) -> float:
+        return float(np.abs(_region_means(x, lab, regions) - target).mean())
+
+    d_rec, d_swap = d(rec, label, mu_rendered), d(swap, label, mu_rendered)
+    d_rec_scan, d_swap_scan = d(rec, label, mu_scan), d(swap, label, mu_scan)
+    return {
+        "intensity_gap_rec": d_rec, "intensity_gap_swap": d_swap, "gap_closed": 1.0 - d_swap / max(d_rec, 1e-8),
+        "intensity_gap_rec_vs_scan": d_rec_scan, "intensity_gap_swap_vs_scan": d_swap_scan,
+        "gap_closed_vs_scan": 1.0 - d_swap_scan / max(d_rec_scan, 1e-8),
+        "vae_ceiling": 1.0 - d(target_rendered, target_label, mu_scan) / max(d_rec_scan, 1e-8),
+    }
+
+
+def oracle_paint(label: np.ndarray, latent: torch.Tensor, factor: int, values_from: tuple[np.ndarray, torch.Tensor]
+                 | None = None) -> torch.Tensor | None:
+    """The reference swap of ``style_swap_study``: a latent ``(C, X, Y, Z)`` painted from a label map alone.
+
+    Each latent voxel gets the label fractions of its ``factor``^3 image block times one latent value per label;
+    the values are the least-squares fit of ``values_from = (label, latent)`` (another scan; default ``label`` and
+    ``latent`` themselves). Painting A's labels with T's values is a swap that knows the anatomy exactly and takes
+    every tissue's appearance from T. Returns None if the label grid is not ``factor`` times the latent grid."""
+    src_label, src_latent = values_from if values_from is not None else (label, latent)
+    n = int(max(label.max(), src_label.max())) + 1
+
+    def fractions(lab: np.ndarray, shape: Sequence[int]) -> torch.Tensor | None:
+        if tuple(lab.shape) != tuple(int(v) * factor for v in shape):
+            return None
+        onehot = F.one_hot(torch.from_numpy(lab.astype(np.int64)), n).permute(3, 0, 1, 2).float()[None]
+        return F.avg_pool3d(onehot, factor)[0]  # (n, X, Y, Z)
+
+    fa, fs = fractions(label, latent.shape[1:]), fractions(src_label, src_latent.shape[1:])
+    if fa is None or fs is None:
+        return None
+    values = torch.linalg.lstsq(fs.flatten(1).T.double(), src_latent.flatten(1).T.double().cpu()).solution  # (n, C)
+    return torch.einsum("kxyz,kc->cxyz", fa.double(), values).float()
+
+
 @torch.no_grad()
 def style_swap_study(model, vae, latents: dict[str, Any], items: list[dict[str, Any]], output_dir: Path,
                      swaps: int = 4, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Render case A's content with case B's pooled style and measure it against the real scan of A's subject at
-    B's site (T), which the phantom data has.
+    """Render case A's content with case B's pooled style and measure it against A's subject scanned at B's site
+    (T), which the phantom data has.
 
     For each pair (A = subject i at site a, B = subject j at site b, i != j, a != b, with T = subject i at site b in
     ``items``), decoded through the VAE on A's preprocessed grid:
 
     * ``rec`` = A's content with A's own pooled style, ``swap`` = A's content with B's pooled style;
-    * intensity: ``d(x) = mean over label regions r > 0 present in both of |mean_r(x) - mean_r(T)|`` (A's label
-      for x, T's label for T; no spatial alignment needed); ``gap_closed = 1 - d(swap) / d(rec)`` (1 = the swap
-      has exactly the target site's intensities, 0 = unchanged);
+    * intensity (``swap_gaps``): per label region, how much of the gap between ``rec`` and T the swap closes,
+      with T *as the VAE renders it* (T's cached latent decoded) as the target of ``gap_closed`` (1 = the swap
+      has the target site's intensities as far as this VAE can render them, 0 = unchanged). Pretraining works
+      on latents and cannot do better than the VAE's own rendering of T; a small VAE moves region means by as
+      much as sites differ, so against the real scan even T's own latent closes little of the gap. That is
+      reported too: ``gap_closed_vs_scan`` and ``vae_ceiling``;
     * anatomy: ``eta2(x)`` = variance of the image inside the body explained by A's label regions; compared with
       ``eta2(T)`` on T's own label (what a real scan of that site reaches); ``anatomy_kept = eta2(swap) /
       eta2(T)``.
@@ -364,30 +431,38 @@ def style_swap_study(model, vae, latents: dict[str, Any], items: list[dict[str, 
                                 enc["content_map"].shape[2:], generator=gen)
         return _windows(z, crop, predictor)
 
+    factor = int(latents.get("downsample_factor") or 4)
+
+    def oracle_gap(lab_a, lab_t, z_a, z_t, t_vae, img_t) -> float:
+        own, other = oracle_paint(lab_a, z_a, factor), oracle_paint(lab_a, z_a, factor, (lab_t, z_t))
+        if own is None or other is None:
+            return float("nan")
+        rec_o, swap_o = (decode(v[None].to(device) * scale, tuple(v.shape[1:])) for v in (own, other))
+        return swap_gaps(rec_o, swap_o, lab_a, t_vae, img_t, lab_t)["gap_closed"]
+
     rows, panels = [], []
     for a_item, b_item, t_item in pairs:
-        za, shape_a = _prepare(load_latent(a_item["latent"])[None].to(device) * scale, model.patch_size, crop)
-        (emb_a, emb_b) = encode_latents(model, [load_latent(a_item["latent"]), load_latent(b_item["latent"])],
+        z_a = load_latent(a_item["latent"])
+        za, shape_a = _prepare(z_a[None].to(device) * scale, model.patch_size, crop)
+        (emb_a, emb_b) = encode_latents(model, [z_a, load_latent(b_item["latent"])],
                                         scale, device, desc="style swap", crop=crop)
         rec = decode(render(za, emb_a["style"][None]), shape_a)
         swap = decode(render(za, emb_b["style"][None]), shape_a)
+        z_t = load_latent(t_item["latent"])
+        t_vae = decode(z_t[None].to(device) * scale, tuple(z_t.shape[1:]))
         img_a, lab_a = load(a_item)
         img_t, lab_t = load(t_item)
         img_b, _ = load(b_item)
-        if rec.shape != img_a.shape:
-            raise MeduetConfigError(f"decoded shape {rec.shape} != preprocessed image {img_a.shape} for "
-                                    f"{a_item['image']}: the latent cache and the VAE preprocessing disagree")
-        regions = [r for r in range(1, int(max(lab_a.max(), lab_t.max())) + 1)
-                   if (lab_a == r).sum() >= 8 and (lab_t == r).sum() >= 8]
-        mu_t = _region_means(img_t, lab_t, regions)
-        d_rec = float(np.abs(_region_means(rec, lab_a, regions) - mu_t).mean())
-        d_swap = float(np.abs(_region_means(swap, lab_a, regions) - mu_t).mean())
+        for decoded, image, item in ((rec, img_a, a_item), (t_vae, img_t, t_item)):
+            if decoded.shape != image.shape:
+                raise MeduetConfigError(f"decoded shape {decoded.shape} != preprocessed image {image.shape} for "
+                                        f"{item['image']}: the latent cache and the VAE preprocessing disagree")
         eta_t, eta_swap, eta_rec = _eta_squared(img_t, lab_t), _eta_squared(swap, lab_a), _eta_squared(rec, lab_a)
         rows.append({
             "content_case": case_name(a_item), "style_case": case_name(b_item), "target_case": case_name(t_item),
             "content_site": a_item["domain"], "style_site": b_item["domain"],
-            "intensity_gap_rec": d_rec, "intensity_gap_swap": d_swap,
-            "gap_closed": 1.0 - d_swap / max(d_rec, 1e-8),
+            **swap_gaps(rec, swap, lab_a, t_vae, img_t, lab_t),
+            "oracle_gap_closed": oracle_gap(lab_a, lab_t, z_a, z_t, t_vae, img_t),
             "eta2_target": eta_t, "eta2_rec": eta_rec, "eta2_swap": eta_swap,
             "anatomy_kept": eta_swap / max(eta_t, 1e-8),
         })
@@ -397,13 +472,11 @@ def style_swap_study(model, vae, latents: dict[str, Any], items: list[dict[str, 
         panels.append([
             (f"A: {case_name(a_item)}", img_a[:, :, z]), (f"B (style): {case_name(b_item)}", img_b[:, :, zb]),
             ("A content + A style", rec[:, :, z]), ("A content + B style", swap[:, :, z]),
-            (f"T (real): {case_name(t_item)}", img_t[:, :, zt]),
+            ("T through the VAE (target)", t_vae[:, :, zt]), (f"T (real): {case_name(t_item)}", img_t[:, :, zt]),
         ])
     save_pair_grid(output_dir / "style_swap.png", panels, title="Style swap: content of A rendered in B's style, "
-                   "compared with the real scan of A's subject at B's site (T)")
-    summary = {k: float(np.mean([r[k] for r in rows])) for k in ("gap_closed", "anatomy_kept", "eta2_swap",
-                                                                  "eta2_rec", "eta2_target", "intensity_gap_rec",
-                                                                  "intensity_gap_swap")}
+                   "compared with A's subject scanned at B's site (T), as the VAE renders it and as scanned")
+    summary = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0] if isinstance(rows[0][k], float)}
     return {"pairs": rows, "mean": summary, "picture": "style_swap.png"}
 
 
@@ -481,6 +554,10 @@ def evaluate_disentanglement(
         "content_site_probe<=chance+0.15": f["MeDUET content"]["site_probe_balanced_accuracy"]
         <= f["chance"]["site"] + 0.15,
     }
+    swap = (metrics.get("style_swap") or {}).get("mean")
+    if swap:
+        # a quarter of the gap to the target site's intensities as this VAE renders them (docs/README.md)
+        targets["style_swap_gap_closed>=0.25"] = swap["gap_closed"] >= SWAP_TARGET
     if "MAE baseline" in f:
         targets["baseline_site_probe>content_site_probe"] = (
             f["MAE baseline"]["site_probe_balanced_accuracy"] > f["MeDUET content"]["site_probe_balanced_accuracy"])
