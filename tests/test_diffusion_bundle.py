@@ -120,6 +120,7 @@ def test_transfer_measures_gap_and_anatomy(sit_factors, tiny_vae, tiny_latents, 
     assert res["method"] == "rflow inversion" and len(res["pairs"]) == 2
     for row in res["pairs"]:
         assert row["site_from"] != row["site_to"] and np.isfinite(row["d_transfer"]) and row["d_rec"] > 0
+        assert np.isfinite(row["gap_closed_vs_scan"]) and np.isfinite(row["vae_ceiling"]) and row["d_source"] > 0
         assert (out / f"{row['A'].replace('.nii.gz', '')}_to_{row['site_to']}.nii.gz").exists()
     assert (out / "transfer.png").stat().st_size > 0
 

@@ -248,14 +248,16 @@ def stage_diffusion(d: Demo) -> None:
              f"{_fmt(m['ms_ssim_diversity_real'])} | {_fmt(m['val_loss'])} |\n",
              f"![samples]({d.rel(out / 'samples' / 'samples.png')})\n",
              f"![real vs generated]({d.rel(out / m['picture'])})\n",
-             f"Style transfer ({t['method']}): A's content with B's style, measured against the real scan of A's "
-             "subject at B's site. *gap closed* = 1 - gap(transfer)/gap(A's own condition), *anatomy* = eta^2 of A's "
-             "label regions in the output relative to the real target scan.\n",
-             "| A -> site | gap, source | gap, A's condition | gap, transfer | gap closed | anatomy kept |",
-             "|---|---|---|---|---|---|"]
+             f"Style transfer ({t['method']}): A's content with B's style, measured against T, A's subject scanned "
+             "at B's site, as the VAE renders it (as in Stage 2). *gap, source* = the real scans' gap (A to T); "
+             "*gap closed* = 1 - gap(transfer)/gap(A's own condition); *vs scan* = the same against the real T; "
+             "*anatomy* = eta^2 of A's label regions in the output relative to the real target scan.\n",
+             "| A -> site | gap, source | gap, A's condition | gap, transfer | gap closed | vs scan | anatomy kept |",
+             "|---|---|---|---|---|---|---|"]
     for r in t["pairs"]:
         lines.append(f"| {r['A']} -> {r['site_to']} | {_fmt(r['d_source'])} | {_fmt(r['d_rec'])} | "
-                     f"{_fmt(r['d_transfer'])} | {_fmt(r['gap_closed'])} | {_fmt(r['anatomy_kept'])} |")
+                     f"{_fmt(r['d_transfer'])} | {_fmt(r['gap_closed'])} | {_fmt(r.get('gap_closed_vs_scan', '-'))} | "
+                     f"{_fmt(r['anatomy_kept'])} |")
     lines.append(f"\n![style transfer]({d.rel(out / 'transfer' / t['picture'])})\n")
     d.sections.append("\n".join(lines))
 

@@ -268,15 +268,18 @@ def style_transfer(model_ckpt: str, vae_ckpt: str, items: Sequence[Mapping[str, 
     (exact ODE inversion); DDPM generators use SDEdit at ``strength``. ``rec`` = the same round trip with A's own
     condition (what the generator does without a change).
 
-    Measured against the real scan T of A's subject at B's site (phantom data have it; pairs need items with a
-    ``subject`` key rendered at several sites), on A's preprocessed grid and A's label regions (as
-    ``meduet_pretrain``'s style-swap study): ``gap_closed = 1 - d(transfer)/d(rec)`` with ``d(x)`` the mean over label
-    regions of ``|mean_r(x) - mean_r(T)|`` (1 = T's intensities, 0 = unchanged); ``anatomy_kept = eta2(transfer) /
-    eta2(T)`` (variance inside the body explained by A's label regions, relative to a real scan of that site).
+    Measured against T, A's subject scanned at B's site (phantom data have it; pairs need items with a ``subject``
+    key rendered at several sites), on A's preprocessed grid and A's label regions, by
+    ``meduet.engines.pretrain_tasks.swap_gaps`` (as ``meduet_pretrain``'s style-swap study): ``gap_closed = 1 -
+    d(transfer)/d(rec)`` with ``d(x)`` the mean over label regions of ``|mean_r(x) - mean_r(T)|`` and T as the VAE
+    renders it (T's latent decoded; 1 = T's intensities as far as the VAE renders them, 0 = unchanged);
+    ``gap_closed_vs_scan`` against the real scan and ``vae_ceiling`` (what T's own latent closes of that gap);
+    ``d_source`` = the gap of A's real scan to the real T; ``anatomy_kept = eta2(transfer) / eta2(T)`` (variance
+    inside the body explained by A's label regions, relative to a real scan of that site).
     Writes ``transfer.json``, ``transfer.png`` and ``<A>_to_<site>.nii.gz``.
     """
     from meduet.data import get_load_transforms
-    from meduet.engines.pretrain_tasks import _eta_squared, _region_means, load_latent
+    from meduet.engines.pretrain_tasks import _eta_squared, _region_means, load_latent, swap_gaps
     from meduet.engines.sampling import invert_latents, sample_latents
     from meduet.networks.vae import load_vae
     from meduet.viz import save_pair_grid
@@ -377,16 +380,19 @@ def style_transfer(model_ckpt: str, vae_ckpt: str, items: Sequence[Mapping[str, 
         regions = sorted(set(np.unique(a_lab)) & set(np.unique(t_lab)) - {0})
         if not regions:
             continue
-        target = _region_means(t_img, t_lab, regions)
-
-        def gap(x: np.ndarray) -> float:
-            return float(np.mean(np.abs(_region_means(x, a_lab, regions) - target)))
-
-        d_rec, d_tr, d_a = gap(rec_img), gap(tr_img), gap(a_img)
+        z_t = load_latent(t_item["latent"])
+        t_vae = decode(vae, z_t[None].float().to(device) * scale, scale)[0]
+        t_vae = t_vae[tuple(slice(0, n) for n in t_img.shape)]
+        try:
+            g = swap_gaps(rec_img, tr_img, a_lab, t_vae, t_img, t_lab)
+        except MeduetConfigError:  # no region of >= 8 voxels in both
+            continue
+        d_a = float(np.mean(np.abs(_region_means(a_img, a_lab, regions) - _region_means(t_img, t_lab, regions))))
         eta_t = _eta_squared(t_img, t_lab)
         row = {"A": Path(a_item["latent"]).name, "B": Path(b_item["latent"]).name, "target": Path(t_item["latent"]).name,
-               "site_from": a_item["domain"], "site_to": b_item["domain"], "d_source": d_a, "d_rec": d_rec,
-               "d_transfer": d_tr, "gap_closed": 1.0 - d_tr / d_rec if d_rec > 0 else float("nan"),
+               "site_from": a_item["domain"], "site_to": b_item["domain"], "d_source": d_a,
+               "d_rec": g["intensity_gap_rec"], "d_transfer": g["intensity_gap_swap"], "gap_closed": g["gap_closed"],
+               "gap_closed_vs_scan": g["gap_closed_vs_scan"], "vae_ceiling": g["vae_ceiling"],
                "anatomy_kept": _eta_squared(tr_img, a_lab) / eta_t if eta_t > 0 else float("nan"),
                "anatomy_rec": _eta_squared(rec_img, a_lab) / eta_t if eta_t > 0 else float("nan")}
         results.append(row)
@@ -407,6 +413,8 @@ def style_transfer(model_ckpt: str, vae_ckpt: str, items: Sequence[Mapping[str, 
         "method": "rflow inversion" if objective.objective == "rflow" else f"sdedit strength {strength}",
         "num_steps": num_steps, "guidance_scale": guidance_scale, "pairs": results,
         "gap_closed": float(np.nanmean([r["gap_closed"] for r in results])),
+        "gap_closed_vs_scan": float(np.nanmean([r["gap_closed_vs_scan"] for r in results])),
+        "vae_ceiling": float(np.nanmean([r["vae_ceiling"] for r in results])),
         "anatomy_kept": float(np.nanmean([r["anatomy_kept"] for r in results])),
         "anatomy_rec": float(np.nanmean([r["anatomy_rec"] for r in results])),
         "picture": picture.name,
