@@ -164,3 +164,105 @@ def test_unlabeled_pretraining_pool_is_encoded_pretrained_on_and_erased_with(tin
                str(out / "datalist.json"), "--extra_train_splits", "[]", run_id="training")
     ckpt = torch.load(tmp_path / "only" / "models" / "checkpoint.pt", weights_only=True)
     assert ckpt["engine"]["iteration"] == 2 * (n_train // 4)
+
+
+def test_synthetic_site_repaints_every_tissue_on_its_own_and_keeps_the_air():
+    from meduet.data import SyntheticSiteAugment
+    from meduet.errors import MeduetConfigError
+
+    # four tissues of known intensity, the darkest (0.05) being the background
+    regions = torch.zeros(24, 24, 24, dtype=torch.long)
+    regions[4:20, 4:20, 4:20] = 1
+    regions[6:12, 6:18, 6:18] = 2
+    regions[14:18, 8:16, 8:16] = 3
+    img = torch.tensor([0.05, 0.3, 0.55, 0.8])[regions][None]
+    exact = SyntheticSiteAugment(num_tissues=4, smooth_sigma=0.0, blur_sigma=(0, 0), scale=(1, 1), noise_std=(0, 0))
+    lab, centres = exact.tissue_classes(img[0].numpy())
+    np.testing.assert_array_equal(lab, regions.numpy())  # the classes are the tissues, darkest first
+    np.testing.assert_allclose(centres, [0.05, 0.3, 0.55, 0.8], atol=1e-6)
+    orders = set()
+    for seed in range(12):
+        exact.set_random_state(seed)
+        out = exact(img)
+        assert out.shape == img.shape and out.dtype == torch.float32
+        values = [torch.unique(out[0][regions == r]) for r in range(4)]
+        assert all(len(v) == 1 for v in values)  # each tissue is one new value: the anatomy is kept exactly
+        assert abs(float(values[0]) - 0.05) < 1e-6  # the air stays where it was
+        assert all(0.1 <= float(v) <= 0.95 for v in values[1:])
+        orders.add(tuple(np.argsort([float(v) for v in values[1:]])))
+    assert len(orders) > 2  # unlike a monotone curve, the tissues' order of brightness changes
+    # the default (blur, scale, noise) is seeded and stays in [0, 1]
+    aug = SyntheticSiteAugment(num_tissues=4)
+    aug.set_random_state(7)
+    a = aug(img)
+    aug.set_random_state(7)
+    assert torch.equal(a, aug(img)) and 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    with pytest.raises(MeduetInputError, match=r"\(C, X, Y, Z\)"):
+        aug(img[0])
+    with pytest.raises(MeduetConfigError, match="num_tissues"):
+        SyntheticSiteAugment(num_tissues=1)
+
+
+def test_cross_appearance_decodes_own_content_with_the_copys_style():
+    from meduet.losses.meduet import dual_reconstruction_loss, patch_targets
+
+    torch.manual_seed(0)
+    model = build_meduet("tiny", num_domains=3)
+    x = torch.randn(4, 4, 8, 8, 8)
+    x_aug = torch.randn(4, 4, 8, 8, 8)
+    dom = torch.tensor([0, 1, 1, 2])
+    mask = torch.rand(2, 64).argsort(1) < 32
+    cfg = {"use_mftd": False, "use_siqc": False, "w_cross_appearance": 3.0}
+    losses = meduet_step_losses(model, None, x, dom, 0, cfg, mix_mask=mask, x_aug=x_aug)
+    # the same term by hand: content tokens of the mixed forward + the pooled style of the copy -> the copy
+    out = model(x, mask, streams=2, reencode=0)
+    style = model.encode(x_aug)["style"][:, None, : model.style_dim]
+    grid = tuple(s // model.patch_size for s in x.shape[2:])
+    pred = model.decoder(model.recombine(torch.cat([out["content_tokens"]] * 2), style), out["visible"], grid)
+    expect = dual_reconstruction_loss(pred, patch_targets(x_aug, model.patch_size), mask, "hidden")
+    torch.testing.assert_close(losses["cross_appearance"], expect)
+    plain = meduet_step_losses(model, None, x, dom, 0, {**cfg, "w_cross_appearance": 0.0}, mix_mask=mask)
+    assert "cross_appearance" not in plain
+    torch.testing.assert_close(losses["loss"], plain["loss"] + 3.0 * expect)
+    # it trains the style head (through the copy), the content path and the decoder
+    model.zero_grad()
+    losses["cross_appearance"].backward()
+    for p in (model.factors.style.weight, model.encoder.patch_embed.weight, model.decoder.pred.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # another copy (another appearance) gives another rendering of the same content
+    a = model(x, mask, streams=0, x_cross=x_aug)["pred_cross"]
+    b = model(x, mask, streams=0, x_cross=2.0 * x_aug + 1.0)["pred_cross"]
+    assert (a - b).abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="x_aug"):
+        meduet_step_losses(model, None, x, dom, 0, cfg, mix_mask=mask)
+
+
+def test_synthetic_site_copies_feed_the_cross_appearance_term(tiny_vae, tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "latents"
+    bundle_run("meduet_vae", "encode", "--bundle_root", str(tiny_vae), "--dataset_dir", str(tiny_data / "phantoms"),
+               "--latent_dir", str(out), "--splits", "['training']", "--augment_copies", "1",
+               "--augment_kind", "synthetic_site")
+    dl = json.loads((out / "datalist.json").read_text())
+    assert dl["augmentation"]["kind"] == "synthetic_site"
+    for it in read_latent_datalist(str(out / "datalist.json"), "training"):
+        (copy,) = it["latent_aug"]
+        assert np.abs(np.asarray(nib.load(copy).dataobj) - np.asarray(nib.load(it["latent"]).dataobj)).mean() > 1e-3
+    root = tmp_path / "pretrain"
+    bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(out / "datalist.json"),
+               "--loss#w_cross_appearance", "1.0", "--output_dir", str(root / "tb"), run_id="training")
+    events = EventAccumulator(str(root / "tb"))
+    events.Reload()
+    tags = [t for t in events.Tags()["scalars"] if t.endswith("cross_appearance")]
+    assert tags, events.Tags()["scalars"]
+    values = [e.value for e in events.Scalars(tags[0])]
+    assert values and all(np.isfinite(values)) and min(values) > 0
+    # the checkpoint records how it was pretrained: the loss and the kind of copies
+    meta = load_pretrain(root / "models" / "model.pt").meta
+    assert meta["loss"]["w_cross_appearance"] == 1.0 and meta["augmentation"]["kind"] == "synthetic_site"
+    proc = bundle_run("meduet_vae", "encode", "--bundle_root", str(tiny_vae), "--dataset_dir",
+                      str(tiny_data / "phantoms"), "--latent_dir", str(tmp_path / "bad"), "--augment_copies", "1",
+                      "--augment_kind", "tissue", check=False)
+    assert proc.returncode != 0 and "augment_kind must be one of" in proc.stderr + proc.stdout
+    assert not (tmp_path / "bad" / "datalist.json").exists()

@@ -118,6 +118,8 @@ def test_evaluate_reports_probes_plots_and_style_swap(pretrained, tiny_latents, 
     train_sites = {it["domain"] for s in ("training", "validation") for it in json.loads(tiny_latents.read_text())[s]}
     assert er["sites"] == sorted(train_sites) and er["splits"] == ["training", "validation"]
     assert 1 <= er["site_rank"] <= len(train_sites) - 1 and er["appearance_dims"] == er["appearance_copies"] == 0
+    # how it was pretrained comes from the checkpoint's record: the tiny preset's loss, no copies
+    assert m["pretraining"]["loss"]["mftd_start_step"] == 2 and "augmentation" not in m["pretraining"]
     for name in ("MeDUET content", "MeDUET style", "MAE baseline", "MeDUET content, no eraser"):
         assert 0.0 <= f[name]["site_probe_balanced_accuracy"] <= 1.0
         assert f[name]["site_similarity"]["ratio"] > 0

@@ -169,15 +169,23 @@ def stage_pretrain(d: Demo) -> None:
                      f"| {_fmt(r.get('anatomy_probe_balanced_accuracy', '-'))} "
                      f"| {_fmt(r.get('anatomy_similarity', {}).get('ratio', '-'))} |")
     er = m.get("content_eraser")
+    pre = m.get("pretraining") or {}
+    kind = {"synthetic_site": "synthetic-site", "appearance": "appearance-augmented"}.get(
+        (pre.get("augmentation") or {}).get("kind", "appearance"), "augmented")
     if er:
         lines.append(
             f"\n*MeDUET content* is the content head's output through the linear site eraser that `train.yaml` "
             f"fitted after pretraining and stored in `model.pt`: least-squares concept erasure (LEACE) of the sites "
             f"on the pooled content of the {er['cases']} pretraining latents (splits {', '.join(er['splits'])}; "
             f"sites {', '.join(er['sites'])}), plus the {er['appearance_dims']} leading directions in which the "
-            f"content follows {er['appearance_copies']} appearance-augmented copies of those latents. It never "
+            f"content follows {er['appearance_copies']} {kind} copies of those latents. It never "
             "saw these test cases nor the held-out sites. *MeDUET content, no eraser* is the head before it. "
             "*MeDUET style* is the style vector: mean and standard deviation of the style tokens (`style_pool`).")
+    w_cross = float((pre.get("loss") or {}).get("w_cross_appearance", 0.0))
+    if w_cross > 0:
+        lines.append(
+            f"\nPretrained with the cross-appearance term (`loss#w_cross_appearance` {w_cross:g}, not in the "
+            f"paper): each source's content decoded with the pooled style of its {kind} copy must render the copy.")
     lines.append("\nTargets of the issue, as they came out: " + ", ".join(
         f"`{k}`: {'met' if v else 'NOT met'}" for k, v in m["targets_met"].items()) + "\n")
     lines.append(f"![embeddings]({d.rel(out / m['plot'])})\n")

@@ -27,6 +27,7 @@ _EXPORTS = {
     "get_load_transforms": "transforms",
     "get_train_crop_transforms": "transforms",
     "get_appearance_augment": "transforms",
+    "SyntheticSiteAugment": "transforms",
     "foreground_above": "transforms",
     # sample.py
     "generate_sample_data": "sample",
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from meduet.data.sample import generate_sample_data
     from meduet.data.transforms import (
         InputCheckedCompose,
+        SyntheticSiteAugment,
         foreground_above,
         get_appearance_augment,
         get_load_transforms,

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
+import numpy as np
 import torch
 from monai.transforms import (
     Compose,
@@ -27,6 +29,7 @@ from monai.transforms import (
     DivisiblePadd,
     EnsureTyped,
     OneOf,
+    Randomizable,
     Orientationd,
     RandFlipd,
     RandRotate90d,
@@ -35,6 +38,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     SpatialPadd,
+    Transform,
 )
 from monai.transforms import Spacingd as _MonaiSpacingd
 
@@ -48,6 +52,7 @@ __all__ = [
     "get_load_transforms",
     "get_train_crop_transforms",
     "get_appearance_augment",
+    "SyntheticSiteAugment",
 ]
 
 #: intensity threshold (after scaling to [0, 1]) above which a voxel counts as foreground, per modality
@@ -293,3 +298,83 @@ def get_appearance_augment(strength: float = 1.0) -> Compose:
         RandGaussianNoise(mean=0.0, std=0.04 * a, prob=often),
         Lambda(lambda x: x.clamp(0.0, 1.0)),
     ])
+
+
+class SyntheticSiteAugment(Randomizable, Transform):
+    """Render a preprocessed image ``(C, X, Y, Z)`` in [0, 1] as if a new site had scanned it: the image is split
+    into ``num_tissues`` intensity classes (1-D k-means of the Gaussian-smoothed intensities, per channel) and
+    every class but the darkest (air/background keeps its value) is repainted with its own random value from
+    ``value_range``, so the tissues keep their places but not their *order* of brightness; then a random blur
+    (``blur_sigma`` in voxels), a global scale (``scale``) and Gaussian noise (std drawn from ``noise_std``),
+    clipped to [0, 1].
+
+    Unlike :func:`get_appearance_augment` (monotone curves: the tissues' order is kept) this moves each tissue
+    on its own, as a different contrast or protocol does. meduet_vae's ``encode.yaml --augment_kind
+    synthetic_site`` caches such copies for meduet_pretrain's ``w_cross_appearance`` term (not in the paper; the
+    measurements are in meduet_pretrain's docs). Seed it with ``set_random_state``.
+    """
+
+    def __init__(self, num_tissues: int = 5, value_range: Sequence[float] = (0.1, 0.95),
+                 smooth_sigma: float = 1.0, blur_sigma: Sequence[float] = (0.0, 1.2),
+                 scale: Sequence[float] = (0.9, 1.1), noise_std: Sequence[float] = (0.005, 0.04),
+                 kmeans_iterations: int = 15) -> None:
+        if int(num_tissues) < 2:
+            raise MeduetConfigError(f"SyntheticSiteAugment: num_tissues must be >= 2, got {num_tissues}")
+        for name, pair in (("value_range", value_range), ("blur_sigma", blur_sigma), ("scale", scale),
+                           ("noise_std", noise_std)):
+            if len(pair) != 2 or pair[0] > pair[1] or pair[0] < 0:
+                raise MeduetConfigError(f"SyntheticSiteAugment: {name} must be (low, high) with 0 <= low <= "
+                                        f"high, got {pair}")
+        self.num_tissues = int(num_tissues)
+        self.value_range = tuple(float(v) for v in value_range)
+        self.smooth_sigma = float(smooth_sigma)
+        self.blur_sigma = tuple(float(v) for v in blur_sigma)
+        self.scale = tuple(float(v) for v in scale)
+        self.noise_std = tuple(float(v) for v in noise_std)
+        self.kmeans_iterations = int(kmeans_iterations)
+
+    def randomize(self, data: Any = None) -> None:  # draws happen in __call__, one set per channel
+        pass
+
+    def tissue_classes(self, channel: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(X, Y, Z)`` -> (class index per voxel, 0 = darkest, ``(X, Y, Z)`` int; class centres ``(K,)``
+        ascending)."""
+        from scipy import ndimage
+
+        img = np.asarray(channel, dtype=np.float64)
+        smooth = ndimage.gaussian_filter(img, self.smooth_sigma) if self.smooth_sigma > 0 else img
+        v = smooth.reshape(-1)
+        sample = v[:: max(1, v.size // 200_000)]
+        centres = np.quantile(sample, np.linspace(0.05, 0.95, self.num_tissues))
+        for j in range(1, self.num_tissues):  # a centre equal to an earlier one (a tissue filling several
+            if np.abs(centres[:j] - centres[j]).min() < 1e-6:  # quantiles) moves to the farthest intensity
+                centres[j] = sample[np.abs(sample[:, None] - centres[None, :j]).min(axis=1).argmax()]
+        for _ in range(self.kmeans_iterations):
+            lab = np.abs(v[:, None] - centres[None]).argmin(axis=1)
+            counts = np.bincount(lab, minlength=self.num_tissues)
+            sums = np.bincount(lab, weights=v, minlength=self.num_tissues)
+            centres = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
+        order = np.argsort(centres)
+        rank = np.empty_like(order)
+        rank[order] = np.arange(self.num_tissues)
+        lab = np.abs(v[:, None] - centres[None]).argmin(axis=1)
+        return rank[lab].reshape(img.shape), centres[order]
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        from scipy import ndimage
+
+        x = torch.as_tensor(img).float()
+        if x.ndim != 4:
+            raise MeduetInputError(f"SyntheticSiteAugment: expected a (C, X, Y, Z) image, got shape {tuple(x.shape)}")
+        out = np.empty(tuple(x.shape), dtype=np.float32)
+        for c in range(x.shape[0]):
+            lab, centres = self.tissue_classes(x[c].cpu().numpy())
+            table = self.R.uniform(*self.value_range, size=self.num_tissues)
+            table[0] = centres[0]  # the darkest class (air, background) stays dark
+            y = table[lab]
+            sigma = self.R.uniform(*self.blur_sigma)
+            if sigma > 0:
+                y = ndimage.gaussian_filter(y, sigma)
+            y = y * self.R.uniform(*self.scale) + self.R.uniform(*self.noise_std) * self.R.standard_normal(y.shape)
+            out[c] = np.clip(y, 0.0, 1.0)
+        return torch.from_numpy(out)

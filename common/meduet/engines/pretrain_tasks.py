@@ -538,6 +538,8 @@ def evaluate_disentanglement(
     }
     if erasure:
         metrics["content_eraser"] = erasure
+    # how the model was pretrained, from its checkpoint record (older checkpoints lack these keys)
+    metrics["pretraining"] = {k: model.meta[k] for k in ("loss", "augmentation") if k in model.meta}
     _plot_embeddings(out / "embeddings_2d.png", features, sites, subjects, method)
     metrics["plot"] = "embeddings_2d.png"
     if vae_ckpt:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from meduet.data import get_appearance_augment, get_load_transforms, load_datalist, write_datalist
+from meduet.data import (SyntheticSiteAugment, get_appearance_augment, get_load_transforms, load_datalist,
+                         write_datalist)
 from meduet.errors import MeduetConfigError
 from meduet.io import atomic_path
 from meduet.metrics.reconstruction import reconstruction_metrics, seam_error
@@ -213,13 +214,17 @@ def encode_datalist(
     augment_splits: Sequence[str] = ("training",),
     augment_strength: float = 1.0,
     augment_seed: int = 0,
+    augment_kind: str = "appearance",
 ) -> str:
     """Cache the latent mean of every item (whole volumes of any size, encoded patch-wise) as 4D NIfTI.
 
-    With ``augment_copies > 0``, items of ``augment_splits`` also get that many appearance-augmented copies
-    (:func:`meduet.data.get_appearance_augment` of the preprocessed image, ``augment_strength``; seeded by
-    ``augment_seed``, the case name and the copy number), written as ``latents/<case>_aug<k>.nii.gz`` and listed
-    in the item's ``latent_aug``; meduet_pretrain's ``aug_content`` term uses them. ``latent_std`` is measured on
+    With ``augment_copies > 0``, items of ``augment_splits`` also get that many appearance-augmented copies of
+    the preprocessed image, of ``augment_kind`` ``"appearance"`` (:func:`meduet.data.get_appearance_augment`,
+    ``augment_strength``: monotone curves, bias field, blur, noise) or ``"synthetic_site"``
+    (:class:`meduet.data.SyntheticSiteAugment`: each intensity class repainted with its own random value;
+    ``augment_strength`` unused), seeded by ``augment_seed``, the case name and the copy number, written as
+    ``latents/<case>_aug<k>.nii.gz`` and listed in the item's ``latent_aug``; meduet_pretrain's content eraser and
+    its ``aug_content`` / ``cross_appearance`` terms use them. ``latent_std`` is measured on
     the unaugmented latents only.
 
     Each latent ``(c, h, w, d)`` is written as ``<output_dir>/latents/<case>.nii.gz`` (channels last, an affine
@@ -256,10 +261,14 @@ def encode_datalist(
     }
     if augment_copies < 0:
         raise MeduetConfigError(f"augment_copies must be >= 0, got {augment_copies}")
-    augment = get_appearance_augment(augment_strength) if augment_copies else None
+    kinds = {"appearance": lambda: get_appearance_augment(augment_strength), "synthetic_site": SyntheticSiteAugment}
+    if augment_kind not in kinds:
+        raise MeduetConfigError(f"augment_kind must be one of {sorted(kinds)}, got {augment_kind!r}")
+    augment = kinds[augment_kind]() if augment_copies else None
     if augment_copies:
         result["augmentation"] = {"copies": int(augment_copies), "splits": list(augment_splits),
-                                  "strength": float(augment_strength), "seed": int(augment_seed)}
+                                  "kind": augment_kind, "strength": float(augment_strength),
+                                  "seed": int(augment_seed)}
     seen: set[str] = set()
     for split in splits:
         rows = []

@@ -140,6 +140,13 @@ class MeDUETLossConfig(_FromMapping):
             small pretraining set shows the domain adversary (at demo size it did not move the site probes: see
             meduet_pretrain's docs). Needs ``x_aug`` batches (meduet_vae ``encode.yaml`` with
             ``augment_copies``); active from ``aug_start_step``.
+        w_cross_appearance: weight of ``cross_appearance`` (not in the paper; 0 = off): each source's content
+            tokens of the mixed forward (its own positions), recombined with the pooled style of the student's
+            encoding of ``x_aug``, must decode to ``x_aug`` (MSE, positions as ``rec_on``). The decoder can only
+            render the copy's appearance *through the style*, so appearance that the pooled style carries is
+            trained to be applied to the content's anatomy - the style swap. With ``synthetic_site`` copies
+            (meduet_vae ``encode.yaml --augment_kind synthetic_site``: every intensity class repainted on its own)
+            it is what moved the demo's style swap (meduet_pretrain's docs). Active from ``aug_start_step``.
     """
 
     mix_ratio: float = 0.5
@@ -164,11 +171,18 @@ class MeDUETLossConfig(_FromMapping):
     use_siqc: bool = True
     aux_pair_fraction: float = 1.0
     w_aug_content: float = 0.0
+    w_cross_appearance: float = 0.0
     aug_start_step: int = 0
 
+    @property
+    def needs_augmented_copies(self) -> bool:
+        """Whether a step needs ``x_aug`` (``aug_content`` or ``cross_appearance`` is weighted)."""
+        return self.w_aug_content > 0 or self.w_cross_appearance > 0
+
     def __post_init__(self) -> None:
-        if self.w_aug_content < 0:
-            raise MeduetConfigError(f"w_aug_content must be >= 0, got {self.w_aug_content}")
+        for name in ("w_aug_content", "w_cross_appearance"):
+            if getattr(self, name) < 0:
+                raise MeduetConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.rec_on not in ("hidden", "all"):
             raise MeduetConfigError(f"rec_on must be 'hidden' or 'all', got {self.rec_on!r}")
         if self.content_adversary not in ("grl", "confusion", "confusion_tokens"):
@@ -416,7 +430,7 @@ def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None,
         cfg: ``MeDUETLossConfig`` or mapping of its fields (defaults: the paper's).
         mix_mask: optional fixed ``(K, N)`` mix mask (tests); sampled otherwise.
         x_aug: ``(2K, C, S1, S2, S3)`` intensity-augmented copies of ``batch_latents`` (same crops), for
-            ``aug_content`` (``cfg.w_aug_content > 0``).
+            ``aug_content`` and ``cross_appearance`` (``cfg.needs_augmented_copies``).
 
     Returns a dict of 0-d tensors: ``loss`` (weighted total, to back-propagate), the active terms ``rec``,
     ``domain_content``, ``domain_style``, ``mftd``, ``siqc`` (+ ``siqc_content``, ``siqc_style``), and the
@@ -435,10 +449,16 @@ def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None,
     streams = 4 if siqc_on else (2 if (cfg.use_rec or mftd_on) else 0)
     reencode = 4 if siqc_on else (2 if mftd_on else 0)
 
+    aug_on = cfg.w_aug_content > 0 and step >= cfg.aug_start_step
+    cross_on = cfg.w_cross_appearance > 0 and step >= cfg.aug_start_step
+    if (aug_on or cross_on) and (x_aug is None or x_aug.shape != x.shape):
+        raise ValueError("w_aug_content / w_cross_appearance > 0 need x_aug, augmented copies of the batch's crops "
+                         "(meduet_vae's encode.yaml with augment_copies > 0); got " +
+                         ("none" if x_aug is None else f"shape {tuple(x_aug.shape)} for {tuple(x.shape)}"))
     out = model(x, mix_mask, mix_ratio=cfg.mix_ratio, streams=streams, reencode=reencode,
                 domain_content=cfg.use_domain_content, domain_style=cfg.use_domain_style,
                 grl_lambda=cfg.grl_lambda, content_adversary=cfg.content_adversary, generator=generator,
-                aux_pairs=p if p < k else None)
+                aux_pairs=p if p < k else None, x_cross=x_aug if cross_on else None)
     mix_mask = out["mix_mask"]
     losses: dict[str, torch.Tensor] = {}
     total = x.new_zeros(())
@@ -464,11 +484,6 @@ def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None,
         if "domain_style" in losses:
             total = total + cfg.w_domain_style * losses["domain_style"]
 
-    aug_on = cfg.w_aug_content > 0 and step >= cfg.aug_start_step
-    if aug_on and (x_aug is None or x_aug.shape != x.shape):
-        raise ValueError("w_aug_content > 0 needs x_aug, augmented copies of the batch's crops (meduet_vae's "
-                         "encode.yaml with augment_copies > 0); got " +
-                         ("none" if x_aug is None else f"shape {tuple(x_aug.shape)} for {tuple(x.shape)}"))
     teacher_out = teacher_aug = None
     if mftd_on or siqc_on or aug_on:
         with torch.profiler.record_function("meduet/teacher"):
@@ -501,6 +516,11 @@ def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None,
             losses["aug_content"] = aug_content_loss(out["content_tokens"], teacher_aug["content_tokens"],
                                                      out["visible"], cfg.mftd_distance)
             total = total + cfg.w_aug_content * losses["aug_content"]
+        if cross_on:
+            target_cross = patch_targets(x_aug.to(x), net.patch_size, cfg.norm_target)
+            losses["cross_appearance"] = dual_reconstruction_loss(out["pred_cross"], target_cross, mix_mask,
+                                                                  cfg.rec_on)
+            total = total + cfg.w_cross_appearance * losses["cross_appearance"]
         if cfg.use_siqc:
             tau = out["temperature"].detach()
             losses["tau_content"], losses["tau_style"] = tau[0], tau[1]

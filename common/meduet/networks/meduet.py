@@ -546,6 +546,7 @@ class MeDUET(_CheckpointRecord, nn.Module):
         content_adversary: str = "grl",
         generator: torch.Generator | None = None,
         aux_pairs: int | None = None,
+        x_cross: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Student side of one MeDUET step on a batch of ``K`` pairs.
 
@@ -569,6 +570,10 @@ class MeDUET(_CheckpointRecord, nn.Module):
                 re-encoded views (MFTD / SiQC on a subset of the pairs; the pairs are random, so any ``P`` of
                 them are a random subset). ``pred`` is then ``(2K + 2P, ...)`` with 4 streams and the views are
                 ``[x_hat_A[:P], x_hat_B[:P], x_hat_A<-sB, x_hat_B<-sA][:V]`` (``V * P`` rows).
+            x_cross: optional ``(2K, C, S1, S2, S3)`` copies of ``x`` with another appearance (same crops, e.g.
+                synthetic-site copies): each is encoded unmixed, and the decoder gets each source's content
+                tokens from the mixed forward (its own positions) with the pooled style (mean part) of its copy:
+                ``pred_cross (2K, N, C p^3)``, which should render the copy (the ``cross_appearance`` term).
 
         Returns a dict (``V = reencode``):
             ``mix_mask (K, N)``, ``visible (2K, N)`` (each source's own positions, A rows then B rows),
@@ -580,6 +585,7 @@ class MeDUET(_CheckpointRecord, nn.Module):
             first ``P`` pairs); ``view_content_tokens (V*P, N, D)``, ``view_style_tokens (V*P, N, Ds)``,
             ``view_content (V*P, D)``, ``view_style (V*P, Ds)`` for views [x_hat_A, x_hat_B, x_hat_A<-sB,
             x_hat_B<-sA][:V] of those pairs;
+            ``pred_cross (2K, N, C p^3)`` with ``x_cross``;
             ``temperature (2,)`` = ``self.temperature()`` (returned here so that a learnable temperature is part
             of the forward graph, which DDP needs).
 
@@ -667,6 +673,14 @@ class MeDUET(_CheckpointRecord, nn.Module):
                     "view_content": enc["content"],
                     "view_style": enc["style"],
                 })
+        if x_cross is not None:
+            if x_cross.shape != x.shape:
+                raise ValueError(f"x_cross must have the batch's shape {tuple(x.shape)}, got {tuple(x_cross.shape)}")
+            with torch.profiler.record_function("meduet/cross_appearance"):
+                s_cross = self.backbone.encode(x_cross.to(x))["style"][:, None, : self.style_dim]  # (2K, 1, Ds)
+                c_own = self.recombine.content_part(content)  # (K, N, D): each position its own source's content
+                tokens_cross = torch.cat([c_own, c_own]) + self.recombine.style_part(s_cross)
+                out["pred_cross"] = self.decoder(tokens_cross, visible, grid)
         return out
 
 
@@ -859,7 +873,7 @@ def build_encoder(preset: str | Mapping[str, Any] | None = "tiny", objective: st
 
 #: Latent-datalist keys (meduet_vae encode.yaml) copied into the pretraining checkpoint's record.
 _LATENT_KEYS = ("latent_channels", "downsample_factor", "latent_scale_factor", "latent_std", "latent_mean",
-                "domains", "heldout_domains", "labels", "modality", "preprocessing", "vae_config_hash")
+                "domains", "heldout_domains", "labels", "modality", "preprocessing", "vae_config_hash", "augmentation")
 
 
 def latent_record(latents: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
