@@ -24,12 +24,21 @@ class _ForkRuns:
 
     def __init__(self):
         self.runner = None
+        self.log = Path(tempfile.gettempdir()) / f"meduet_forkrun_{os.getpid()}.log"
+
+    def close(self) -> None:
+        """Stop the helper; its log stays only if the helper wrote something to it (a crash to look at)."""
+        if self.runner is not None:
+            self.runner.stop()
+            self.runner = None
+        if self.log.exists() and self.log.stat().st_size == 0:
+            self.log.unlink()
 
     def run(self, cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
         from meduet.forkrun import ForkRunner
 
         if self.runner is None:
-            self.runner = ForkRunner(log=Path(tempfile.gettempdir()) / f"meduet_forkrun_{os.getpid()}.log")
+            self.runner = ForkRunner(log=self.log)
         fd_out, out = tempfile.mkstemp(prefix="bundle_out_")
         fd_err, err = tempfile.mkstemp(prefix="bundle_err_")
         os.close(fd_out)
@@ -47,6 +56,10 @@ class _ForkRuns:
 
 
 _FORK_RUNS = _ForkRuns()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _FORK_RUNS.close()
 
 
 def bundle_run(bundle: str, workflow: str, *overrides: str, run_id: str | None = None, preset: str = "tiny",
