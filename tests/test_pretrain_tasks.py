@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import bundle_run
-from meduet.engines.pretrain_tasks import SWAP_TARGET, _eta_squared, encode_latents, load_latent, oracle_paint, swap_gaps
+from meduet.engines.pretrain_tasks import (SWAP_TARGET, _eta_squared, encode_latents, load_latent, oracle_paint, swap_gaps,
+                                          swap_pairs)
 from meduet.errors import MeduetConfigError
 from meduet.metrics.disentanglement import chance_level, fit_linear_eraser, probe_accuracy, similarity_ratio
 from meduet.networks.meduet import build_meduet, load_encoder, load_pretrain
@@ -127,7 +128,9 @@ def test_evaluate_reports_probes_plots_and_style_swap(pretrained, tiny_latents, 
                                      "baseline_site_probe>content_site_probe", "style_swap_gap_closed>=0.25"}
     sw = m["style_swap"]
     assert m["targets_met"]["style_swap_gap_closed>=0.25"] == (sw["mean"]["gap_closed"] >= SWAP_TARGET)
-    assert len(sw["pairs"]) >= 2
+    # by default one pair per site: every site (4 in the tiny data) once as content and once as style
+    assert sorted(r["content_site"] for r in sw["pairs"]) == sorted(r["style_site"] for r in sw["pairs"]) == sorted(
+        {it["domain"] for it in json.loads(tiny_latents.read_text())["test"]})
     for row in sw["pairs"]:
         assert row["content_site"] != row["style_site"] and row["content_case"] != row["style_case"]
         assert row["target_case"].split("_")[0] == row["content_case"].split("_")[0]  # A's subject at B's site
@@ -143,6 +146,25 @@ def _blocks(rng: np.random.Generator, grid=(4, 3, 5), factor: int = 2, classes: 
     lab = rng.integers(0, classes, size=grid)
     lab.flat[:classes] = np.arange(classes)
     return lab.repeat(factor, 0).repeat(factor, 1).repeat(factor, 2)
+
+
+def test_swap_pairs_cover_every_site_and_never_repeat():
+    items = [{"subject": f"s{i}", "domain": f"site{k}"} for i in range(3) for k in range(6)]
+    one_round = swap_pairs(items)
+    assert [(a["domain"], b["domain"]) for a, b, _ in one_round] == [(f"site{k}", f"site{(k + 3) % 6}") for k in range(6)]
+    for a, b, t in one_round:
+        assert a["subject"] != b["subject"] and (t["subject"], t["domain"]) == (a["subject"], b["domain"])
+    # past one round the subjects move on: 3 subjects x 6 sites give 18 distinct triples, then it stops
+    every = swap_pairs(items, 100)
+    keys = [(a["subject"], a["domain"], b["subject"], b["domain"]) for a, b, _ in every]
+    assert len(every) == 18 and len(set(keys)) == 18 and every[:6] == one_round
+    assert len({(a["subject"], a["domain"]) for a, _, _ in every}) == 18  # every case once as content
+    # a missing target scan drops only the pairs that need it; one subject or one site gives nothing to swap
+    partial = [it for it in items if (it["subject"], it["domain"]) != ("s0", "site3")]
+    assert all((t["subject"], t["domain"]) != ("s0", "site3") for _, _, t in swap_pairs(partial, 100))
+    assert len(swap_pairs(partial, 100)) < 18
+    assert swap_pairs([it for it in items if it["subject"] == "s0"]) == []
+    assert swap_pairs([it for it in items if it["domain"] == "site0"]) == []
 
 
 def test_swap_gaps_measure_how_far_the_swap_moves_region_means():

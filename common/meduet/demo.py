@@ -193,7 +193,8 @@ def stage_pretrain(d: Demo) -> None:
     if sw.get("pairs"):
         mean = sw["mean"]
         lines.append(
-            "Style swap (content of case A decoded with the pooled style of case B from another site and subject), "
+            "Style swap (content of case A decoded with the pooled style of case B from another site and subject; "
+            "one pair per site, so every site, the held-out ones too, is once A and once B), "
             "measured against T, A's subject scanned at B's site, *as the VAE renders it* (T's own latent decoded: "
             "a latent-space swap cannot do better): *intensity gap* = mean over label regions of |region mean - "
             "T's region mean| (image range 0-1), *gap closed* = 1 - gap(swap)/gap(A's own style); *reference* = the "

@@ -259,7 +259,7 @@ def _fit_slices(shape: Sequence[int], crop: Sequence[int]) -> tuple[list[slice],
 
 def style_transfer(model_ckpt: str, vae_ckpt: str, items: Sequence[Mapping[str, Any]], output_dir: str,
                    pretrain_ckpt: str | None = None, style_items: Sequence[Mapping[str, Any]] | None = None,
-                   pairs: int = 4, style_from: str = "scan", num_steps: int = 30, guidance_scale: float = 1.5,
+                   pairs: int | None = None, style_from: str = "scan", num_steps: int = 30, guidance_scale: float = 1.5,
                    strength: float = 0.6, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Re-render scan A with the style of scan B (``style_from="scan"``) or of B's site (``"site"``: the mean
     pooled style of ``style_items`` of that site; the site index for the metadata condition) and keep A's content.
@@ -269,7 +269,8 @@ def style_transfer(model_ckpt: str, vae_ckpt: str, items: Sequence[Mapping[str, 
     condition (what the generator does without a change).
 
     Measured against T, A's subject scanned at B's site (phantom data have it; pairs need items with a ``subject``
-    key rendered at several sites), on A's preprocessed grid and A's label regions, by
+    key rendered at several sites; ``meduet.engines.pretrain_tasks.swap_pairs``: ``pairs=None`` takes every site
+    once as A and once as B), on A's preprocessed grid and A's label regions, by
     ``meduet.engines.pretrain_tasks.swap_gaps`` (as ``meduet_pretrain``'s style-swap study): ``gap_closed = 1 -
     d(transfer)/d(rec)`` with ``d(x)`` the mean over label regions of ``|mean_r(x) - mean_r(T)|`` and T as the VAE
     renders it (T's latent decoded; 1 = T's intensities as far as the VAE renders them, 0 = unchanged);
@@ -279,7 +280,7 @@ def style_transfer(model_ckpt: str, vae_ckpt: str, items: Sequence[Mapping[str, 
     Writes ``transfer.json``, ``transfer.png`` and ``<A>_to_<site>.nii.gz``.
     """
     from meduet.data import get_load_transforms
-    from meduet.engines.pretrain_tasks import _eta_squared, _region_means, load_latent, swap_gaps
+    from meduet.engines.pretrain_tasks import _eta_squared, _region_means, load_latent, swap_gaps, swap_pairs
     from meduet.engines.sampling import invert_latents, sample_latents
     from meduet.networks.vae import load_vae
     from meduet.viz import save_pair_grid
@@ -300,17 +301,7 @@ def style_transfer(model_ckpt: str, vae_ckpt: str, items: Sequence[Mapping[str, 
     crop = [int(c) for c in rec["crop_size"]]
     f = int(rec.get("downsample_factor") or 4)
 
-    by_key = {(it.get("subject"), it["domain"]): it for it in items}
-    subjects = sorted({it.get("subject") for it in items if it.get("subject") is not None})
-    sites = sorted({it["domain"] for it in items})
-    chosen = []
-    for k in range(len(subjects) * len(sites)):
-        if len(chosen) >= pairs:
-            break
-        i, j = subjects[k % len(subjects)], subjects[(k + 1) % len(subjects)]
-        a, b = sites[k % len(sites)], sites[(k + max(1, len(sites) // 2)) % len(sites)]
-        if len(subjects) > 1 and a != b and (i, a) in by_key and (j, b) in by_key and (i, b) in by_key:
-            chosen.append((by_key[(i, a)], by_key[(j, b)], by_key[(i, b)]))
+    chosen = swap_pairs(items, pairs)
     if not chosen:
         raise MeduetConfigError("style transfer needs items with 'subject' keys rendered at several sites (the "
                                 "phantom sample data); none of the given items pair up")

@@ -36,6 +36,7 @@ __all__ = [
     "check_compatible",
     "evaluate_disentanglement",
     "style_swap_study",
+    "swap_pairs",
 ]
 
 
@@ -371,14 +372,44 @@ def oracle_paint(label: np.ndarray, latent: torch.Tensor, factor: int, values_fr
     return torch.einsum("kxyz,kc->cxyz", fa.double(), values).float()
 
 
+def swap_pairs(items: Sequence[dict[str, Any]], count: int | None = None) -> list[tuple[dict, dict, dict]]:
+    """Distinct ``(A, B, T)`` item triples for style swaps: A = subject i at site a, B = another subject j at site b
+    (half the site list away from a), T = subject i at site b (what the swap should look like; phantom data render
+    every subject at every site). Items need ``subject`` and ``domain`` keys.
+
+    Pairs come in rounds over the sites: round ``r`` takes site ``k`` (sorted) with subject ``k + r`` as A and
+    subject ``k + r + 1`` as B, so each round has every site once as content and once as style, and later rounds
+    use other subjects (no triple repeats). ``count=None`` gives one round (one pair per site); fewer than a round
+    leaves the last sites out as content. Triples whose items are missing are skipped.
+    """
+    by_key = {(it.get("subject"), it["domain"]): it for it in items}
+    subjects = sorted({it.get("subject") for it in items if it.get("subject") is not None})
+    sites = sorted({it["domain"] for it in items})
+    if len(subjects) < 2 or len(sites) < 2:
+        return []
+    count = len(sites) if count is None else int(count)
+    half = max(1, len(sites) // 2)
+    pairs = []
+    for r in range(len(subjects)):
+        for k in range(len(sites)):
+            if len(pairs) >= count:
+                return pairs
+            i, j = subjects[(k + r) % len(subjects)], subjects[(k + r + 1) % len(subjects)]
+            a, b = sites[k], sites[(k + half) % len(sites)]
+            if (i, a) in by_key and (j, b) in by_key and (i, b) in by_key:
+                pairs.append((by_key[(i, a)], by_key[(j, b)], by_key[(i, b)]))
+    return pairs
+
+
 @torch.no_grad()
 def style_swap_study(model, vae, latents: dict[str, Any], items: list[dict[str, Any]], output_dir: Path,
-                     swaps: int = 4, device: str | torch.device = "cpu") -> dict[str, Any]:
+                     swaps: int | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Render case A's content with case B's pooled style and measure it against A's subject scanned at B's site
     (T), which the phantom data has.
 
     For each pair (A = subject i at site a, B = subject j at site b, i != j, a != b, with T = subject i at site b in
-    ``items``), decoded through the VAE on A's preprocessed grid:
+    ``items``; ``swap_pairs(items, swaps)``, by default one pair per site so that held-out sites are rendered as
+    content too), decoded through the VAE on A's preprocessed grid:
 
     * ``rec`` = A's content with A's own pooled style, ``swap`` = A's content with B's pooled style;
     * intensity (``swap_gaps``): per label region, how much of the gap between ``rec`` and T the swap closes,
@@ -397,18 +428,7 @@ def style_swap_study(model, vae, latents: dict[str, Any], items: list[dict[str, 
     prep = dict(latents.get("preprocessing") or {})
     transform = get_load_transforms(**prep, keys=("image", "label"))
     scale = float(latents["latent_scale_factor"])
-    by_key = {(it.get("subject"), it["domain"]): it for it in items}
-    subjects = sorted({it.get("subject") for it in items if it.get("subject") is not None})
-    sites = sorted({it["domain"] for it in items})
-    pairs = []
-    if len(subjects) > 1 and len(sites) > 1:
-        for k in range(len(subjects) * len(sites)):
-            if len(pairs) >= swaps:
-                break
-            i, j = subjects[k % len(subjects)], subjects[(k + 1) % len(subjects)]
-            a, b = sites[k % len(sites)], sites[(k + max(1, len(sites) // 2)) % len(sites)]
-            if a != b and (i, a) in by_key and (j, b) in by_key and (i, b) in by_key:
-                pairs.append((by_key[(i, a)], by_key[(j, b)], by_key[(i, b)]))
+    pairs = swap_pairs(items, swaps)
     if not pairs:
         return {"pairs": [], "note": "needs items with 'subject' keys rendered at several sites (phantom data)"}
 
@@ -488,7 +508,7 @@ def evaluate_disentanglement(
     vae_ckpt: str | None = None,
     split: str = "test",
     method: str = "tsne",
-    swaps: int = 4,
+    swaps: int | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """The disentanglement report (paper Figure 1) on the latent datalist's ``split`` (cases held out of
