@@ -14,7 +14,14 @@ MONAILABEL_PINS := 'monai[nibabel,pydicom,fire,pyyaml,einops,ignite]==1.6.1' 'mo
 
 .PHONY: setup monailabel-setup demo test sample clean-outputs
 
+# a virtualenv takes ~3.5 GB; pip's "No space left on device" halfway through is harder to read than this
+define need_space
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ "$$free" -lt $(1) ]; then \
+		echo "make: $$free GB free in $(CURDIR); $(2) needs ~$(1) GB: free some space and run make again" >&2; exit 1; fi
+endef
+
 $(STAMP): pyproject.toml Makefile
+	$(call need_space,4,$(VENV))
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
@@ -24,6 +31,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 $(MLSTAMP): pyproject.toml Makefile
+	$(call need_space,4,$(MLVENV))
 	test -x $(MLVENV)/bin/python || $(PYTHON) -m venv $(MLVENV)
 	$(MLVENV)/bin/python -m pip install --quiet --upgrade pip
 	$(MLVENV)/bin/python -m pip install --quiet $(TORCH) $(MONAILABEL_PINS)
