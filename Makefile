@@ -14,10 +14,11 @@ MONAILABEL_PINS := 'monai[nibabel,pydicom,fire,pyyaml,einops,ignite]==1.6.1' 'mo
 
 .PHONY: setup monailabel-setup demo test sample clean-outputs
 
-# a virtualenv takes ~3.5 GB; pip's "No space left on device" halfway through is harder to read than this
+# a new virtualenv takes ~3.5 GB; pip's "No space left on device" halfway through is harder to read than this
 define need_space
-	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ "$$free" -lt $(1) ]; then \
-		echo "make: $$free GB free in $(CURDIR); $(2) needs ~$(1) GB: free some space and run make again" >&2; exit 1; fi
+	@test -x $(2)/bin/python || { free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+		if [ "$$free" -lt $(1) ]; then echo "make: $$free GB free in $(CURDIR); a new $(2) needs ~$(1) GB:" \
+		"free some space and run make again" >&2; exit 1; fi; }
 endef
 
 $(STAMP): pyproject.toml Makefile
