@@ -15,7 +15,8 @@ from conftest import bundle_run
 from meduet.engines.pretrain_tasks import (SWAP_TARGET, _eta_squared, encode_latents, load_latent, oracle_paint, swap_gaps,
                                           swap_pairs)
 from meduet.errors import MeduetConfigError
-from meduet.metrics.disentanglement import chance_level, fit_linear_eraser, probe_accuracy, similarity_ratio
+from meduet.metrics.disentanglement import (bootstrap_interval, chance_level, fit_linear_eraser, probe_accuracy,
+                                           probe_predictions, similarity_ratio)
 from meduet.networks.meduet import build_meduet, load_encoder, load_pretrain
 
 
@@ -122,7 +123,10 @@ def test_evaluate_reports_probes_plots_and_style_swap(pretrained, tiny_latents, 
     # how it was pretrained comes from the checkpoint's record: the tiny preset's loss, no copies
     assert m["pretraining"]["loss"]["mftd_start_step"] == 2 and "augmentation" not in m["pretraining"]
     for name in ("MeDUET content", "MeDUET style", "MAE baseline", "MeDUET content, no eraser"):
-        assert 0.0 <= f[name]["site_probe_balanced_accuracy"] <= 1.0
+        acc, (low, high) = f[name]["site_probe_balanced_accuracy"], f[name]["site_probe_ci95"]
+        assert 0.0 <= low <= acc <= high <= 1.0
+        acc, (low, high) = f[name]["anatomy_probe_balanced_accuracy"], f[name]["anatomy_probe_ci95"]
+        assert 0.0 <= low <= acc <= high <= 1.0
         assert f[name]["site_similarity"]["ratio"] > 0
     assert set(m["targets_met"]) == {"style_site_probe>=0.9", "content_site_probe<=chance+0.15",
                                      "baseline_site_probe>content_site_probe", "style_swap_gap_closed>=0.25"}
@@ -256,6 +260,37 @@ def test_probe_and_similarity_measure_what_they_claim():
     assert abs(np.mean(noise_acc) - chance_level(sites)) < 0.06
     assert similarity_ratio(separable, sites)["ratio"] < 0.8
     assert abs(similarity_ratio(noise, sites)["ratio"] - 1.0) < 0.1
+
+
+def test_bootstrap_interval_resamples_whole_groups_and_narrows_with_more_of_them():
+    rng = np.random.default_rng(3)
+    site_code = rng.normal(size=(6, 16)) * 0.6  # a weak site signal: the probe is right about half the time
+
+    def cases(n_subjects, seed):
+        r = np.random.default_rng(seed)
+        subjects, sites = np.repeat(np.arange(n_subjects), 6), np.tile(np.arange(6), n_subjects)
+        return site_code[sites] + r.normal(size=(len(sites), 16)), sites, subjects
+
+    x, sites, subjects = cases(6, 0)
+    pred = probe_predictions(x, sites, groups=subjects)
+    acc = probe_accuracy(x, sites, groups=subjects)
+    low, high = bootstrap_interval(sites, pred, subjects)
+    assert low < acc < high and 0.0 <= low and high <= 1.0
+    assert bootstrap_interval(sites, pred, subjects) == (low, high)  # seeded
+    # perfect predictions: every resample is perfect
+    assert bootstrap_interval(sites, sites, subjects) == (1.0, 1.0)
+    # four times the subjects: the interval of the same kind of probe is about half as wide
+    x4, sites4, subjects4 = cases(24, 1)
+    low4, high4 = bootstrap_interval(sites4, probe_predictions(x4, sites4, groups=subjects4), subjects4)
+    assert high4 - low4 < 0.75 * (high - low)
+    # resampling cases instead of whole subjects ignores that a subject's cases go together: here the subjects
+    # differ (one is always right, one always wrong), so subject resampling gives the wider interval
+    grouped_pred = np.where(subjects < 3, sites, (sites + 1) % 6)
+    by_subject = bootstrap_interval(sites, grouped_pred, subjects)
+    by_case = bootstrap_interval(sites, grouped_pred)
+    assert by_subject[1] - by_subject[0] > 1.5 * (by_case[1] - by_case[0])
+    with pytest.raises(ValueError, match="same non-zero length"):
+        bootstrap_interval(sites, pred[:-1], subjects)
 
 
 def test_linear_eraser_removes_what_a_linear_probe_reads_and_keeps_the_rest():

@@ -70,6 +70,15 @@ class Demo:
         return os.path.relpath(path, self.out)
 
 
+def _with_ci(r: dict, probe: str) -> str:
+    """``0.833 [0.722, 0.944]``: a probe's balanced accuracy with its bootstrap interval, when reported."""
+    acc = r.get(f"{probe}_probe_balanced_accuracy")
+    if acc is None:
+        return "-"
+    ci = r.get(f"{probe}_probe_ci95")
+    return _fmt(acc) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+
 def _fmt(v: Any, nd: int = 3) -> str:
     return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
@@ -158,15 +167,16 @@ def stage_pretrain(d: Demo) -> None:
              f"{len(m['sites'])} sites, none used in pretraining; sites {', '.join(m['sites'])}). Site probe: "
              "balanced accuracy of a linear probe predicting the site, cross-validated leave-one-subject-out; "
              "anatomy probe: predicting the subject, leave-one-site-out; similarity ratio: mean inter-group / "
-             "intra-group similarity (1 = no grouping, lower = clusters). "
-             f"Chance: {_fmt(f['chance']['site'])}.\n",
+             "intra-group similarity (1 = no grouping, lower = clusters). In brackets: 95% bootstrap interval "
+             "over resampled subjects (site probe) or sites (anatomy probe), how far another draw of test cases "
+             f"could move the number. Chance: {_fmt(f['chance']['site'])}.\n",
              "| features | site probe | site inter/intra similarity | anatomy probe | anatomy inter/intra |",
              "|---|---|---|---|---|"]
     for name, r in f.items():
         if name == "chance":
             continue
-        lines.append(f"| {name} | {_fmt(r['site_probe_balanced_accuracy'])} | {_fmt(r['site_similarity']['ratio'])} "
-                     f"| {_fmt(r.get('anatomy_probe_balanced_accuracy', '-'))} "
+        lines.append(f"| {name} | {_with_ci(r, 'site')} | {_fmt(r['site_similarity']['ratio'])} "
+                     f"| {_with_ci(r, 'anatomy')} "
                      f"| {_fmt(r.get('anatomy_similarity', {}).get('ratio', '-'))} |")
     er = m.get("content_eraser")
     pre = m.get("pretraining") or {}

@@ -241,19 +241,28 @@ def extract_embeddings(
 # evaluation
 # ----------------------------------------------------------------------------------------------------------------
 def _factor_metrics(features: dict[str, np.ndarray], sites: list[str], subjects: list[str]) -> dict[str, Any]:
-    from meduet.metrics.disentanglement import chance_level, probe_accuracy, similarity_ratio
+    """Probes and similarity ratios of each feature set; each probe's ``*_ci95`` is a 95% bootstrap interval over
+    resampled groups (``metrics.disentanglement.bootstrap_interval``: subjects for the site probe, sites for the
+    anatomy probe), i.e. how far another draw of test cases could move the number."""
+    from meduet.metrics.disentanglement import bootstrap_interval, chance_level, probe_predictions, similarity_ratio
+
+    def probe(x, labels, groups):
+        pred = probe_predictions(x, labels, groups=groups)
+        hits = np.asarray(pred) == np.asarray(labels)
+        acc = float(np.mean([hits[np.asarray(labels) == c].mean() for c in sorted(set(labels))]))
+        return acc, list(bootstrap_interval(labels, pred, groups))
 
     res: dict[str, Any] = {}
     multi_subject = len(set(subjects)) > 1 and all(subjects.count(s) > 1 for s in set(subjects))
     for name, x in features.items():
-        r: dict[str, Any] = {
-            # predict the site of cases whose subject the probe never saw (leave-one-subject-out)
-            "site_probe_balanced_accuracy": probe_accuracy(x, sites, groups=subjects if multi_subject else None),
-            "site_similarity": similarity_ratio(x, sites),
-        }
+        # predict the site of cases whose subject the probe never saw (leave-one-subject-out)
+        acc, ci = probe(x, sites, subjects if multi_subject else None)
+        r: dict[str, Any] = {"site_probe_balanced_accuracy": acc, "site_probe_ci95": ci,
+                             "site_similarity": similarity_ratio(x, sites)}
         if multi_subject and len(set(sites)) > 1:
             # predict the subject (anatomy) at sites the probe never saw (leave-one-site-out)
-            r["anatomy_probe_balanced_accuracy"] = probe_accuracy(x, subjects, groups=sites)
+            acc, ci = probe(x, subjects, sites)
+            r["anatomy_probe_balanced_accuracy"], r["anatomy_probe_ci95"] = acc, ci
             r["anatomy_similarity"] = similarity_ratio(x, subjects)
         res[name] = r
     res["chance"] = {"site": chance_level(sites), "anatomy": chance_level(subjects)}

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["probe_accuracy", "similarity_ratio", "embed_2d", "chance_level", "LinearEraser", "fit_linear_eraser"]
+__all__ = ["probe_accuracy", "probe_predictions", "bootstrap_interval", "similarity_ratio", "embed_2d", "chance_level", "LinearEraser", "fit_linear_eraser"]
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
@@ -32,9 +32,9 @@ def chance_level(labels: Sequence) -> float:
     return 1.0 / max(1, len(set(labels)))
 
 
-def probe_accuracy(features: np.ndarray, labels: Sequence, groups: Sequence | None = None, folds: int | None = None,
-                   c: float = 1.0) -> float:
-    """Cross-validated balanced accuracy of a linear probe ``features (n, f) -> labels (n,)``.
+def probe_predictions(features: np.ndarray, labels: Sequence, groups: Sequence | None = None,
+                      folds: int | None = None, c: float = 1.0) -> np.ndarray:
+    """Out-of-fold predictions ``(n,)`` of a cross-validated linear probe ``features (n, f) -> labels (n,)``.
 
     Args:
         groups: fold groups (leave-one-group-out when ``folds`` is None, else ``GroupKFold(folds)``); without
@@ -42,7 +42,6 @@ def probe_accuracy(features: np.ndarray, labels: Sequence, groups: Sequence | No
         c: inverse regularisation strength of the logistic regression.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -62,8 +61,45 @@ def probe_accuracy(features: np.ndarray, labels: Sequence, groups: Sequence | No
         cv = StratifiedKFold(n_splits=max(2, min(folds or 5, n_min)), shuffle=True, random_state=0)
         split = list(cv.split(x, y))
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
-    pred = cross_val_predict(probe, x, y, cv=split)
-    return float(balanced_accuracy_score(y, pred))
+    return cross_val_predict(probe, x, y, cv=split)
+
+
+def probe_accuracy(features: np.ndarray, labels: Sequence, groups: Sequence | None = None, folds: int | None = None,
+                   c: float = 1.0) -> float:
+    """Cross-validated balanced accuracy of a linear probe ``features (n, f) -> labels (n,)`` (arguments as
+    ``probe_predictions``)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    return float(balanced_accuracy_score(np.asarray(labels), probe_predictions(features, labels, groups, folds, c)))
+
+
+def bootstrap_interval(labels: Sequence, predictions: Sequence, groups: Sequence | None = None,
+                       level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval ``(low, high)`` of the balanced accuracy of ``predictions`` against ``labels``.
+
+    Whole ``groups`` are resampled with replacement (e.g. the subjects of a site probe: the cases of one subject
+    are not independent), single cases without groups. It says how much the number would move with another draw
+    of test cases of the same kind; the probes themselves are not refitted (the predictions are fixed), so it is
+    the test-sampling part of the uncertainty. A resample that lacks a class is scored over the classes it has.
+    """
+    y, p = np.asarray(labels), np.asarray(predictions)
+    if len(y) != len(p) or len(y) == 0:
+        raise ValueError(f"labels and predictions must have the same non-zero length, got {len(y)} and {len(p)}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    g = np.arange(len(y)) if groups is None else np.asarray(groups)
+    if len(g) != len(y):
+        raise ValueError(f"groups must have one entry per case, got {len(g)} for {len(y)}")
+    members = [np.flatnonzero(g == v) for v in np.unique(g)]
+    rng = np.random.default_rng(seed)
+    stats = np.empty(int(resamples))
+    for i in range(int(resamples)):
+        idx = np.concatenate([members[j] for j in rng.integers(0, len(members), size=len(members))])
+        yy, pp = y[idx], p[idx]
+        stats[i] = np.mean([np.mean(pp[yy == c] == c) for c in np.unique(yy)])  # balanced accuracy
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(stats, [tail, 100.0 - tail])
+    return float(low), float(high)
 
 
 def similarity_ratio(features: np.ndarray, labels: Sequence) -> dict[str, float]:
