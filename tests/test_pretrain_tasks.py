@@ -15,8 +15,8 @@ from conftest import bundle_run
 from meduet.engines.pretrain_tasks import (SWAP_TARGET, _eta_squared, encode_latents, load_latent, oracle_paint, swap_gaps,
                                           swap_pairs)
 from meduet.errors import MeduetConfigError
-from meduet.metrics.disentanglement import (bootstrap_interval, chance_level, fit_linear_eraser, probe_accuracy,
-                                           probe_predictions, similarity_ratio)
+from meduet.metrics.disentanglement import (bootstrap_interval, bootstrap_mean_interval, chance_level,
+                                           fit_linear_eraser, probe_accuracy, probe_predictions, similarity_ratio)
 from meduet.networks.meduet import build_meduet, load_encoder, load_pretrain
 
 
@@ -141,6 +141,9 @@ def test_evaluate_reports_probes_plots_and_style_swap(pretrained, tiny_latents, 
         assert all(np.isfinite(row[k]) for k in ("gap_closed", "anatomy_kept", "intensity_gap_swap", "gap_closed_vs_scan",
                                                  "vae_ceiling", "oracle_gap_closed"))
         assert row["intensity_gap_rec"] >= 0 and row["intensity_gap_rec_vs_scan"] >= 0
+    low, high = sw["gap_closed_ci95"]
+    assert low <= sw["mean"]["gap_closed"] <= high
+    assert min(r["gap_closed"] for r in sw["pairs"]) <= low and high <= max(r["gap_closed"] for r in sw["pairs"])
     for png in ("embeddings_2d.png", "style_swap.png"):
         assert (out / png).stat().st_size > 5000
 
@@ -291,6 +294,19 @@ def test_bootstrap_interval_resamples_whole_groups_and_narrows_with_more_of_them
     assert by_subject[1] - by_subject[0] > 1.5 * (by_case[1] - by_case[0])
     with pytest.raises(ValueError, match="same non-zero length"):
         bootstrap_interval(sites, pred[:-1], subjects)
+
+
+def test_bootstrap_mean_interval_covers_the_mean_and_ignores_nan():
+    values = [0.09, 0.05, 0.15, 0.39, -0.01, -0.20]
+    low, high = bootstrap_mean_interval(values)
+    assert min(values) < low < np.mean(values) < high < max(values)
+    assert bootstrap_mean_interval(values + [float("nan")]) == (low, high)
+    assert bootstrap_mean_interval([0.3] * 6) == pytest.approx((0.3, 0.3))
+    # twice as many pairs of the same spread: a narrower interval
+    low2, high2 = bootstrap_mean_interval(values * 4)
+    assert high2 - low2 < 0.7 * (high - low)
+    with pytest.raises(ValueError, match="at least one finite"):
+        bootstrap_mean_interval([float("nan")])
 
 
 def test_linear_eraser_removes_what_a_linear_probe_reads_and_keeps_the_rest():

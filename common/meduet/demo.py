@@ -220,6 +220,10 @@ def stage_pretrain(d: Demo) -> None:
             lines.append(f"| {name} | {_fmt(r['intensity_gap_rec'])} | {_fmt(r['intensity_gap_swap'])} | "
                          f"{_fmt(r['gap_closed'])} | {_fmt(r['oracle_gap_closed'])} | {_fmt(r['gap_closed_vs_scan'])} | "
                          f"{_fmt(r['vae_ceiling'])} | {_fmt(r['anatomy_kept'])} |")
+        ci = sw.get("gap_closed_ci95")
+        if ci:
+            lines.append(f"\nMean gap closed {_fmt(mean['gap_closed'])}, 95% bootstrap interval over resampled pairs "
+                         f"[{_fmt(ci[0])}, {_fmt(ci[1])}].")
         lines.append("")
         lines.append(f"![style swap]({d.rel(out / sw['picture'])})\n")
     lines.append("Embeddings of every latent (pooled content/style and token maps) for the next stages: "

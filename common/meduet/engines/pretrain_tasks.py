@@ -506,7 +506,11 @@ def style_swap_study(model, vae, latents: dict[str, Any], items: list[dict[str, 
     save_pair_grid(output_dir / "style_swap.png", panels, title="Style swap: content of A rendered in B's style, "
                    "compared with A's subject scanned at B's site (T), as the VAE renders it and as scanned")
     summary = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0] if isinstance(rows[0][k], float)}
-    return {"pairs": rows, "mean": summary, "picture": "style_swap.png"}
+    from meduet.metrics.disentanglement import bootstrap_mean_interval
+
+    # how far the mean gap closed could move with another draw of as many pairs (pairs resampled)
+    interval = list(bootstrap_mean_interval([r["gap_closed"] for r in rows]))
+    return {"pairs": rows, "mean": summary, "gap_closed_ci95": interval, "picture": "style_swap.png"}
 
 
 def evaluate_disentanglement(

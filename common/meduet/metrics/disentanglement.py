@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["probe_accuracy", "probe_predictions", "bootstrap_interval", "similarity_ratio", "embed_2d", "chance_level", "LinearEraser", "fit_linear_eraser"]
+__all__ = ["probe_accuracy", "probe_predictions", "bootstrap_interval", "bootstrap_mean_interval", "similarity_ratio", "embed_2d", "chance_level", "LinearEraser", "fit_linear_eraser"]
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
@@ -99,6 +99,22 @@ def bootstrap_interval(labels: Sequence, predictions: Sequence, groups: Sequence
         stats[i] = np.mean([np.mean(pp[yy == c] == c) for c in np.unique(yy)])  # balanced accuracy
     tail = 100.0 * (1.0 - level) / 2.0
     low, high = np.percentile(stats, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_mean_interval(values: Sequence[float], level: float = 0.95, resamples: int = 2000,
+                            seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval ``(low, high)`` of the mean of ``values`` (NaNs dropped; e.g. the style swap's
+    per-pair gap closed): how far the mean could move with another draw of the same number of pairs."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        raise ValueError("bootstrap_mean_interval needs at least one finite value")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    means = v[np.random.default_rng(seed).integers(0, v.size, size=(int(resamples), v.size))].mean(axis=1)
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
     return float(low), float(high)
 
 
