@@ -118,6 +118,9 @@ def test_transfer_measures_gap_and_anatomy(sit_factors, tiny_vae, tiny_latents, 
                "--style_from", "site")
     res = json.loads((out / "transfer.json").read_text())
     assert res["method"] == "rflow inversion" and len(res["pairs"]) == 2
+    low, high = res["gap_closed_ci95"]
+    assert min(r["gap_closed"] for r in res["pairs"]) <= low <= res["gap_closed"] <= high <= max(
+        r["gap_closed"] for r in res["pairs"])
     for row in res["pairs"]:
         assert row["site_from"] != row["site_to"] and np.isfinite(row["d_transfer"]) and row["d_rec"] > 0
         assert np.isfinite(row["gap_closed_vs_scan"]) and np.isfinite(row["vae_ceiling"]) and row["d_source"] > 0

@@ -281,6 +281,11 @@ def stage_diffusion(d: Demo) -> None:
         lines.append(f"| {r['A']} -> {r['site_to']} | {_fmt(r['d_source'])} | {_fmt(r['d_rec'])} | "
                      f"{_fmt(r['d_transfer'])} | {_fmt(r['gap_closed'])} | {_fmt(r.get('gap_closed_vs_scan', '-'))} | "
                      f"{_fmt(r['anatomy_kept'])} |")
+    if t.get("gap_closed_ci95"):
+        ci = t["gap_closed_ci95"]
+        lines.append(f"| mean | | | | {_fmt(t['gap_closed'])} [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
+                     f"{_fmt(t['gap_closed_vs_scan'])} | {_fmt(t['anatomy_kept'])} |")
+        lines.append("\nIn brackets: 95% bootstrap interval of the mean gap closed over resampled pairs.")
     lines.append(f"\n![style transfer]({d.rel(out / 'transfer' / t['picture'])})\n")
     d.sections.append("\n".join(lines))
 

@@ -399,11 +399,15 @@ def style_transfer(model_ckpt: str, vae_ckpt: str, items: Sequence[Mapping[str, 
     picture = save_pair_grid(out / "transfer.png", rows,
                              title=f"style transfer ({objective.objective}, condition {condition}, style from "
                                    f"{style_from})")
+    from meduet.metrics.disentanglement import bootstrap_mean_interval
+
     summary = {
         "objective": objective.objective, "condition": condition, "style_from": style_from,
         "method": "rflow inversion" if objective.objective == "rflow" else f"sdedit strength {strength}",
         "num_steps": num_steps, "guidance_scale": guidance_scale, "pairs": results,
         "gap_closed": float(np.nanmean([r["gap_closed"] for r in results])),
+        # how far that mean could move with another draw of as many pairs (pairs resampled)
+        "gap_closed_ci95": list(bootstrap_mean_interval([r["gap_closed"] for r in results])),
         "gap_closed_vs_scan": float(np.nanmean([r["gap_closed_vs_scan"] for r in results])),
         "vae_ceiling": float(np.nanmean([r["vae_ceiling"] for r in results])),
         "anatomy_kept": float(np.nanmean([r["anatomy_kept"] for r in results])),
