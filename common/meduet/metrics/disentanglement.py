@@ -90,13 +90,19 @@ def bootstrap_interval(labels: Sequence, predictions: Sequence, groups: Sequence
     g = np.arange(len(y)) if groups is None else np.asarray(groups)
     if len(g) != len(y):
         raise ValueError(f"groups must have one entry per case, got {len(g)} for {len(y)}")
-    members = [np.flatnonzero(g == v) for v in np.unique(g)]
-    rng = np.random.default_rng(seed)
-    stats = np.empty(int(resamples))
-    for i in range(int(resamples)):
-        idx = np.concatenate([members[j] for j in rng.integers(0, len(members), size=len(members))])
-        yy, pp = y[idx], p[idx]
-        stats[i] = np.mean([np.mean(pp[yy == c] == c) for c in np.unique(yy)])  # balanced accuracy
+    _, gi = np.unique(g, return_inverse=True)
+    classes, ci = np.unique(y, return_inverse=True)
+    n_groups = int(gi.max()) + 1
+    count = np.zeros((n_groups, len(classes)))  # cases of each class in each group, and how many were right
+    hit = np.zeros((n_groups, len(classes)))
+    np.add.at(count, (gi, ci), 1.0)
+    np.add.at(hit, (gi, ci), (p == y).astype(np.float64))
+    draws = np.random.default_rng(seed).integers(0, n_groups, size=(int(resamples), n_groups))
+    times = np.zeros((int(resamples), n_groups))  # how often each group was drawn in each resample
+    np.add.at(times, (np.arange(int(resamples))[:, None], draws), 1.0)
+    n, h = times @ count, times @ hit
+    present = n > 0
+    stats = np.where(present, h / np.where(present, n, 1.0), 0.0).sum(1) / present.sum(1)  # balanced accuracy
     tail = 100.0 * (1.0 - level) / 2.0
     low, high = np.percentile(stats, [tail, 100.0 - tail])
     return float(low), float(high)
