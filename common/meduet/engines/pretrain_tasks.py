@@ -244,13 +244,13 @@ def _factor_metrics(features: dict[str, np.ndarray], sites: list[str], subjects:
     """Probes and similarity ratios of each feature set; each probe's ``*_ci95`` is a 95% bootstrap interval over
     resampled groups (``metrics.disentanglement.bootstrap_interval``: subjects for the site probe, sites for the
     anatomy probe), i.e. how far another draw of test cases could move the number."""
+    from sklearn.metrics import balanced_accuracy_score
+
     from meduet.metrics.disentanglement import bootstrap_interval, chance_level, probe_predictions, similarity_ratio
 
-    def probe(x, labels, groups):
+    def probe(x, labels, groups):  # one set of out-of-fold predictions for the accuracy and its interval
         pred = probe_predictions(x, labels, groups=groups)
-        hits = np.asarray(pred) == np.asarray(labels)
-        acc = float(np.mean([hits[np.asarray(labels) == c].mean() for c in sorted(set(labels))]))
-        return acc, list(bootstrap_interval(labels, pred, groups))
+        return float(balanced_accuracy_score(labels, pred)), list(bootstrap_interval(labels, pred, groups))
 
     res: dict[str, Any] = {}
     multi_subject = len(set(subjects)) > 1 and all(subjects.count(s) > 1 for s in set(subjects))

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["probe_accuracy", "probe_predictions", "bootstrap_interval", "bootstrap_mean_interval", "similarity_ratio", "embed_2d", "chance_level", "LinearEraser", "fit_linear_eraser"]
+__all__ = ["probe_accuracy", "probe_predictions", "bootstrap_interval", "bootstrap_mean_interval", "similarity_ratio",
+           "embed_2d", "chance_level", "LinearEraser", "fit_linear_eraser"]
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
