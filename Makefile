@@ -45,7 +45,7 @@ sample: setup
 	$(BIN)/python -m meduet.data.sample --out data/sample --pretrain-subjects 72
 
 demo: setup
-	$(BIN)/python -m meduet.demo --out outputs/demo --preset demo
+	$(BIN)/python tools/demo.py --out outputs/demo --preset demo
 
 # the two virtualenvs are built side by side (3.5 instead of 6 min on 2 cores), then the suite runs
 test:

@@ -72,12 +72,12 @@ def reference_items(latent_datalist: str, split: str, real_sites: str) -> list[d
     """The real latents the FID proxy compares with: ``split``'s items, only the sites seen in training unless
     ``real_sites == "all"``."""
     from meduet.engines.diffusion import diffusion_items
-    from meduet.engines.pretrain import read_latent_datalist
+    from meduet.latent import read_items
 
     items = diffusion_items(latent_datalist, split)
     if real_sites == "all":
         return items
-    seen = {it["domain"] for it in read_latent_datalist(latent_datalist, "training")}
+    seen = {it["domain"] for it in read_items(latent_datalist, "training")}
     return [it for it in items if it["domain"] in seen]
 
 
@@ -86,12 +86,12 @@ def crops(items: list[dict], crop: list[int]):
     import torch
 
     from meduet.engines.diffusion import center_crop_or_pad
-    from meduet.engines.pretrain_tasks import load_latent
+    from meduet.latent import load_latent
 
     return torch.stack([center_crop_or_pad(load_latent(it["latent"]), crop) for it in items]).float()
 
 
-def conditions_for(condition: str, conditioner, items: list[dict], n: int, crop: list[int], scale: float):
+def conditions_for(condition: str, conditioner, items: list[dict], n: int, crop: list[int], space):
     """The ``cond`` dict for ``n`` generated latents, one per reference item (cycled): None / sites / factors."""
     import torch
 
@@ -101,15 +101,15 @@ def conditions_for(condition: str, conditioner, items: list[dict], n: int, crop:
     if condition == "metadata":
         return {"domain": torch.tensor([int(it["domain_index"]) for it in refs], dtype=torch.long)}
     with torch.no_grad():
-        return {k: v.detach().cpu() for k, v in conditioner.factors(crops(refs, crop) * scale).items()}
+        return {k: v.detach().cpu() for k, v in conditioner.factors(space.scale(crops(refs, crop))).items()}
 
 
 class FidProxy:
     """FID proxy of a generator against fixed real features (see the module docstring)."""
 
-    def __init__(self, extractor, real_raw, scale: float, crop: list[int], objective, sampler: str, steps: int,
+    def __init__(self, extractor, real_raw, space, crop: list[int], objective, sampler: str, steps: int,
                  guidance: float, seed: int, batch: int = 24, feature_threads: int = 1) -> None:
-        self.extractor, self.scale, self.crop = extractor, float(scale), list(crop)
+        self.extractor, self.space, self.crop = extractor, space, list(crop)
         self.feature_threads = int(feature_threads)
         self.objective, self.sampler, self.steps = objective, sampler, int(steps)
         self.guidance, self.seed, self.batch = float(guidance), int(seed), int(batch)
@@ -134,7 +134,7 @@ class FidProxy:
     def score(self, fake_scaled) -> dict:
         from meduet.metrics.generation import fid
 
-        raw = fake_scaled.detach().cpu().float() / self.scale
+        raw = self.space.unscale(fake_scaled.detach().cpu().float())
         with single_thread(self.feature_threads):
             feats = self.extractor(raw)
         return {"fid_proxy": fid(self.real_feats, feats), "gen_std": float(raw.std()), "gen_mean": float(raw.mean())}
@@ -195,19 +195,19 @@ def train_run(objective_name: str, condition: str, args, root: Path, settings: d
     conditioner = parser.get_parsed_content("conditioner")
     latents = parser.get_parsed_content("latents")
     crop = [int(c) for c in parser.get_parsed_content("crop_size")]
-    scale = float(latents["latent_scale_factor"])
+    space = parser.get_parsed_content("latent_space")
     val = next(h for h in parser.get_parsed_content("train#handlers") if isinstance(h, ValidationLoss))
     dl = parser.get_parsed_content("latent_datalist")
 
     refs = reference_items(dl, args.real_split, args.real_sites)
     n = args.samples
-    extractor = EncoderFeatures(str(REPO / parser.get_parsed_content("pretrain_ckpt")), latent_scale_factor=scale,
+    extractor = EncoderFeatures(str(REPO / parser.get_parsed_content("pretrain_ckpt")), latent_space=space,
                                 inputs="raw")
     sampler = "rflow" if objective_name == "rflow" else "ddim"
     steps = args.rflow_steps if objective_name == "rflow" else args.ddim_steps
-    proxy = FidProxy(extractor, crops(refs, crop), scale, crop, objective, sampler, steps, args.guidance, seed,
+    proxy = FidProxy(extractor, crops(refs, crop), space, crop, objective, sampler, steps, args.guidance, seed,
                      feature_threads=args.feature_threads)
-    cond = conditions_for(condition, conditioner, refs, n, crop, scale)
+    cond = conditions_for(condition, conditioner, refs, n, crop, space)
 
     rows: list[dict] = []
     t_eval = [0.0]
@@ -244,7 +244,7 @@ def train_run(objective_name: str, condition: str, args, root: Path, settings: d
     if condition == "factors":
         train_items = reference_items(dl, "training", "all")
         with torch.random.fork_rng(devices=[]):
-            c2 = conditions_for(condition, conditioner, train_items, n, crop, scale)
+            c2 = conditions_for(condition, conditioner, train_items, n, crop, space)
             extra["fid_proxy_train_factors"] = proxy.score(proxy.generate(ema.module, c2, n))["fid_proxy"]
     return {"objective": objective_name, "condition": condition, "settings": settings, "rows": rows,
             "total_steps": total_steps, "steps_per_epoch": total_steps // max(1, settings["epochs"]),
@@ -435,13 +435,13 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
 
     # real-vs-real floor of the proxy: training crops vs the reference crops
-    from meduet.engines.pretrain import read_latent_datalist
+    from meduet.latent import LatentDatalist
     from meduet.metrics.generation import EncoderFeatures, fid
 
     dl = "bundles/meduet_vae/latents/phantoms/datalist.json"
     crop = [int(c) for c in preset.get("crop_size", [24, 24, 24])]
-    scale = float(read_latent_datalist(dl)["latent_scale_factor"])
-    ext = EncoderFeatures("bundles/meduet_pretrain/models/model.pt", latent_scale_factor=scale, inputs="raw")
+    ext = EncoderFeatures("bundles/meduet_pretrain/models/model.pt", latent_space=LatentDatalist(dl).space,
+                          inputs="raw")
     refs = reference_items(dl, args.real_split, args.real_sites)
     with single_thread(args.feature_threads):
         floor = fid(ext(crops(refs, crop)), ext(crops(reference_items(dl, "training", "all"), crop)))

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from diffusion_convergence import FidProxy, conditions_for, crops, reference_items, single_thread
-    from meduet.engines.diffusion_tasks import conditioner_for, load_generator
+    from meduet.latent import LatentSpace
+    from meduet.workflows.diffusion.common import conditioner_for, load_generator
     from meduet.engines.sampling import sample_latents
     from meduet.metrics.generation import EncoderFeatures, fid
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         path = ensure_model(runs / f"{obj}_{args.condition}", obj, args.condition, args.preset)
         nets[obj] = (path, *load_generator(str(path), "cpu"))
     rec = nets["rflow"][3]
-    scale, crop = float(rec["latent_scale_factor"]), [int(c) for c in rec["crop_size"]]
+    space, crop = LatentSpace.from_record(rec), [int(c) for c in rec["crop_size"]]
     for obj, (path, net, _, r) in nets.items():
         if r.get("condition") != args.condition or [int(c) for c in r["crop_size"]] != crop:
             raise SystemExit(f"{path}: condition {r.get('condition')} / crop {r['crop_size']} do not match")
@@ -113,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     refs = reference_items(DATALIST, args.real_split, args.real_sites)
     n_total = args.rounds * args.batch
     conditioner = conditioner_for(rec, PRETRAIN, "cpu") if args.condition == "factors" else None
-    cond_all = conditions_for(args.condition, conditioner, refs, n_total, crop, scale)
-    extractor = EncoderFeatures(PRETRAIN, latent_scale_factor=scale, inputs="raw")
-    proxy = {obj: FidProxy(extractor, crops(refs, crop), scale, crop, nets[obj][2], "rflow", 1, args.guidance,
+    cond_all = conditions_for(args.condition, conditioner, refs, n_total, crop, space)
+    extractor = EncoderFeatures(PRETRAIN, latent_space=space, inputs="raw")
+    proxy = {obj: FidProxy(extractor, crops(refs, crop), space, crop, nets[obj][2], "rflow", 1, args.guidance,
                            args.seed, feature_threads=args.feature_threads) for obj in nets}
     with single_thread(args.feature_threads):
         floor = fid(proxy["rflow"].real_feats, extractor(crops(reference_items(DATALIST, "training", "all"), crop)))

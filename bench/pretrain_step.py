@@ -100,7 +100,8 @@ class _Runner:
         import torch
 
         from meduet.engines.ema import EMATeacher
-        from meduet.networks.meduet import MaskedAutoencoder, MeDUET
+        from meduet.networks.mae import MaskedAutoencoder
+        from meduet.networks.meduet import MeDUET
 
         torch.manual_seed(0)
         arch = dict(in_channels=spec["channels"], input_size=spec["size"], patch_size=spec["patch"],

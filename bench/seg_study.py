@@ -25,8 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "common"))
+sys.path.insert(0, str(REPO / "tools"))
 
-from meduet.demo import bundle_cmd  # noqa: E402
+from demo import bundle_cmd  # noqa: E402
 
 
 def _run(cmd: list[str]) -> float:
@@ -86,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                 "hd95_seen": m["seen_sites"].get("mean_hd95"), "hd95_unseen": m["unseen_sites"].get("mean_hd95"),
                 "dice_per_class_unseen": m["unseen_sites"].get("dice"), "command": " ".join(train),
             })
-            from meduet.networks.seg import load_seg
+            from meduet import records
 
-            rows[-1]["training_cases"] = load_seg(root / "models" / "model.pt").meta.get("training_cases")
+            rows[-1]["training_cases"] = records.load(root / "models" / "model.pt", expect="meduet_seg").meta.get("training_cases")
             print(f"   Dice seen {rows[-1]['dice_seen']:.3f} unseen {rows[-1]['dice_unseen']:.3f} "
                   f"({rows[-1]['training_cases']} labelled cases, {t_train:.0f} s)", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def mlflow_args(root: Path) -> list[str]:
-    """``--tracking mlflow`` into a file store at ``<root>/mlruns`` (read by tests/test_tracking.py, which is skipped
+    """``--tracking mlflow`` into a file store at ``<root>/mlruns`` (read by tests/bundles/test_tracking.py, which is skipped
     without mlflow, the ``tracking`` extra)."""
     import importlib.util
 

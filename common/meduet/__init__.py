@@ -1,4 +1,4 @@
-"""MeDUET bundles: shared library imported by every bundle in ``bundles/``."""
+"""MeDUET bundles: the shared library every bundle imports (networks, contracts, engines, workflows)."""
 
 from meduet.errors import install_excepthook
 

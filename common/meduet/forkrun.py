@@ -1,7 +1,7 @@
 """Run ``python -m <module> <args>`` many times without paying the interpreter's start-up each time.
 
 On a 2-core CPU machine a fresh interpreter spends 10-15 s importing torch, MONAI, ignite and MLflow before a small
-bundle workflow does its work; the quick start (``meduet.demo``) and the test suite start dozens of such runs.
+bundle workflow does its work; the quick start (``tools/demo.py``) and the test suite start dozens of such runs.
 ``ForkRunner`` starts one helper process (``python -m meduet.forkrun --serve``) that imports those libraries once and
 then, for each run, forks a child that becomes what ``python -m <module> <args>`` would be: its working folder,
 environment, ``sys.argv``, ``sys.path[0]`` (the working folder, as ``-m`` sets it), stdout/stderr (inherited, or

@@ -5,13 +5,15 @@ A killed writer leaves either the previous file or the complete new one, never a
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "write_json", "save_nifti"]
 
 
 @contextmanager
@@ -35,3 +37,21 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", mode: int = 0o644
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int = 2) -> str:
+    """Write ``data`` as JSON to ``path`` atomically (serialised first, so a ``TypeError`` leaves nothing behind);
+    returns the absolute path written."""
+    path = os.path.abspath(os.fspath(path))
+    text = json.dumps(data, indent=indent) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def save_nifti(path: str | os.PathLike, array: Any, affine: Any) -> None:
+    """Write ``array`` as NIfTI with ``affine`` (atomically)."""
+    import nibabel as nib
+
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(nib.Nifti1Image(array, affine), tmp)

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from meduet.io import atomic_path  # noqa: E402
+
 __all__ = ["save_orthoslices", "save_pair_grid"]
 
 
@@ -64,8 +66,6 @@ def save_pair_grid(path: str | Path, rows: Sequence[Sequence[tuple[str, object]]
                    vrange: Sequence[float] = (0.0, 1.0)) -> Path:
     """Write a PNG grid of 2D slices: one figure row per entry of ``rows``, each a list of ``(caption, slice)``;
     all panels share the display range ``vrange`` (grey)."""
-    from meduet.io import atomic_path
-
     ncol = max(len(r) for r in rows)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(2.4 * ncol, 2.5 * len(rows)), squeeze=False,
                              layout="constrained")

@@ -16,6 +16,8 @@ _EXPORTS = {
     "get_split": "datalist",
     "write_datalist": "datalist",
     "resolve_path": "datalist",
+    "case_name": "datalist",
+    "read_domains": "datalist",
     # checks.py
     "check_image": "checks",
     "check_datalist_images": "checks",
@@ -43,7 +45,8 @@ if TYPE_CHECKING:  # pragma: no cover
         check_image,
         find_input_error,
     )
-    from meduet.data.datalist import SPLITS, get_split, load_datalist, resolve_path, write_datalist
+    from meduet.data.datalist import (SPLITS, case_name, get_split, load_datalist, read_domains, resolve_path,
+                                      write_datalist)
     from meduet.data.sample import generate_sample_data
     from meduet.data.transforms import (
         InputCheckedCompose,

@@ -28,7 +28,7 @@ import os
 from typing import Any
 
 from meduet.errors import MeduetInputError
-from meduet.io import atomic_path
+from meduet.io import write_json
 
 __all__ = ["SPLITS", "SAMPLE_HINT", "load_datalist", "get_split", "write_datalist", "resolve_path"]
 
@@ -168,13 +168,24 @@ def get_split(path: str | os.PathLike, split: str, check_files: bool = True) -> 
 
 
 def write_datalist(path: str | os.PathLike, data: dict) -> str:
-    """Write ``data`` as JSON to ``path`` atomically (temporary file in the same folder, then ``os.replace``).
+    """Write ``data`` as JSON to ``path`` atomically (``meduet.io.write_json``): a killed writer leaves either the
+    previous file or the new one, never a truncated file. Returns the absolute path written."""
+    return write_json(path, data)
 
-    A killed writer leaves either the previous file or the new one, never a truncated file.
-    Returns the absolute path written.
-    """
-    path = os.path.abspath(os.fspath(path))
-    text = json.dumps(data, indent=2) + "\n"  # serialise first: a TypeError must not leave a temp file behind
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
+
+def case_name(item: dict) -> str:
+    """A file-name-safe case id: the item's image file name without its extension."""
+    name = os.path.basename(os.path.normpath(str(item["image"])))
+    for ext in (".nii.gz", ".nii", ".mha", ".nrrd", ".dcm"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def read_domains(path: str | os.PathLike) -> list[str]:
+    """The checked ``domains`` of a datalist file (one-line error when they are malformed), or ``[]`` when there is
+    no such file (data given another way, e.g. by MONAI Label)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return []
+    return _check_domains(path, _read_json(path))

@@ -7,18 +7,18 @@ prints the largest absolute difference between the exported model and PyTorch on
 
 What is exported (single tensor in, tensors out, no sampling, eval mode):
 
-* ``vae_encode`` (meduet_vae, ``load_vae``): ``image (B, C_in, X, Y, Z)``, sides divisible by the VAE's
+* ``vae_encode`` (meduet_vae, ``meduet.records.load``): ``image (B, C_in, X, Y, Z)``, sides divisible by the VAE's
   downsampling ``f`` -> ``latent (B, c, X/f, Y/f, Z/f)``, the posterior mean ``z_mu`` (``encode_mean``), unscaled;
-* ``vae_decode`` (meduet_vae, ``load_vae``): ``latent (B, c, x, y, z)`` (unscaled ``z_mu``) ->
+* ``vae_decode`` (meduet_vae, ``meduet.records.load``): ``latent (B, c, x, y, z)`` (unscaled ``z_mu``) ->
   ``image (B, C_out, f x, f y, f z)``;
-* ``seg`` (meduet_seg, ``load_seg``): ``image (B, 1, X, Y, Z)``, sides divisible by ``f p`` ->
+* ``seg`` (meduet_seg, ``meduet.records.load``): ``image (B, 1, X, Y, Z)``, sides divisible by ``f p`` ->
   ``pred (B, classes, X, Y, Z)`` logits (frozen VAE encoder included);
-* ``encoder`` (meduet_pretrain, ``load_encoder``): ``latent (B, c, x, y, z)`` (unscaled ``z_mu``, sides divisible by
+* ``encoder`` (meduet_pretrain, ``meduet.records.load_part``): ``latent (B, c, x, y, z)`` (unscaled ``z_mu``, sides divisible by
   the latent patch ``p``) -> ``content (B, D)`` and ``style (B, Ds or 2 Ds)``; the masked-autoencoder baseline
   (``--ckpt models/baseline_mae/model.pt``) has ``content`` only.
 
-The ``encoder`` wrapper mirrors ``meduet.engines.pretrain_tasks.encode_latents`` for one window: the latent is
-multiplied by the checkpoint's ``latent_scale_factor``, encoded unmixed, and the content / smoothed style tokens
+The ``encoder`` wrapper mirrors ``meduet.networks.windows.encode_latents`` for one window: the latent is
+scaled by the checkpoint record's latent space, encoded unmixed, and the content / smoothed style tokens
 are averaged over all tokens. ``encode_latents`` additionally pads whole latents and slides windows of the
 pretraining crop size over them; on a latent of exactly one crop both give the same vectors. Its default export
 shape is that crop.
@@ -41,8 +41,8 @@ Why not ``python -m monai.bundle ckpt_export`` / ``onnx_export``: both build ``n
 config, load ``model.pt`` into it with a strict state-dict load (ignite's ``Checkpoint.load_objects``), and export
 that network's ``forward``. With our checkpoints this does not give the deterministic wrappers:
 
-* the networks are rebuilt from the ``_extra_state`` record inside ``model.pt`` (``load_vae``/``load_seg``/
-  ``load_encoder``), while ``network_def`` is built from the config: with the base config (paper sizes) and a
+* the networks are rebuilt from the ``_extra_state`` record inside ``model.pt`` (``meduet.records.load``/
+  ``load_part``), while ``network_def`` is built from the config: with the base config (paper sizes) and a
   checkpoint trained with another preset the load fails (``MeduetConfigError: checkpoint was trained with a
   different VAE architecture {...}`` from ``set_extra_state``), so the user must merge exactly the preset the
   checkpoint was trained with;
@@ -99,8 +99,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from meduet import records
 from meduet.errors import MeduetConfigError
 from meduet.io import atomic_path
+from meduet.latent import LatentSpace
+from meduet.networks.encoder import PretrainedEncoder
+from meduet.networks.windows import crop_size_of
 
 __all__ = ["WHATS", "FORMATS", "VAEEncodeMean", "VAEDecode", "SegLogits", "PooledFactors", "build_wrapper",
            "export", "ExportResult", "main"]
@@ -117,7 +121,7 @@ META_KEY = "meduet_export"
 # ----------------------------------------------------------------------------------------------------------------
 class VAEEncodeMean(nn.Module):
     """``image (B, C_in, X, Y, Z) -> latent (B, c, X/f, Y/f, Z/f)``: the VAE's posterior mean (``encode_mean``).
-    The latent is *unscaled* (multiply by ``latent_scale_factor`` for the downstream stages)."""
+    The latent is *unscaled* (``meduet.latent.LatentSpace.scale`` gives what the downstream stages take)."""
 
     input_names = ("image",)
     output_names = ("latent",)
@@ -161,20 +165,20 @@ class SegLogits(nn.Module):
 
 class PooledFactors(nn.Module):
     """``latent (B, c, x, y, z)`` (unscaled) -> ``content (B, D)`` and, for MeDUET, ``style (B, Ds or 2 Ds)``: the
-    mean of the (site-erased) content tokens and the pooled smoothed style tokens (``style_pool``) of the latent
-    times ``latent_scale_factor`` (as ``pretrain_tasks.encode_latents`` pools one window)."""
+    mean of the (site-erased) content tokens and the pooled smoothed style tokens (``style_pool``) of the scaled
+    latent (as ``meduet.networks.windows.encode_latents`` pools one window)."""
 
     input_names = ("latent",)
 
-    def __init__(self, encoder: nn.Module, latent_scale_factor: float) -> None:
+    def __init__(self, encoder: nn.Module, space: LatentSpace) -> None:
         super().__init__()
         self.encoder = encoder
-        self.latent_scale_factor = float(latent_scale_factor)
+        self.space = space
         self.has_style = encoder.kind == "meduet"
         self.output_names = ("content", "style") if self.has_style else ("content",)
 
     def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        enc = self.encoder.encode(latent * self.latent_scale_factor)
+        enc = self.encoder.encode(self.space.scale(latent))
         if self.has_style:
             return enc["content"], enc["style"]
         return (enc["content"],)
@@ -190,9 +194,7 @@ class _Built:
 
 
 def _record(net: nn.Module) -> dict[str, Any]:
-    from meduet.networks.vae import decode_record
-
-    return decode_record(net.get_extra_state())
+    return records.decode(net.get_extra_state())
 
 
 def _default_ckpt(bundle: str | Path) -> Path:
@@ -211,9 +213,7 @@ def build_wrapper(what: str, ckpt: str | Path, shape: Sequence[int] | None = Non
         raise MeduetConfigError("give either --shape (B C X Y Z) or --roi (X Y Z), not both")
     ckpt = Path(ckpt)
     if what in ("vae_encode", "vae_decode"):
-        from meduet.networks.vae import load_vae
-
-        vae = load_vae(ckpt)
+        vae = records.load(ckpt, expect="vae")
         arch, f = vae.architecture, vae.downsample_factor
         record = _record(vae)
         if what == "vae_encode":
@@ -226,9 +226,7 @@ def build_wrapper(what: str, ckpt: str | Path, shape: Sequence[int] | None = Non
             multiple = 1
         spatial_dynamic = True
     elif what == "seg":
-        from meduet.networks.seg import load_seg
-
-        net = load_seg(str(ckpt))
+        net = records.load(ckpt, expect="meduet_seg")
         record = _record(net)
         module = SegLogits(net)
         multiple = int(net.image_per_token)
@@ -236,16 +234,9 @@ def build_wrapper(what: str, ckpt: str | Path, shape: Sequence[int] | None = Non
         default = (1, in_ch, *_seg_roi(net, record, multiple))
         spatial_dynamic = False
     else:
-        from meduet.engines.pretrain_tasks import crop_size_of
-        from meduet.networks.meduet import load_encoder
-
-        enc = load_encoder(ckpt)
+        enc = records.load_part(ckpt, PretrainedEncoder)
         record = _record(enc)
-        scale = record.get("latent_scale_factor")
-        if scale is None:
-            raise MeduetConfigError(f"pretraining checkpoint '{ckpt}' has no latent_scale_factor in its record; "
-                                    "re-train meduet_pretrain on a latent cache written by meduet_vae encode.yaml")
-        module = PooledFactors(enc, float(scale))
+        module = PooledFactors(enc, LatentSpace.from_record(record, f"pretraining checkpoint '{ckpt}'"))
         default = (1, int(enc.in_channels), *crop_size_of(enc))
         multiple = int(enc.patch_size)
         spatial_dynamic = False

@@ -15,7 +15,7 @@ by those two files. This module writes such a copy of a *trained* meduet_seg bun
 
 The folder is written next to its destination and renamed into place, so a failed run leaves nothing behind.
 
-    python -m meduet.deploy.monailabel --bundle bundles/meduet_seg --out apps/monaibundle/model/meduet_seg
+    python -m meduet.deploy.monailabel --bundle <trained meduet_seg folder> --out apps/monaibundle/model/meduet_seg
 
 MONAI Label itself lives in its own virtualenv (see DEVELOPERS.md); ``meduet`` must be importable there
 (``pip install --no-deps -e .``), and on CPU-only torch its torchvision import needs
@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from meduet import records
 from meduet.errors import MeduetConfigError
 
 __all__ = ["prepare_monailabel_bundle", "site_path", "main"]
@@ -44,14 +45,7 @@ def site_path() -> str:
 
 
 def _record(model_path: Path) -> dict[str, Any]:
-    from meduet.networks.seg import SEG_FIX, MeduetSegNet
-    from meduet.networks.vae import _read_state_dict, decode_record
-
-    state = _read_state_dict(model_path, "segmentation checkpoint", SEG_FIX)
-    record = decode_record(state.get("_extra_state"))
-    if record.get("kind") != MeduetSegNet.kind or not record.get("architecture"):
-        raise MeduetConfigError(f"'{model_path}' is not a trained meduet_seg model.pt; {SEG_FIX}")
-    return record
+    return records.read(model_path, expect="meduet_seg")[1]
 
 
 def _network_def(arch: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +90,7 @@ def _train_config(src: Path, record: dict[str, Any]) -> dict[str, Any]:
     cfg["out_channels"] = int(arch["out_channels"])
     # start from the served model (self-contained: frozen VAE encoder + ViT + decoder); MONAI Label also adds a
     # CheckpointLoader of the same file when "pretrained" is on, which loads the same weights again
-    cfg["network_def"] = "$meduet.networks.seg.load_seg(os.path.join(@bundle_root, 'models', 'model.pt'))"
+    cfg["network_def"] = "$meduet.records.load(os.path.join(@bundle_root, 'models', 'model.pt'), expect='meduet_seg')"
     cfg["network"] = "$@network_def.to(@device)"
     cfg["preprocessing"] = _preprocessing(record, arch)
     if record.get("roi_size"):
@@ -175,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m meduet.deploy.monailabel",
         description="Write a MONAI-Label-ready copy of a trained meduet_seg bundle into a monaibundle app.")
-    parser.add_argument("--bundle", default="bundles/meduet_seg", help="trained meduet_seg bundle folder")
+    parser.add_argument("--bundle", help="trained meduet_seg bundle folder (required with --out)")
     parser.add_argument("--out", help="destination, e.g. apps/monaibundle/model/meduet_seg")
     parser.add_argument("--model", default=None, help="serve this model.pt instead of <bundle>/models/model.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
@@ -185,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_pythonpath:
         print(site_path())
         return 0
-    if not args.out:
-        parser.error("--out is required")
+    if not args.out or not args.bundle:
+        parser.error("--bundle and --out are required")
     try:
         out = prepare_monailabel_bundle(args.bundle, args.out, args.model, args.overwrite)
     except MeduetConfigError as e:

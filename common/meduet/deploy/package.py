@@ -1,7 +1,7 @@
 """Package bundles as downloadable, self-contained zips.
 
-    python -m meduet.deploy.package --preset demo --out dist            # the four bundles in bundles/
-    python -m meduet.deploy.package --bundle bundles/meduet_seg --preset demo --out dist \\
+    python -m meduet.deploy.package --bundles-dir bundles --preset demo --out dist    # the four bundles there
+    python -m meduet.deploy.package --bundle path/to/meduet_seg --preset demo --out dist \\
         [--max-file-mb 1900 --base-url https://github.com/<owner>/<repo>/releases/download/<tag>]
 
 For each bundle this writes ``dist/<name>_v<version>.zip`` (version from ``configs/metadata.json``) holding one
@@ -9,8 +9,8 @@ top-level folder ``<name>/`` with:
 
 - ``configs/``: every workflow config with the size preset the shipped weights were trained with merged in
   (MONAI's own ``ConfigParser.load_config_files``, as ``--config_file "[cfg, preset]"`` would) and
-  ``bundle_root: .`` and the repository's sibling paths (``bundles/meduet_vae/...``) made relative to the bundle
-  folder (``../meduet_vae/...``) -- so, as in the MONAI model zoo, workflows run from the bundle folder (or with
+  ``bundle_root: .`` and the sibling paths as the repository's configs write them (``<folder of the bundles>/
+  meduet_vae/...``, relative to the repository root) made relative to the bundle folder (``../meduet_vae/...``) -- so, as in the MONAI model zoo, workflows run from the bundle folder (or with
   ``--bundle_root``) and the sibling bundles' checkpoints are found at ``../<sibling>/models/model.pt`` when the
   bundles are downloaded into one folder. Overlays (``multi_gpu_train.yaml``) and ``presets/`` are copied as
   they are, so another preset can still be merged on top.
@@ -44,10 +44,10 @@ from pathlib import Path
 
 import yaml
 
+from meduet import __version__
 from meduet.deploy.integrity import MANIFEST, PACKAGED_MARKER, sha256_file
 from meduet.errors import MeduetConfigError
 
-REPO = Path(__file__).resolve().parents[3]
 BUNDLES = ("meduet_vae", "meduet_pretrain", "meduet_diffusion", "meduet_seg")
 OVERLAYS = ("multi_gpu_train.yaml",)  # merged on top of another workflow config by users: copied unchanged
 NOT_WORKFLOWS = ("metadata.json", "logging.conf")
@@ -69,15 +69,16 @@ def merged_config(files: list[Path]) -> dict:
     return ConfigParser.load_config_files([str(f) for f in files])
 
 
-def relocate(value):
-    """Repository-relative sibling paths (``bundles/meduet_vae/models/model.pt``) made bundle-folder-relative
+def relocate(value, folder: str):
+    """Sibling paths as the repository's configs write them (``<folder>/meduet_vae/models/model.pt``, ``folder``
+    being the name of the folder that holds the bundles) made bundle-folder-relative
     (``../meduet_vae/models/model.pt``), in plain values and inside ``$`` expressions alike."""
     if isinstance(value, dict):
-        return {k: relocate(v) for k, v in value.items()}
+        return {k: relocate(v, folder) for k, v in value.items()}
     if isinstance(value, list):
-        return [relocate(v) for v in value]
+        return [relocate(v, folder) for v in value]
     if isinstance(value, str):
-        return value.replace("bundles/meduet_", "../meduet_")
+        return value.replace(f"{folder}/meduet_", "../meduet_")
     return value
 
 
@@ -87,7 +88,7 @@ def _write_config(cfg: dict, dst: Path, sources: list[str]) -> None:
         return
     header = (f"# Packaged by meduet.deploy.package from {' + '.join(sources)} (the preset the shipped weights were\n"
               "# trained with). bundle_root is '.': run from this folder or pass --bundle_root. Commented sources:\n"
-              "# the project repository's bundles/<name>/configs/.\n")
+              "# the project repository's <name>/configs/.\n")
     dst.write_text(header + yaml.safe_dump(cfg, sort_keys=False, width=118, allow_unicode=True))
 
 
@@ -205,8 +206,8 @@ def package_bundle(bundle: str | Path, out: str | Path, preset: str | None = Non
     name = bundle.name
     meta_path = bundle / "configs" / "metadata.json"
     if not meta_path.is_file():
-        raise MeduetConfigError(f"{bundle}: configs/metadata.json is missing; pass a bundle folder such as "
-                                "bundles/meduet_seg")
+        raise MeduetConfigError(f"{bundle}: configs/metadata.json is missing; pass a bundle folder (one holding "
+                                "configs/metadata.json, e.g. the repository's meduet_seg)")
     meta = json.loads(meta_path.read_text())
     version = meta["version"]
     preset_file = bundle / "configs" / "presets" / f"{preset}.yaml" if preset else None
@@ -236,7 +237,7 @@ def package_bundle(bundle: str | Path, out: str | Path, preset: str | None = Non
                 shutil.copy2(src, dst)
                 continue
             files = [src] + ([preset_file] if preset_file is not None else [])
-            cfg = relocate(merged_config(files))
+            cfg = relocate(merged_config(files), bundle.parent.name)
             if "bundle_root" in cfg:
                 cfg["bundle_root"] = "."
             _write_config(cfg, dst, [f.relative_to(bundle / "configs").as_posix() for f in files])
@@ -252,8 +253,6 @@ def package_bundle(bundle: str | Path, out: str | Path, preset: str | None = Non
             for f in model_files:
                 shutil.copy2(f, root / "models" / f.name)
         shutil.copytree(vendored, root / "meduet", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        from meduet import __version__
-
         (root / "meduet" / PACKAGED_MARKER).write_text(json.dumps(
             {"name": name, "version": version, "preset": preset, "meduet_version": __version__}, indent=2) + "\n")
         if check:
@@ -288,7 +287,8 @@ def package_bundle(bundle: str | Path, out: str | Path, preset: str | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", action="append", help="bundle folder (repeatable); default: the four in bundles/")
+    p.add_argument("--bundle", action="append", help="bundle folder (repeatable)")
+    p.add_argument("--bundles-dir", help=f"the folder holding the bundles: package {', '.join(BUNDLES)} from it")
     p.add_argument("--out", default="dist", help="where the zips go (default dist/)")
     p.add_argument("--preset", default=None, help="size preset the shipped weights were trained with "
                    "(tiny|demo|paper); merged into the packaged configs")
@@ -298,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-url", default=None, help="address the large files will be published under")
     p.add_argument("--no-check", action="store_true", help="skip loading model.pt into the packaged network")
     args = p.parse_args(argv)
-    bundles = [Path(b) for b in args.bundle] if args.bundle else [REPO / "bundles" / b for b in BUNDLES]
+    if not args.bundle and not args.bundles_dir:
+        p.error("give --bundles-dir (the folder holding the four bundles) or --bundle (repeatable)")
+    bundles = [Path(b) for b in args.bundle or []] + [Path(args.bundles_dir) / b for b in BUNDLES
+                                                      if args.bundles_dir]
     models = dict(m.split("=", 1) for m in args.models)
     for b in bundles:
         z = package_bundle(b, args.out, preset=args.preset, models=models.get(Path(b).name),

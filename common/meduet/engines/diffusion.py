@@ -27,12 +27,21 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 from monai.engines import Trainer
+from monai.transforms import RandSpatialCrop, ResizeWithPadOrCrop
 from torch.utils.data import DataLoader
 
+from meduet import records
+from meduet.engines.checkpoint import atomic_save
 from meduet.engines.ema import EMATeacher
+from meduet.engines.factor_prior import train_factor_prior
 from meduet.engines.trainer import MeduetTrainer
 from meduet.errors import MeduetConfigError
+from meduet.latent import LatentDatalist, LatentSpace, latent_record, load_latent
 from meduet.losses.diffusion import DiffusionObjective
+from meduet.networks.dit import build_dit
+from meduet.networks.encoder import PRETRAIN_KINDS
+from meduet.networks.factors import pool_style
+from meduet.networks.windows import crop_size_of, factor_map, pad_for_windows, sliding_windows
 
 __all__ = ["Conditioner", "build_conditioner", "build_diffusion_network", "DiffusionTrainer", "ValidationLoss",
            "fit_factor_prior", "metadata_vector", "diffusion_items", "diffusion_record", "center_crop_or_pad"]
@@ -55,9 +64,7 @@ def metadata_vector(item: Mapping[str, Any], keys: Sequence[str]) -> list[float]
 def diffusion_items(latent_datalist: str, split: str, metadata_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Items of a split of meduet_vae's latent datalist (absolute ``latent`` paths, ``domain_index``), with
     ``metadata`` vectors when ``metadata_keys`` are given."""
-    from meduet.engines.pretrain import read_latent_datalist
-
-    items = read_latent_datalist(latent_datalist, split)
+    items = LatentDatalist(latent_datalist).items(split)
     if metadata_keys:
         items = [{**it, "metadata": np.asarray(metadata_vector(it, metadata_keys), dtype=np.float32)} for it in items]
     return items
@@ -69,7 +76,7 @@ class Conditioner(nn.Module):
     Args:
         condition: ``"none"``, ``"metadata"`` or ``"factors"``.
         encoder: for ``factors``: meduet_pretrain's network (``MeDUET`` or the masked-autoencoder baseline,
-            ``load_pretrain``), frozen and in eval mode.
+            ``meduet.records.load``), frozen and in eval mode.
         crop: the encoder's pretraining crop (default its record's).
         content_map: also return the content token map.
         metadata_keys: item keys concatenated into ``cond["metadata"]`` (``metadata``).
@@ -87,8 +94,6 @@ class Conditioner(nn.Module):
         self.content_map = bool(content_map) and condition == "factors"
         self.encoder = encoder
         if encoder is not None:
-            from meduet.engines.pretrain_tasks import crop_size_of
-
             encoder.requires_grad_(False).eval()
             self.crop = tuple(int(c) for c in (crop or crop_size_of(encoder)))
             self.content_dim = int(encoder.dim)
@@ -107,12 +112,9 @@ class Conditioner(nn.Module):
     @torch.no_grad()
     def factors(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pooled factors (and the content map) of scaled latents ``x (B, C, S1, S2, S3)``."""
-        from meduet.engines.pretrain_tasks import _prepare, _windows, factor_map
-        from meduet.networks.meduet import pool_style
-
         enc = self.encoder
-        z, _ = _prepare(x.float(), int(enc.patch_size), self.crop)
-        fmap = _windows(z, self.crop, lambda t: factor_map(enc, t))
+        z, _ = pad_for_windows(x.float(), int(enc.patch_size), self.crop)
+        fmap = sliding_windows(z, self.crop, lambda t: factor_map(enc, t))
         content = fmap[:, : self.content_dim]
         out = {"content": content.flatten(2).mean(2)}
         if self.style_dim:
@@ -145,21 +147,19 @@ def build_conditioner(condition: str, pretrain_ckpt: str | None = None, latents:
     latent cache (same VAE)."""
     encoder = None
     if condition == "factors":
-        from meduet.engines.pretrain_tasks import check_compatible
-        from meduet.networks.meduet import load_pretrain
-
         if not pretrain_ckpt:
             raise MeduetConfigError("condition 'factors' needs pretrain_ckpt (meduet_pretrain's model.pt)")
-        encoder = load_pretrain(pretrain_ckpt, device)
+        encoder = records.load(pretrain_ckpt, device, expect=PRETRAIN_KINDS)
         if latents is not None:
-            check_compatible(encoder.meta, dict(latents), pretrain_ckpt, "the latent datalist")
+            LatentSpace.from_record(encoder.meta, pretrain_ckpt).check_same(
+                LatentSpace.from_record(latents, "the latent datalist"), pretrain_ckpt, "the latent datalist")
     return Conditioner(condition, encoder, content_map=content_map, metadata_keys=metadata_keys).to(device)
 
 
 def diffusion_record(latents: Mapping[str, Any], crop_size: Sequence[int], objective: DiffusionObjective,
                      conditioner: Conditioner, pretrain_ckpt: str | None = None) -> dict[str, Any]:
-    from meduet.networks.meduet import latent_record
-
+    """What a trained generator records besides its architecture: the latent cache's facts, the crop, objective,
+    condition and (for metadata) per-site means."""
     extra: dict[str, Any] = {
         "crop_size": [int(c) for c in crop_size],
         "objective": objective.config(),
@@ -189,8 +189,6 @@ def build_diffusion_network(preset: str, latents: Mapping[str, Any], conditioner
                             **overrides: Any) -> nn.Module:
     """``LatentDiT`` sized by ``preset`` (+ ``overrides``) for the latent cache and the conditioner, with its
     record in ``.meta``; ``init_from_pretrained`` copies the pretrained latent ViT's blocks into the DiT."""
-    from meduet.networks.dit import build_dit
-
     kw: dict[str, Any] = dict(in_channels=int(latents["latent_channels"]), input_size=list(crop_size),
                               condition=conditioner.condition, cond_dropout=float(cond_dropout),
                               num_train_timesteps=objective.num_train_timesteps)
@@ -207,10 +205,8 @@ def build_diffusion_network(preset: str, latents: Mapping[str, Any], conditioner
     kw.update(overrides)
     net = build_dit(preset, **kw)
     if init_from_pretrained:
-        from meduet.networks.meduet import load_pretrain
-
         source = conditioner.encoder if conditioner.encoder is not None else (
-            load_pretrain(pretrain_ckpt) if pretrain_ckpt else None)
+            records.load(pretrain_ckpt, expect=PRETRAIN_KINDS) if pretrain_ckpt else None)
         if source is None:
             raise MeduetConfigError("init_from_pretrained needs pretrain_ckpt (meduet_pretrain's model.pt)")
         net.init_from_pretrained(source)
@@ -230,13 +226,14 @@ class DiffusionTrainer(MeduetTrainer):
         objective: ``DiffusionObjective`` (DDPM noise or RFlow velocity).
         conditioner: ``Conditioner`` giving the network's ``cond``.
         ema: the EMA generator (``EMATeacher`` with a constant momentum), updated after every step.
-        latent_scale_factor: multiplies the cached latents before the network sees them.
+        latent_space: the VAE's latent space (``meduet.latent.LatentSpace``): scales the cached latents before the
+            network sees them.
         lr_scheduler, grad_clip, amp: as ``MeduetTrainer``.
     """
 
     def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader: DataLoader,
                  network: nn.Module, optimizer: torch.optim.Optimizer, objective: DiffusionObjective,
-                 conditioner: Conditioner, ema: EMATeacher | None = None, latent_scale_factor: float = 1.0,
+                 conditioner: Conditioner, ema: EMATeacher | None = None, latent_space: LatentSpace | None = None,
                  lr_scheduler: Any = None, grad_clip: float | None = 1.0, epoch_length: int | None = None,
                  amp: bool = False, train_handlers: Sequence | None = None) -> None:
         super().__init__(device, max_epochs, train_data_loader, network, optimizer, lr_scheduler=lr_scheduler,
@@ -244,11 +241,11 @@ class DiffusionTrainer(MeduetTrainer):
         self.objective = objective
         self.conditioner = conditioner
         self.ema = ema
-        self.latent_scale_factor = float(latent_scale_factor)
+        self.latent_space = latent_space or LatentSpace(1.0)
 
     def _iteration(self, engine: Trainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         x = batchdata["latent"].to(engine.state.device, non_blocking=engine.non_blocking)
-        x = (x.as_tensor() if hasattr(x, "as_tensor") else x).float() * self.latent_scale_factor
+        x = self.latent_space.scale(x.as_tensor() if hasattr(x, "as_tensor") else x)
         step = int(engine.state.iteration) - 1
         cond = self.conditioner(x, batchdata)
         self.network.train()
@@ -266,8 +263,6 @@ class DiffusionTrainer(MeduetTrainer):
 
 def center_crop_or_pad(z: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """``(C, *S)`` -> ``(C, *size)``: centre crop where larger, edge-replicate pad where smaller."""
-    from monai.transforms import ResizeWithPadOrCrop
-
     return torch.as_tensor(ResizeWithPadOrCrop(list(size), mode="replicate")(z))
 
 
@@ -278,11 +273,9 @@ class ValidationLoss:
     ``{"epoch", "iteration", "val_loss"}`` to ``<output_dir>/val_loss.jsonl`` (rank 0)."""
 
     def __init__(self, network: nn.Module | EMATeacher, objective: DiffusionObjective, conditioner: Conditioner,
-                 items: Sequence[Mapping[str, Any]], latent_scale_factor: float, crop_size: Sequence[int],
+                 items: Sequence[Mapping[str, Any]], latent_space: LatentSpace, crop_size: Sequence[int],
                  output_dir: str | None = None, interval: int = 1, seed: int = 0, max_items: int = 16,
                  summary_writer: Any = None) -> None:
-        from meduet.engines.pretrain_tasks import load_latent
-
         self.network = network.module if isinstance(network, EMATeacher) else network
         self.objective = objective
         self.conditioner = conditioner
@@ -294,7 +287,7 @@ class ValidationLoss:
         if not items:
             raise MeduetConfigError("ValidationLoss needs at least one validation latent")
         self.x = torch.stack([center_crop_or_pad(load_latent(it["latent"]), crop_size) for it in items])
-        self.x = self.x.float() * float(latent_scale_factor)
+        self.x = latent_space.scale(self.x)
         self.batch = {"domain_index": torch.tensor([int(it.get("domain_index", 0)) for it in items])}
         keys = conditioner.metadata_keys
         if keys:
@@ -345,7 +338,7 @@ class ValidationLoss:
                 self.writer.add_scalar("val_loss", value, int(engine.state.iteration))
 
 
-def fit_factor_prior(conditioner: Conditioner, items: Sequence[Mapping[str, Any]], latent_scale_factor: float,
+def fit_factor_prior(conditioner: Conditioner, items: Sequence[Mapping[str, Any]], latent_space: LatentSpace,
                      crop_size: Sequence[int], path: str, crops_per_latent: int = 8, steps: int = 500,
                      per_site: bool = True, num_domains: int | None = None, seed: int = 0,
                      enabled: bool = True) -> str | None:
@@ -356,12 +349,6 @@ def fit_factor_prior(conditioner: Conditioner, items: Sequence[Mapping[str, Any]
         return None
     if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
         return None  # rank 0 fits and writes it
-    from monai.transforms import RandSpatialCrop
-
-    from meduet.engines.checkpoint import atomic_save
-    from meduet.engines.pretrain_tasks import load_latent
-    from meduet.networks.factor_prior import train_factor_prior
-
     cropper = RandSpatialCrop(list(crop_size), random_size=False)
     cropper.set_random_state(seed)
     content, style, domains = [], [], []
@@ -370,7 +357,7 @@ def fit_factor_prior(conditioner: Conditioner, items: Sequence[Mapping[str, Any]
         z = load_latent(it["latent"])
         z = center_crop_or_pad(z, [max(int(s), int(c)) for s, c in zip(z.shape[1:], crop_size)])
         crops = torch.stack([torch.as_tensor(cropper(z)) for _ in range(crops_per_latent)]).float()
-        f = conditioner.factors(crops.to(dev) * float(latent_scale_factor))
+        f = conditioner.factors(latent_space.scale(crops.to(dev)))
         content.append(f["content"].cpu())
         if "style" in f:
             style.append(f["style"].cpu())

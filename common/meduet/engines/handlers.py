@@ -9,7 +9,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-__all__ = ["ProgressBar", "EpochSeeder"]
+__all__ = ["ProgressBar", "EpochSeeder", "loss_terms"]
 
 
 class ProgressBar:
@@ -50,3 +50,8 @@ class EpochSeeder:
     def __call__(self, engine: Engine) -> None:
         # state.epoch is already incremented at EPOCH_STARTED; mix it into the seed (kept in uint32)
         self.transform.set_random_state(seed=(self.seed * 1_000_003 + int(engine.state.epoch)) % (2**32))
+
+
+def loss_terms(output: dict[str, Any]) -> dict[str, float]:
+    """The scalar loss terms of one iteration (for TensorBoard / MLflow / progress bars)."""
+    return dict(output["losses"])

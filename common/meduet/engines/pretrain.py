@@ -7,45 +7,25 @@ loss function, checks the loss is finite, steps the optimiser/schedule and updat
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from ignite.engine import Events
 from monai.engines import Trainer
-from monai.transforms import MapTransform, Randomizable
 from torch.utils.data import DataLoader
 
+from meduet.engines.checkpoint import unwrap
 from meduet.engines.ema import EMATeacher
 from meduet.engines.trainer import MeduetTrainer
+from meduet.latent import LatentDatalist, LatentSpace, load_latent
 from meduet.losses.meduet import MAELossConfig, MeDUETLossConfig, mae_step_losses, meduet_step_losses
+from meduet.metrics.disentanglement import fit_linear_eraser
+from meduet.networks.windows import encode_latents
 
-__all__ = [
-    "PretrainTrainer",
-    "ContentEraserFit",
-    "warmup_cosine_schedule",
-    "read_latent_datalist",
-    "LoadAugmentedLatentsd",
-    "PickAugmentedLatentd",
-    "pretrain_transforms",
-]
-
-
-def warmup_cosine_schedule(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_steps`` then cosine decay to ``min_ratio`` x the base rate at ``total_steps``.
-
-    Stepped once per iteration.
-    """
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+__all__ = ["PretrainTrainer", "ContentEraserFit"]
 
 
 class PretrainTrainer(MeduetTrainer):
@@ -61,7 +41,8 @@ class PretrainTrainer(MeduetTrainer):
         objective: ``"meduet"`` or ``"mae"``.
         loss_config: mapping for ``MeDUETLossConfig`` / ``MAELossConfig`` (weights, switches, start steps).
         teacher: the EMA teacher (MeDUET's MFTD/SiQC keys); updated after every optimiser step.
-        latent_scale_factor: multiplies the cached latents (the VAE's 1/std) before the model sees them.
+        latent_space: the VAE's latent space (``meduet.latent.LatentSpace``): the cached latents are scaled by it
+            before the model sees them.
         lr_scheduler: stepped once per iteration.
         grad_clip: max gradient norm (``None``: no clipping).
         amp: bf16 autocast on CUDA (ignored on CPU).
@@ -80,7 +61,7 @@ class PretrainTrainer(MeduetTrainer):
         objective: str = "meduet",
         loss_config: Mapping[str, Any] | None = None,
         teacher: EMATeacher | None = None,
-        latent_scale_factor: float = 1.0,
+        latent_space: LatentSpace | None = None,
         lr_scheduler: Any = None,
         grad_clip: float | None = 1.0,
         epoch_length: int | None = None,
@@ -93,8 +74,6 @@ class PretrainTrainer(MeduetTrainer):
             grad_clip=grad_clip, epoch_length=epoch_length, amp=amp, train_handlers=train_handlers,
         )
         if content_eraser is not None:
-            from ignite.engine import Events
-
             self.add_event_handler(Events.STARTED, content_eraser.reset)  # after the checkpointer's resume
         if objective not in ("meduet", "mae"):
             raise ValueError(f"objective must be 'meduet' or 'mae', got {objective!r}")
@@ -104,12 +83,12 @@ class PretrainTrainer(MeduetTrainer):
         cfg_cls = MeDUETLossConfig if objective == "meduet" else MAELossConfig
         self.loss_config = cfg_cls.from_mapping(dict(loss_config or {}))
         self.teacher = teacher
-        self.latent_scale_factor = float(latent_scale_factor)
+        self.latent_space = latent_space or LatentSpace(1.0)
 
     def _latents(self, engine: Trainer, batch: torch.Tensor) -> torch.Tensor:
-        """A batch of cached latents on the device, as plain float tensors times the VAE's scale factor."""
+        """A batch of cached latents on the device, as plain scaled float tensors."""
         x = batch.to(engine.state.device, non_blocking=engine.non_blocking)
-        return (x.as_tensor() if hasattr(x, "as_tensor") else x).float() * self.latent_scale_factor
+        return self.latent_space.scale(x.as_tensor() if hasattr(x, "as_tensor") else x)
 
     def _iteration(self, engine: Trainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         x = self._latents(engine, batchdata["latent"])
@@ -141,7 +120,7 @@ class ContentEraserFit:
     pretraining, in two parts composed into one affine map:
 
     1. sites: the pooled content of every latent of ``splits`` (whole latents by sliding windows of the
-       pretraining crop, ``meduet.engines.pretrain_tasks.encode_latents``) with the identity eraser, then LEACE
+       pretraining crop, ``meduet.networks.windows.encode_latents``) with the identity eraser, then LEACE
        (``meduet.metrics.disentanglement.fit_linear_eraser``, covariance ``shrinkage``) of the items' sites;
     2. appearance: when items carry appearance-augmented copies (``latent_aug``, meduet_vae ``encode.yaml
        --augment_copies N``), the ``appearance_dims`` leading principal directions of how a case's (site-erased)
@@ -167,8 +146,6 @@ class ContentEraserFit:
         self._fitted_at: int | None = None
 
     def _model(self) -> torch.nn.Module:
-        from meduet.engines.checkpoint import unwrap
-
         return unwrap(self.network)
 
     def reset(self, engine: Trainer | None = None) -> None:
@@ -185,18 +162,11 @@ class ContentEraserFit:
     def fit(self) -> dict[str, Any] | None:
         """Fit and install the eraser now; returns the record stored in ``meta["content_eraser"]`` (None if
         the splits hold fewer than two sites)."""
-        import logging
-
-        import numpy as np
-
-        from meduet.engines.pretrain_tasks import encode_latents, load_latent
-        from meduet.metrics.disentanglement import fit_linear_eraser
-
         model = self._model()
         self.reset()
-        latents = read_latent_datalist(self.latent_datalist)
+        latents = LatentDatalist(self.latent_datalist)
         splits = [sp for sp in self.splits if sp in latents]
-        items = [it for sp in splits for it in read_latent_datalist(self.latent_datalist, sp)]
+        items = [it for sp in splits for it in latents.items(sp)]
         sites = sorted({it["domain"] for it in items})
         if len(sites) < 2:
             logging.getLogger(__name__).warning(
@@ -204,10 +174,10 @@ class ContentEraserFit:
             return None
         was_training = model.training
         device = self.device or next(model.parameters()).device
-        scale = float(latents["latent_scale_factor"])
+        space = latents.space
 
         def pooled(paths: list[str], desc: str) -> np.ndarray:
-            enc = encode_latents(model, [load_latent(p) for p in paths], scale, device, desc=desc)  # no_grad
+            enc = encode_latents(model, [load_latent(p) for p in paths], space, device, desc=desc)  # no_grad
             return np.stack([e["content"].double().numpy() for e in enc])
 
         content = pooled([it["latent"] for it in items], "content eraser: sites")
@@ -230,137 +200,3 @@ class ContentEraserFit:
                   "site_rank": eraser.rank, "appearance_copies": copies, "appearance_dims": dims}
         model.meta["content_eraser"] = record
         return record
-
-
-ENCODE_HINT = (
-    "make it with meduet_vae's encode workflow: python -m monai.bundle run --config_file "
-    "\"['bundles/meduet_vae/configs/encode.yaml','bundles/meduet_vae/configs/presets/demo.yaml']\""
-)
-
-
-def read_latent_datalist(path: str, split: str | None = None, optional_splits: Sequence[str] = ()) -> Any:
-    """Read meduet_vae's latent datalist: the whole dict, or with ``split`` that split's items with absolute
-    ``latent`` paths and a ``domain_index``, followed by the items of those ``optional_splits`` the datalist has
-    (e.g. the sample data's unlabeled ``pretraining`` pool). A missing cache is a one-line error naming the command
-    that makes it."""
-    import json
-    import os
-
-    from meduet.errors import MeduetConfigError, MeduetInputError
-
-    if not os.path.isfile(path):
-        raise MeduetConfigError(f"latent datalist '{path}' does not exist; {ENCODE_HINT}")
-    with open(path) as f:
-        data = json.load(f)
-    if "latent_channels" not in data or "domains" not in data:
-        raise MeduetInputError(f"{path}: not a latent datalist written by meduet_vae's encode.yaml; {ENCODE_HINT}")
-    if split is None:
-        return data
-    if split not in data:
-        raise MeduetInputError(f"{path}: has no split '{split}'")
-    items = _latent_items(path, data, split)
-    for extra in optional_splits:
-        if extra in data and extra != split:
-            items += _latent_items(path, data, extra)
-    return items
-
-
-def _latent_items(path: str, data: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
-    import os
-
-    from meduet.errors import MeduetInputError
-
-    base = os.path.dirname(os.path.abspath(path))
-    domains = list(data["domains"])
-    items = []
-    for i, item in enumerate(data[split]):
-        latent = os.path.join(base, item["latent"])
-        if not os.path.isfile(latent):
-            raise MeduetInputError(f"{path}: item {i} of '{split}': latent file '{latent}' does not exist; {ENCODE_HINT}")
-        if item.get("domain") not in domains:
-            raise MeduetInputError(f"{path}: item {i} of '{split}': domain {item.get('domain')!r} not in {domains}")
-        row = {**item, "latent": latent, "domain_index": domains.index(item["domain"])}
-        if item.get("latent_aug"):
-            row["latent_aug"] = [os.path.join(base, p) for p in item["latent_aug"]]
-            for p in row["latent_aug"]:
-                if not os.path.isfile(p):
-                    raise MeduetInputError(f"{path}: item {i} of '{split}': augmented latent '{p}' does not exist; "
-                                           f"{ENCODE_HINT}")
-        items.append(row)
-    return items
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# data: latent crops, optionally paired with an intensity-augmented copy of the same crop
-# ----------------------------------------------------------------------------------------------------------------
-class LoadAugmentedLatentsd:
-    """Deterministic part of the pairing: loads every augmented copy listed in ``item[list_key]`` (absolute
-    paths, as :func:`read_latent_datalist` gives them) into ``item["<key>_copies"]`` ``(n, C, *spatial)``; an
-    item without copies gets its own latent as the single copy (``aug_content`` is then 0 for it)."""
-
-    def __init__(self, key: str = "latent", list_key: str = "latent_aug") -> None:
-        self.key, self.list_key = key, list_key
-
-    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
-        from meduet.data import CheckedLoadImaged
-        from meduet.errors import MeduetInputError
-
-        d = dict(data)
-        ref = torch.as_tensor(d[self.key])
-        load = CheckedLoadImaged(["z"], image_only=True, ensure_channel_first=True)
-        copies = []
-        for p in d.get(self.list_key) or []:
-            z = torch.as_tensor(load({"z": p})["z"]).float()
-            if z.shape != ref.shape:
-                raise MeduetInputError(f"{p}: augmented latent of shape {tuple(z.shape)} for a latent of "
-                                       f"{tuple(ref.shape)}; re-run meduet_vae's encode.yaml")
-            copies.append(z)
-        d[f"{self.key}_copies"] = torch.stack(copies) if copies else ref.float().unsqueeze(0).clone()
-        d.pop(self.list_key, None)
-        return d
-
-
-class PickAugmentedLatentd(Randomizable, MapTransform):
-    """Random part of the pairing: ``item[out_key]`` = one of ``item["<key>_copies"]``, chosen at random, as a
-    MetaTensor on the latent's grid, so the crop/flip/rotation transforms that follow treat both keys alike.
-    (Randomizable: CacheDataset caches only what comes before it; ``EpochSeeder`` re-seeds it.)"""
-
-    def __init__(self, key: str = "latent", out_key: str = "latent_aug") -> None:
-        MapTransform.__init__(self, [key])
-        self.key, self.out_key = key, out_key
-        self._pick = 0
-
-    def randomize(self, data: Any = None) -> None:
-        self._pick = int(self.R.randint(int(data)))
-
-    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
-        from monai.data import MetaTensor
-
-        d = dict(data)
-        copies = d.pop(f"{self.key}_copies")
-        self.randomize(len(copies))
-        ref = d[self.key]
-        pick = copies[self._pick]
-        d[self.out_key] = MetaTensor(pick, meta=dict(ref.meta)) if isinstance(ref, MetaTensor) else pick
-        return d
-
-
-def pretrain_transforms(crop_size: Sequence[int], crops_per_latent: int = 1, augmented_pairs: bool = False):
-    """The pretraining chain: load the latent, random crop(s), flips, rot90; with ``augmented_pairs`` also an
-    intensity-augmented copy of the same latent (``latent_aug``), cropped and turned exactly like ``latent``.
-    Items keep only ``latent``, ``domain_index`` (and ``latent_aug``)."""
-    import monai.transforms as mt
-
-    from meduet.data import CheckedLoadImaged, InputCheckedCompose, get_train_crop_transforms
-
-    steps: list[Any] = [CheckedLoadImaged(["latent"], image_only=True, ensure_channel_first=True),
-                        mt.EnsureTyped(["latent"], dtype=torch.float32)]
-    keys = ["latent"]
-    if augmented_pairs:
-        steps += [LoadAugmentedLatentsd(), PickAugmentedLatentd()]
-        keys.append("latent_aug")
-    steps += list(get_train_crop_transforms(crop_size, keys=keys, num_samples=crops_per_latent).transforms)
-    # only what the step uses, so that items with and without e.g. a label (the unlabeled pretraining pool) or
-    # other metadata share a batch
-    steps.append(mt.SelectItemsd([*keys, "domain_index"], allow_missing_keys=True))
-    return InputCheckedCompose(steps)

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from meduet.engines.checkpoint import unwrap
 from meduet.engines.trainer import MeduetTrainer, NonFiniteLossError
+from meduet.latent import LatentSpace
 from meduet.networks.vae import MeduetVAE, encode_patchwise, reconstruct_patchwise
 
 __all__ = [
@@ -32,10 +33,8 @@ __all__ = [
     "kl_divergence",
     "prepare_reconstruction_batch",
     "ReconstructionInferer",
-    "loss_terms",
     "NonFiniteLossError",
     "refresh_vae_meta",
-    "datalist_domains",
     "DecoderFinetuneTrainer",
     "decoder_parameters",
 ]
@@ -68,11 +67,6 @@ class ReconstructionInferer(Inferer):
         if isinstance(inputs, MetaTensor):  # same grid as the input: keep its meta so outputs can be inverted/saved
             out = MetaTensor(out.as_tensor() if isinstance(out, MetaTensor) else out).copy_meta_from(inputs)
         return out
-
-
-def loss_terms(output: dict[str, Any]) -> dict[str, float]:
-    """The scalar loss terms of one iteration (for TensorBoard / MLflow / progress bars)."""
-    return dict(output["losses"])
 
 
 class VAEGANTrainer(MeduetTrainer):
@@ -209,23 +203,13 @@ class VAEGANTrainer(MeduetTrainer):
         return {"image": images, "pred": recon.detach(), "loss": loss_g.detach(), "losses": losses}
 
 
-def datalist_domains(path: str) -> list[str]:
-    """The ``domains`` list of a datalist file, or ``[]`` when there is none (e.g. data given by MONAI Label)."""
-    try:
-        with open(path) as f:
-            return [str(d) for d in json.load(f).get("domains", [])]
-    except (OSError, ValueError, AttributeError):
-        return []
-
-
 def refresh_vae_meta(vae: torch.nn.Module, trainer: VAEGANTrainer | None = None, **meta: Any) -> None:
     """Write what the next stage needs into the VAE's checkpoint record (latent scale factor = 1/std)."""
     net: MeduetVAE = unwrap(vae)  # type: ignore[assignment]
     if trainer is not None:
         std = trainer.latent_std()
         if std is not None:
-            net.meta["latent_scale_factor"] = 1.0 / std
-            net.meta["latent_std"] = std
+            net.meta.update(LatentSpace.measured(std))
     for k, v in meta.items():
         net.meta[k] = v
     record = json.dumps({"architecture": net.architecture, "preprocessing": net.meta.get("preprocessing")}, sort_keys=True)

@@ -9,7 +9,8 @@ Terms (paper weights as defaults, see ``MeDUETLossConfig``)::
   patches and its own patches at the positions *hidden* from that source (``rec_on="all"``: every position),
   one mean per source, averaged over the two sources (so unequal mixing ratios weigh A and B equally).
 * ``domain_content`` / ``domain_style`` - cross-entropy of the domain heads on each source's pooled content
-  (through ``grad_reverse``: the head learns to find the site, the encoder learns to hide it) and pooled style
+  (through gradient reversal, ``meduet.networks.layers.grad_reverse``: the head learns to find the site, the
+  encoder learns to hide it) and pooled style
   (plain: style must predict the site). Accuracies are returned for logging.
 * ``mftd`` - masked factor-token distillation (``mftd_loss``): the EMA teacher encodes the unmixed inputs;
   the student re-encodes its reconstructions ``x_hat_A``, ``x_hat_B`` (full sequences, gradients kept through
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -44,13 +45,9 @@ import torch.nn.functional as F
 
 from meduet.errors import MeduetConfigError
 from meduet.networks.latent_vit import patchify
-
-if TYPE_CHECKING:  # pragma: no cover
-    from meduet.engines.ema import EMATeacher
+from meduet.networks.meduet_extras import MeduetExtras
 
 __all__ = [
-    "GradientReversal",
-    "grad_reverse",
     "MeDUETLossConfig",
     "MAELossConfig",
     "patch_targets",
@@ -65,27 +62,6 @@ __all__ = [
     "meduet_step_losses",
     "mae_step_losses",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# gradient reversal
-# ----------------------------------------------------------------------------------------------------------------
-class GradientReversal(torch.autograd.Function):
-    """Identity forward; backward multiplies the incoming gradient by ``-coeff``."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, coeff: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.coeff = float(coeff)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        return -ctx.coeff * grad_output, None
-
-
-def grad_reverse(x: torch.Tensor, coeff: float = 1.0) -> torch.Tensor:
-    """``GradientReversal.apply(x, coeff)``; ``coeff=-1`` is a plain identity (no reversal)."""
-    return GradientReversal.apply(x, coeff)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,7 +391,7 @@ def _teacher_encode(teacher: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return fn(x)
 
 
-def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None, batch_latents: torch.Tensor,
+def meduet_step_losses(model: nn.Module, teacher: Any, batch_latents: torch.Tensor,
                        domain_index: torch.Tensor, step: int, cfg: MeDUETLossConfig | Mapping | None = None,
                        *, mix_mask: torch.Tensor | None = None, x_aug: torch.Tensor | None = None,
                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -455,10 +431,11 @@ def meduet_step_losses(model: nn.Module, teacher: EMATeacher | nn.Module | None,
         raise ValueError("w_aug_content / w_cross_appearance > 0 need x_aug, augmented copies of the batch's crops "
                          "(meduet_vae's encode.yaml with augment_copies > 0); got " +
                          ("none" if x_aug is None else f"shape {tuple(x_aug.shape)} for {tuple(x.shape)}"))
+    extras = MeduetExtras(content_adversary=cfg.content_adversary, aux_pairs=p if p < k else None,
+                          x_cross=x_aug if cross_on else None)
     out = model(x, mix_mask, mix_ratio=cfg.mix_ratio, streams=streams, reencode=reencode,
                 domain_content=cfg.use_domain_content, domain_style=cfg.use_domain_style,
-                grl_lambda=cfg.grl_lambda, content_adversary=cfg.content_adversary, generator=generator,
-                aux_pairs=p if p < k else None, x_cross=x_aug if cross_on else None)
+                grl_lambda=cfg.grl_lambda, generator=generator, extras=extras)
     mix_mask = out["mix_mask"]
     losses: dict[str, torch.Tensor] = {}
     total = x.new_zeros(())

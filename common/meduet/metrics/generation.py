@@ -9,7 +9,7 @@ Feature extractors (``FeatureExtractor``: ``forward(x) -> (N, F)`` float32 on th
   downloaded), e.g. ``resnet_10_23dataset.pth`` of https://huggingface.co/TencentMedicalNet/MedicalNet-Resnet10.
   Name ``"medicalnet-resnet10"`` etc. This is the usual FID backbone for 3D medical images.
 * ``EncoderFeatures``: meduet_pretrain's frozen encoder on *latents* ``(N, C, S1, S2, S3)``: sliding windows of the
-  pretraining crop (``meduet.engines.pretrain_tasks.encode_latents``), feature = ``[pooled content, pooled style]``
+  pretraining crop (``meduet.networks.windows.encode_latents``), feature = ``[pooled content, pooled style]``
   (content only for the masked-autoencoder baseline). Name ``"meduet-encoder (proxy)"``: the encoder was trained
   on the same data as the generator's conditioner, so its FID is a *proxy* that is comparable between runs of this
   project, not with published FIDs.
@@ -47,8 +47,14 @@ import torch
 import torch.nn as nn
 from monai.metrics import MMDMetric, MultiScaleSSIMMetric
 from monai.metrics.fid import compute_frechet_distance
+from monai.networks import nets
+from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
 
+from meduet import records
 from meduet.errors import MeduetConfigError, MeduetInputError
+from meduet.latent import LatentSpace
+from meduet.networks.encoder import PretrainedEncoder
+from meduet.networks.windows import encode_latents
 
 __all__ = [
     "FeatureExtractor",
@@ -116,14 +122,14 @@ class EncoderFeatures(FeatureExtractor):
 
     Args:
         encoder: a pretraining checkpoint path (meduet_pretrain's ``model.pt``; its encoder and factor heads are
-            loaded with ``meduet.networks.meduet.load_encoder``), or a network with ``encode`` (``MeDUET``,
+            loaded with ``meduet.records.load_part``), or a network with ``encode`` (``MeDUET``,
             ``MaskedAutoencoder``, ``PretrainedEncoder``).
-        latent_scale_factor: the pretraining latent scale; default: the checkpoint record's
-            ``latent_scale_factor`` (an error if it has none).
+        latent_space: the latent space (``meduet.latent.LatentSpace``); default: the one the checkpoint record
+            describes (an error if it has no ``latent_scale_factor``).
         crop: sliding-window size in latent voxels; default the pretraining crop (record's ``crop_size``, else the
             network's ``input_size``).
-        inputs: ``"raw"``: latents as cached by meduet_vae (multiplied by ``latent_scale_factor`` here, like the
-            pretraining data); ``"scaled"``: already multiplied (e.g. straight out of ``sample_latents``).
+        inputs: ``"raw"``: latents as cached by meduet_vae (scaled here, like the pretraining data); ``"scaled"``:
+            already scaled (e.g. straight out of ``sample_latents``).
         device: where the encoder runs.
 
     ``forward(latents (N, C, S1, S2, S3) | [(C, S1, S2, S3)] * N) -> (N, D + Ds)``: the pooled content ``(D)`` and
@@ -132,25 +138,21 @@ class EncoderFeatures(FeatureExtractor):
 
     space = "latent"
 
-    def __init__(self, encoder: nn.Module | str | Path, latent_scale_factor: float | None = None,
+    def __init__(self, encoder: nn.Module | str | Path, latent_space: LatentSpace | None = None,
                  crop: Sequence[int] | int | None = None, inputs: str = "raw",
                  device: str | torch.device = "cpu") -> None:
         super().__init__()
         if isinstance(encoder, (str, Path)):
-            from meduet.networks.meduet import load_encoder
-
-            encoder = load_encoder(encoder, device)
+            encoder = records.load_part(encoder, PretrainedEncoder, device)
         if not hasattr(encoder, "encode") or not hasattr(encoder, "patch_size"):
             raise MeduetConfigError(f"{type(encoder).__name__} is not a meduet_pretrain network (no encode/patch_size)")
         if inputs not in ("raw", "scaled"):
             raise ValueError(f"inputs must be 'raw' or 'scaled', got {inputs!r}")
-        if latent_scale_factor is None:
-            latent_scale_factor = (getattr(encoder, "meta", None) or {}).get("latent_scale_factor")
-            if latent_scale_factor is None:
-                raise MeduetConfigError("the pretrained encoder's record has no latent_scale_factor; pass "
-                                        "latent_scale_factor (meduet_vae's latent datalist has it)")
+        if latent_space is None:
+            latent_space = LatentSpace.from_record(getattr(encoder, "meta", None) or {},
+                                                   "the pretrained encoder's record (pass latent_space)")
         self.encoder = encoder.to(device).eval().requires_grad_(False)
-        self.latent_scale_factor = float(latent_scale_factor)
+        self.latent_space = latent_space
         self.inputs = inputs
         self.device = torch.device(device)
         if crop is not None:
@@ -166,11 +168,9 @@ class EncoderFeatures(FeatureExtractor):
 
     @torch.no_grad()
     def forward(self, x: Volumes) -> torch.Tensor:
-        from meduet.engines.pretrain_tasks import encode_latents
-
         latents = _as_list(x, "latent")
-        scale = self.latent_scale_factor if self.inputs == "raw" else 1.0
-        rows = encode_latents(self.encoder, latents, scale, device=self.device, desc="encoder features",
+        space = self.latent_space if self.inputs == "raw" else LatentSpace(1.0)
+        rows = encode_latents(self.encoder, latents, space, device=self.device, desc="encoder features",
                               crop=self.crop)
         self.encoder.eval()
         feats = [torch.cat([r["content"], r["style"]]) if "style" in r else r["content"] for r in rows]
@@ -200,11 +200,6 @@ class MedicalNetFeatures(FeatureExtractor):
     def __init__(self, weights_path: str | Path | None, depth: int = 10, normalize: str = "zscore",
                  batch_size: int = 4, device: str | torch.device = "cpu") -> None:
         super().__init__()
-        from monai.networks import nets
-        from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
-
-        from meduet.networks.vae import _read_state_dict
-
         depth = int(depth)
         if depth not in self.DEPTHS:
             raise MeduetConfigError(f"MedicalNet depth must be one of {self.DEPTHS}, got {depth}")
@@ -216,7 +211,7 @@ class MedicalNetFeatures(FeatureExtractor):
         net = getattr(nets, f"resnet{depth}")(pretrained=False, spatial_dims=3, n_input_channels=1,
                                                feed_forward=False, shortcut_type=shortcut_type,
                                                bias_downsample=bias_downsample)
-        state = _read_state_dict(weights_path, "MedicalNet weights", MEDICALNET_FIX)
+        state = records.read_state_dict(weights_path, "MedicalNet weights", MEDICALNET_FIX)
         state = {k: v for k, v in state.items() if not k.startswith(("conv_seg.", "fc."))}
         own = net.state_dict()
         missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
@@ -264,12 +259,12 @@ class MedicalNetFeatures(FeatureExtractor):
 
 def build_feature_extractor(kind: str = "auto", *, weights_path: str | Path | None = None, depth: int = 10,
                             pretrain_ckpt: str | Path | None = None, encoder: nn.Module | None = None,
-                            latent_scale_factor: float | None = None, crop: Sequence[int] | int | None = None,
+                            latent_space: LatentSpace | None = None, crop: Sequence[int] | int | None = None,
                             inputs: str = "raw", device: str | torch.device = "cpu") -> FeatureExtractor:
     """The feature extractor of ``kind``:
 
     * ``"medicalnet"``: ``MedicalNetFeatures(weights_path, depth)`` (image space);
-    * ``"encoder"``: ``EncoderFeatures(encoder or pretrain_ckpt, latent_scale_factor, crop, inputs)`` (latent space);
+    * ``"encoder"``: ``EncoderFeatures(encoder or pretrain_ckpt, latent_space, crop, inputs)`` (latent space);
     * ``"auto"``: ``"medicalnet"`` when ``weights_path`` is given, else ``"encoder"`` (the issue's default).
     """
     if kind == "auto":
@@ -281,7 +276,7 @@ def build_feature_extractor(kind: str = "auto", *, weights_path: str | Path | No
         if source is None:
             raise MeduetConfigError("encoder features need pretrain_ckpt (meduet_pretrain's models/model.pt) or an "
                                     "encoder network")
-        return EncoderFeatures(source, latent_scale_factor=latent_scale_factor, crop=crop, inputs=inputs,
+        return EncoderFeatures(source, latent_space=latent_space, crop=crop, inputs=inputs,
                                device=device)
     raise MeduetConfigError(f"unknown feature extractor {kind!r}; use 'auto', 'encoder' or 'medicalnet'")
 

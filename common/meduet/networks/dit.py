@@ -44,45 +44,26 @@ Design choices (not fixed by the DiT paper):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from meduet.errors import MeduetConfigError
-from meduet.networks.latent_vit import (
-    LatentViT,
-    sincos_position_embedding_3d,
-    to_3tuple,
-    token_grid,
-    unpatchify,
+from meduet.networks.dit_blocks import (
+    ContentMapEmbedder,
+    DiTBlock,
+    FactorEmbedder,
+    FinalLayer,
+    MetadataEmbedder,
+    TimestepEmbedder,
 )
-from meduet.networks.meduet import _arch_diff, _CheckpointRecord, _jsonable
-from meduet.networks.vae import decode_record
+from meduet.networks.dit_init import init_from_vit
+from meduet.networks.latent_vit import sincos_position_embedding_3d, to_3tuple, token_grid, unpatchify
+from meduet.records import RecordMixin, register
 
-__all__ = [
-    "DIT_PRESETS",
-    "CONDITIONS",
-    "DIFFUSION_FIX",
-    "timestep_embedding",
-    "modulate",
-    "check_record",
-    "TimestepEmbedder",
-    "MetadataEmbedder",
-    "FactorEmbedder",
-    "ContentMapEmbedder",
-    "Attention",
-    "Mlp",
-    "DiTBlock",
-    "FinalLayer",
-    "LatentDiT",
-    "build_dit",
-    "load_dit",
-]
+__all__ = ["DIT_PRESETS", "CONDITIONS", "LatentDiT", "build_dit"]
 
 #: Network sizes. ``tiny``: tests (seconds on CPU, 4x8^3 latents, 64 tokens); ``demo``: the demo chain on 2 CPU
 #: cores (4x16^3 latents, 512 tokens); ``paper``: DiT-B/2 on MAISI's 4x24^3 latents (1728 tokens).
@@ -99,182 +80,12 @@ CONDITIONS = ("none", "metadata", "factors")
 #: architecture is compared with a network's).
 _NON_WEIGHT_ARGS = ("input_size", "cond_dropout")
 
-DIFFUSION_FIX = ("train meduet_diffusion first (python -m monai.bundle run training --config_file "
-                 "\"['bundles/meduet_diffusion/configs/train.yaml','bundles/meduet_diffusion/configs/presets/demo.yaml']\") "
-                 "or download the bundle")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# embedders
-# ----------------------------------------------------------------------------------------------------------------
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding ``(B,) -> (B, dim)``: ``[cos(t w_k), sin(t w_k)]`` with
-    ``w_k = max_period ** (-k / (dim // 2))``; a zero column is appended when ``dim`` is odd."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], 1)], dim=-1)
-    return emb
-
-
-class TimestepEmbedder(nn.Module):
-    """``t (B,)`` in ``[0, num_train_timesteps]`` -> ``(B, dim)``: sinusoid of ``t * 1000 / num_train_timesteps``
-    (``freq_dim`` channels) -> Linear -> SiLU -> Linear."""
-
-    def __init__(self, dim: int, freq_dim: int = 256, num_train_timesteps: int = 1000) -> None:
-        super().__init__()
-        self.freq_dim, self.t_scale = freq_dim, 1000.0 / float(num_train_timesteps)
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = timestep_embedding(t.float() * self.t_scale, self.freq_dim)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
-
-
-class MetadataEmbedder(nn.Module):
-    """Site (and optional scalar metadata) embedding with a null class for classifier-free guidance.
-
-    ``forward(domain (B,) long, scalars (B, k) | None, drop (B,) bool) -> (B, dim)``: row ``domain`` of a
-    ``(num_domains + 1, dim)`` table (row ``num_domains`` = null, used where ``drop``) plus ``Linear(k, dim,
-    bias=False)(scalars)`` with dropped rows' scalars set to zero (so a dropped sample is exactly the null row).
-    """
-
-    def __init__(self, num_domains: int, num_scalars: int, dim: int) -> None:
-        super().__init__()
-        self.num_domains, self.num_scalars = num_domains, num_scalars
-        self.table = nn.Embedding(num_domains + 1, dim)
-        self.scalars = nn.Linear(num_scalars, dim, bias=False) if num_scalars else None
-
-    def null(self, batch: int) -> torch.Tensor:
-        return self.table.weight[self.num_domains].expand(batch, -1)
-
-    def forward(self, domain: torch.Tensor, scalars: torch.Tensor | None, drop: torch.Tensor) -> torch.Tensor:
-        y = self.table(torch.where(drop, torch.full_like(domain, self.num_domains), domain))
-        if self.scalars is not None and scalars is not None:
-            y = y + self.scalars(scalars.to(y.dtype) * (~drop).to(y.dtype).unsqueeze(-1))
-        return y
-
-
-class FactorEmbedder(nn.Module):
-    """Pooled MeDUET factors -> ``(B, dim)``: ``MLP([content, style])`` (Linear -> SiLU -> Linear); a learned null
-    vector replaces it where ``drop``. ``forward(content (B, Dc) | None, style (B, Ds) | None, drop (B,))``."""
-
-    def __init__(self, content_dim: int, style_dim: int, dim: int) -> None:
-        super().__init__()
-        self.content_dim, self.style_dim = content_dim, style_dim
-        self.mlp = nn.Sequential(nn.Linear(content_dim + style_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.null_embedding = nn.Parameter(torch.zeros(1, dim))
-
-    def null(self, batch: int) -> torch.Tensor:
-        return self.null_embedding.expand(batch, -1)
-
-    def forward(self, content: torch.Tensor | None, style: torch.Tensor | None, drop: torch.Tensor) -> torch.Tensor:
-        parts = [v for v in (content, style) if v is not None]
-        y = self.mlp(torch.cat(parts, dim=1).to(self.null_embedding.dtype))
-        return torch.where(drop.unsqueeze(-1), self.null_embedding.to(y.dtype), y)
-
-
-class ContentMapEmbedder(nn.Module):
-    """Content token map ``(B, Dc, h1, h2, h3)`` -> per-token addition ``(B, N, dim)`` on grid ``g``: trilinear
-    resampling when ``h != g`` (``align_corners=False``), then a zero-initialised ``Linear(Dc, dim)``; rows with
-    ``drop`` add nothing."""
-
-    def __init__(self, content_dim: int, dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(content_dim, dim)
-
-    def forward(self, content_map: torch.Tensor, grid: Sequence[int], drop: torch.Tensor) -> torch.Tensor:
-        grid = to_3tuple(grid)
-        m = content_map.to(self.proj.weight.dtype)
-        if tuple(m.shape[2:]) != grid:
-            m = F.interpolate(m, size=grid, mode="trilinear", align_corners=False)
-        out = self.proj(m.flatten(2).transpose(1, 2))
-        return out * (~drop).to(out.dtype)[:, None, None]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# transformer
-# ----------------------------------------------------------------------------------------------------------------
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x (B, N, D) * (1 + scale (B, D)) + shift (B, D)``."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention``; ``(B, N, D) -> (B, N, D)``.
-
-    Parameter names and the qkv layout (``(3, heads, head_dim)`` along the output features) are those of MONAI's
-    ``SABlock``, so pretrained latent-ViT weights copy over unchanged."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise MeduetConfigError(f"dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class Mlp(nn.Module):
-    """``Linear(dim, hidden) -> GELU -> Linear(hidden, dim)`` (names of MONAI's ``MLPBlock``)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.linear1 = nn.Linear(dim, hidden)
-        self.fn = nn.GELU()
-        self.linear2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.fn(self.linear1(x)))
-
-
-class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block: ``forward(x (B, N, D), c (B, D)) -> (B, N, D)``.
-
-    ``SiLU(c) -> Linear(D, 6D)`` gives (shift, scale, gate) for the attention branch then for the MLP branch;
-    ``x += gate * branch(LayerNorm(x) * (1 + scale) + shift)`` with affine-free LayerNorms."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
-        self.attn = Attention(dim, num_heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
-        self.mlp = Mlp(dim, int(round(dim * mlp_ratio)))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
-
-
-class FinalLayer(nn.Module):
-    """``(B, N, D), c (B, D) -> (B, N, C p^3)``: adaLN-modulated LayerNorm then ``Linear(D, C p^3)`` (both the
-    modulation and the linear are zero-initialised)."""
-
-    def __init__(self, dim: int, patch_size: int, out_channels: int) -> None:
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False)
-        self.linear = nn.Linear(dim, out_channels * patch_size**3)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # the network
 # ----------------------------------------------------------------------------------------------------------------
-class LatentDiT(_CheckpointRecord, nn.Module):
+@register
+class LatentDiT(RecordMixin, nn.Module):
     """3D diffusion transformer over VAE latents (DiT with adaLN-Zero), see the module docstring for shapes.
 
     Args:
@@ -295,10 +106,12 @@ class LatentDiT(_CheckpointRecord, nn.Module):
         freq_dim: width of the sinusoidal timestep features.
 
     ``arch`` holds these arguments and ``meta`` (empty; the trainer fills in the latent facts, objective and
-    scheduler) — both travel in the state dict's ``_extra_state``, so ``load_dit(path)`` rebuilds the network.
+    scheduler) — both travel in the state dict's ``_extra_state``, so ``meduet.records.load(path)`` rebuilds the
+    network.
     """
 
     kind = "dit"
+    non_weight_args = _NON_WEIGHT_ARGS
 
     def __init__(
         self,
@@ -379,9 +192,6 @@ class LatentDiT(_CheckpointRecord, nn.Module):
             nn.init.zeros_(layer.bias)
 
     # ------------------------------------------------------------------ record
-    def set_extra_state(self, state: Any) -> None:
-        check_record(self, state, _NON_WEIGHT_ARGS, "meduet.networks.dit.load_dit")
-
     # ------------------------------------------------------------------ helpers
     def positions(self, grid: Sequence[int]) -> torch.Tensor:
         """Fixed sin-cos positions ``(1, N, dim)`` of a token grid (buffer for the default grid, cached otherwise)."""
@@ -549,124 +359,9 @@ class LatentDiT(_CheckpointRecord, nn.Module):
 
     # ------------------------------------------------------------------ pretrained initialisation
     def init_from_pretrained(self, source: Any, gates: str = "open") -> dict[str, Any]:
-        """Initialise the DiT from meduet_pretrain's latent ViT; returns a report of what was copied.
-
-        Args:
-            source: a ``LatentViT``, a module holding one (``MeDUET``, ``MaskedAutoencoder``, ``PretrainedEncoder``,
-                ``FactorEncoder``), a state dict of any of them (keys ``backbone.encoder.*``, ``encoder.*`` or
-                bare, ``module.`` prefixes allowed), or a path to meduet_pretrain's ``model.pt``.
-            gates: ``"open"`` (default) sets the attention/MLP gates of the copied blocks to 1, so at init the DiT trunk
-                computes exactly the pretrained ViT's blocks (with the ViT's LayerNorm affine in the adaLN
-                biases); ``"zero"`` keeps adaLN-Zero's zero gates (copied blocks start as identities).
-
-        What is copied, where shapes match: for the first ``min(depth, source depth)`` blocks ``attn.qkv``,
-        ``attn.out_proj``, ``mlp.linear1``, ``mlp.linear2`` (weights and biases), and the ViT's ``norm1``/``norm2``
-        (gamma, beta) as the adaLN bias (scale = gamma - 1, shift = beta; the modulation weights stay zero so the
-        timestep/condition then learn to move them); the ViT's final norm into the final layer's adaLN bias; the
-        patch-embedding convolution, trilinearly resampled to this ``patch_size`` (and multiplied by
-        ``(p_src / p)^3`` so a smooth input gives the same response) when the patch sizes differ. Positions are not
-        copied: both networks use the same fixed sin-cos function, evaluated on the DiT's own token grid. The final
-        linear stays zero, so the network still outputs zeros at init. ``dim`` must equal the ViT's width;
-        ``num_heads`` should equal the encoder's (a state dict does not record it, so it is not checked: other head
-        counts still copy, but split the copied projections differently).
-        """
-        if gates not in ("open", "zero"):
-            raise MeduetConfigError(f"gates must be 'open' or 'zero', got {gates!r}")
-        state = _vit_state(source)
-        src_dim = state["patch_embed.weight"].shape[0]
-        if src_dim != self.dim:
-            raise MeduetConfigError(f"init_from_pretrained: the pretrained encoder has width {src_dim} but this DiT "
-                                    f"has dim {self.dim}; set the DiT's dim to {src_dim} or switch "
-                                    "init_from_pretrained off")
-        src_depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-        copied, skipped = [], []
-
-        def put(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
-            if tuple(dst.shape) == tuple(src.shape):
-                dst.copy_(src.to(dst.dtype))
-                copied.append(name)
-            else:
-                skipped.append(f"{name} {tuple(src.shape)}->{tuple(dst.shape)}")
-
-        with torch.no_grad():
-            # patch embedding
-            w = state["patch_embed.weight"].float()
-            p_src = w.shape[-1]
-            if p_src != self.patch_size or w.shape[1] != self.in_channels:
-                if w.shape[1] != self.in_channels:
-                    raise MeduetConfigError(f"init_from_pretrained: the encoder takes {w.shape[1]} latent channels, "
-                                            f"the DiT {self.in_channels}; use the same VAE")
-                w = F.interpolate(w, size=(self.patch_size,) * 3, mode="trilinear", align_corners=False)
-                w = w * (p_src / self.patch_size) ** 3
-                patch_note = f"resampled {p_src}^3 -> {self.patch_size}^3"
-            else:
-                patch_note = "copied"
-            put(self.patch_embed.weight, w, "patch_embed.weight")
-            put(self.patch_embed.bias, state["patch_embed.bias"], "patch_embed.bias")
-            n = min(self.depth, src_depth)
-            for i in range(n):
-                blk, pre = self.blocks[i], f"blocks.{i}."
-                for name in ("attn.qkv.weight", "attn.qkv.bias", "attn.out_proj.weight", "attn.out_proj.bias",
-                             "mlp.linear1.weight", "mlp.linear1.bias", "mlp.linear2.weight", "mlp.linear2.bias"):
-                    dst = blk.get_parameter(name) if _has_param(blk, name) else None
-                    if pre + name in state and dst is not None:
-                        put(dst, state[pre + name], pre + name)
-                    elif pre + name in state or dst is not None:
-                        skipped.append(pre + name + " (absent on one side)")
-                bias = blk.adaLN_modulation[-1].bias
-                d = self.dim
-                for j, norm in ((0, "norm1"), (3, "norm2")):
-                    gamma, beta = state.get(f"{pre}{norm}.weight"), state.get(f"{pre}{norm}.bias")
-                    if gamma is not None and beta is not None:
-                        bias[j * d:(j + 1) * d].copy_(beta)
-                        bias[(j + 1) * d:(j + 2) * d].copy_(gamma - 1)
-                        copied.append(f"{pre}{norm} -> adaLN bias")
-                    if gates == "open":
-                        bias[(j + 2) * d:(j + 3) * d].fill_(1.0)
-            if "norm.weight" in state and "norm.bias" in state:
-                fb = self.final_layer.adaLN_modulation[-1].bias
-                fb[: self.dim].copy_(state["norm.bias"])
-                fb[self.dim:].copy_(state["norm.weight"] - 1)
-                copied.append("norm -> final_layer adaLN bias")
-        return {
-            "blocks": n,
-            "source_depth": src_depth,
-            "depth": self.depth,
-            "patch_embed": patch_note,
-            "gates": gates,
-            "positions": "fixed sin-cos on the DiT's token grid (not copied)",
-            "copied": copied,
-            "skipped": skipped,
-        }
-
-
-def check_record(net: _CheckpointRecord, state: Any, non_weight: Sequence[str], loader: str) -> None:
-    """``set_extra_state`` of the diffusion-stage networks: a checkpoint record of another kind, or of another
-    architecture (ignoring ``non_weight`` arguments), is a one-line ``MeduetConfigError``; else ``meta`` is taken
-    from the record."""
-    record = decode_record(state)
-    if not record:
-        return
-    kind = record.get("kind")
-    if kind and kind != net.kind:
-        raise MeduetConfigError(f"checkpoint holds a '{kind}' network, not a '{net.kind}'; load the matching file "
-                                f"(rebuild from the file with {loader}(path))")
-    saved = {k: v for k, v in (record.get("architecture") or {}).items() if k not in non_weight}
-    own = {k: v for k, v in _jsonable(net.arch).items() if k not in non_weight}
-    diff = _arch_diff(saved, own)
-    if diff:
-        raise MeduetConfigError(f"checkpoint was trained with another '{net.kind}' architecture {diff} (checkpoint, "
-                                f"network); use the same preset and condition, or rebuild the network from the file "
-                                f"with {loader}(path)")
-    net.meta = {k: v for k, v in record.items() if k not in ("kind", "architecture")}
-
-
-def _has_param(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_parameter(name)
-        return True
-    except AttributeError:
-        return False
+        """Initialise the trunk from meduet_pretrain's latent ViT (a module or a state dict); returns a report of
+        what was copied. See ``meduet.networks.dit_init.init_from_vit``."""
+        return init_from_vit(self, source, gates)
 
 
 def _repeat2(v: Any) -> Any:
@@ -693,37 +388,6 @@ def _check_args(condition: str, num_domains: int, num_metadata_scalars: int, con
         raise MeduetConfigError(f"dim {dim} must be >= 6 and divisible by num_heads {num_heads}")
 
 
-def _vit_state(source: Any) -> dict[str, torch.Tensor]:
-    """The latent ViT's state dict (keys ``patch_embed.*``, ``blocks.i.*``, ``norm.*``) from a module, a state
-    dict or a file."""
-    if isinstance(source, (str, Path)):
-        from meduet.networks.meduet import PRETRAIN_FIX
-        from meduet.networks.vae import _read_state_dict
-
-        source = _read_state_dict(source, "pretraining checkpoint", PRETRAIN_FIX)
-    if isinstance(source, nn.Module):
-        vit = source
-        for attr in ("vit", "encoder"):
-            if not isinstance(vit, LatentViT) and isinstance(getattr(vit, attr, None), nn.Module):
-                vit = getattr(vit, attr)
-        if not isinstance(vit, LatentViT):
-            found = [m for m in source.modules() if isinstance(m, LatentViT)]
-            if not found:
-                raise MeduetConfigError(f"init_from_pretrained: {type(source).__name__} holds no latent ViT; pass "
-                                        "meduet_pretrain's network, encoder or model.pt")
-            vit = found[0]
-        return {k: v.detach() for k, v in vit.state_dict().items() if torch.is_tensor(v) and k != "_extra_state"}
-    if not isinstance(source, Mapping):
-        raise MeduetConfigError(f"init_from_pretrained: expected a module, a state dict or a path, got "
-                                f"{type(source).__name__}")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in source.items()}
-    for prefix in ("backbone.encoder.", "encoder.", ""):
-        if prefix + "patch_embed.weight" in state and prefix + "blocks.0.attn.qkv.weight" in state:
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and torch.is_tensor(v)}
-    raise MeduetConfigError("init_from_pretrained: the state dict has no latent ViT (no '[backbone.]encoder."
-                            "patch_embed.weight'); pass meduet_pretrain's model.pt")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # builders
 # ----------------------------------------------------------------------------------------------------------------
@@ -739,19 +403,3 @@ def build_dit(preset: str | Mapping[str, Any] | None = "tiny", **overrides: Any)
         kw = dict(preset)
     kw.update(overrides)
     return LatentDiT(**kw)
-
-
-def load_dit(path: str | Path, device: str | torch.device = "cpu") -> LatentDiT:
-    """Rebuild a trained ``LatentDiT`` from meduet_diffusion's ``model.pt`` alone (architecture and ``meta``
-    travel inside as ``_extra_state``). Returned in eval mode."""
-    from meduet.networks.vae import _read_state_dict
-
-    state = _read_state_dict(path, "diffusion checkpoint", DIFFUSION_FIX)
-    record = decode_record(state.get("_extra_state"))
-    if record.get("kind") != LatentDiT.kind or not record.get("architecture"):
-        raise MeduetConfigError(f"diffusion checkpoint '{path}' has no latent DiT record (kind "
-                                f"{record.get('kind')!r}); {DIFFUSION_FIX}")
-    net = LatentDiT(**record["architecture"])
-    net.load_state_dict(state, strict=True)
-    return net.to(device).eval()
-

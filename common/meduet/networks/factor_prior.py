@@ -9,28 +9,23 @@ state dict). The denoiser ``forward(z_t (B, F), t (B,), domain (B,) | None, forc
 embedding plus a site embedding (``num_domains + 1`` rows, the last = null for classifier-free guidance) ->
 modulated LayerNorm -> zero-initialised ``Linear(hidden, F)``.
 
-Training is ``loss(vectors, domain)`` (MONAI ``DDPMScheduler``, epsilon prediction, MSE) and sampling
-``sample(n, domain, generator, steps)`` (MONAI ``DDIMScheduler``, deterministic with ``eta=0``) returns
-de-standardised ``(content, style)``. ``train_factor_prior`` does both the statistics and a short AdamW loop.
+Training (MONAI ``DDPMScheduler``, epsilon prediction, MSE) and sampling (MONAI ``DDIMScheduler``, deterministic with
+``eta=0``, de-standardised ``(content, style)``) live in ``meduet.engines.factor_prior``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from meduet.errors import MeduetConfigError
-from meduet.networks.dit import TimestepEmbedder, check_record, modulate
-from meduet.networks.meduet import _CheckpointRecord
-from meduet.networks.vae import decode_record
+from meduet.networks.dit_blocks import TimestepEmbedder, modulate
+from meduet.records import RecordMixin, register
 
-__all__ = ["FactorPrior", "train_factor_prior", "load_factor_prior", "split_vectors"]
+__all__ = ["FactorPrior", "split_vectors"]
 
 Vectors = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, Any]
 
@@ -65,7 +60,8 @@ class _PriorBlock(nn.Module):
         return h + gate * self.mlp(modulate(self.norm(h).unsqueeze(1), shift, scale).squeeze(1))
 
 
-class FactorPrior(_CheckpointRecord, nn.Module):
+@register
+class FactorPrior(RecordMixin, nn.Module):
     """Diffusion prior over standardised ``[content, style]`` vectors, see the module docstring.
 
     Args:
@@ -77,6 +73,7 @@ class FactorPrior(_CheckpointRecord, nn.Module):
     """
 
     kind = "factor_prior"
+    non_weight_args = ("cond_dropout",)
 
     def __init__(self, content_dim: int, style_dim: int = 0, num_domains: int = 0, hidden: int = 256, depth: int = 3,
                  cond_dropout: float = 0.1, num_train_timesteps: int = 1000, schedule: str = "linear_beta",
@@ -102,13 +99,10 @@ class FactorPrior(_CheckpointRecord, nn.Module):
         self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False)
         self.out_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.out = nn.Linear(hidden, self.features)
-        self._sched_args = dict(num_train_timesteps=num_train_timesteps, schedule=schedule, beta_start=beta_start,
-                                beta_end=beta_end, clip_sample=False, prediction_type="epsilon")
-        self.scheduler = DDPMScheduler(**self._sched_args)
+        #: MONAI DDPM/DDIM scheduler arguments of this prior's noise schedule (``meduet.engines.factor_prior``)
+        self.schedule_args = dict(num_train_timesteps=num_train_timesteps, schedule=schedule, beta_start=beta_start,
+                                  beta_end=beta_end, clip_sample=False, prediction_type="epsilon")
         self._init_weights()
-
-    def set_extra_state(self, state: Any) -> None:
-        check_record(self, state, ("cond_dropout",), "meduet.networks.factor_prior.load_factor_prior")
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -149,7 +143,7 @@ class FactorPrior(_CheckpointRecord, nn.Module):
         return z * self.std + self.mean
 
     # ------------------------------------------------------------------ network
-    def _domain(self, domain: torch.Tensor | int | None, batch: int, device: torch.device) -> torch.Tensor | None:
+    def domain_indices(self, domain: torch.Tensor | int | None, batch: int, device: torch.device) -> torch.Tensor | None:
         if domain is None:
             return None
         if self.domain_embed is None:
@@ -171,7 +165,7 @@ class FactorPrior(_CheckpointRecord, nn.Module):
         t = torch.as_tensor(t, device=z.device).reshape(-1)
         c = self.t_embedder(t.expand(b) if t.numel() == 1 else t)
         if self.domain_embed is not None:
-            d = self._domain(domain, b, z.device)
+            d = self.domain_indices(domain, b, z.device)
             null = torch.full((b,), self.num_domains, dtype=torch.long, device=z.device)
             if d is None:
                 d = null
@@ -183,103 +177,3 @@ class FactorPrior(_CheckpointRecord, nn.Module):
             h = block(h, c)
         shift, scale = self.out_modulation(c).chunk(2, dim=1)
         return self.out(modulate(self.norm_out(h).unsqueeze(1), shift, scale).squeeze(1))
-
-    # ------------------------------------------------------------------ training / sampling
-    def loss(self, vectors: Vectors, domain: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDPM epsilon-prediction MSE on a batch of raw (not standardised) vectors; sites dropped with
-        ``cond_dropout`` (drawn from ``generator``)."""
-        z0 = self.standardise(self.join(vectors).to(self.mean.device))
-        b, dev = z0.shape[0], z0.device
-        gdev = generator.device if generator is not None else dev
-        t = torch.randint(0, self.scheduler.num_train_timesteps, (b,), generator=generator, device=gdev).to(dev)
-        noise = torch.randn(z0.shape, generator=generator, device=gdev).to(dev)
-        drop = None
-        if domain is not None and self.cond_dropout > 0:
-            drop = (torch.rand(b, generator=generator, device=gdev) < self.cond_dropout).to(dev)
-        pred = self(self.scheduler.add_noise(z0, noise, t), t, domain, drop)
-        return F.mse_loss(pred, noise)
-
-    @torch.no_grad()
-    def sample(self, n: int, domain: torch.Tensor | int | None = None, generator: torch.Generator | None = None,
-               steps: int = 50, guidance_scale: float = 1.0, eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` factor vectors with DDIM (MONAI ``DDIMScheduler``): ``(content (n, Dc), style (n, Ds))``,
-        de-standardised. ``domain``: one site index or ``(n,)`` indices (None = all sites, the null condition);
-        ``guidance_scale`` > 1 sharpens per-site samples (classifier-free guidance)."""
-        dev = self.mean.device
-        gdev = generator.device if generator is not None else torch.device("cpu")
-        z = torch.randn((n, self.features), generator=generator, device=gdev).to(dev)
-        sched = DDIMScheduler(**self._sched_args)
-        sched.set_timesteps(steps, device=dev)
-        d = self._domain(domain, n, dev)
-        was_training = self.training
-        self.eval()
-        try:
-            for t in sched.timesteps:
-                tb = torch.full((n,), int(t), dtype=torch.long, device=dev)
-                eps = self(z, tb, d)
-                if d is not None and float(guidance_scale) != 1.0:
-                    eps_null = self(z, tb, None)
-                    eps = eps_null + guidance_scale * (eps - eps_null)
-                z, _ = sched.step(eps, int(t), z, eta=eta, generator=generator)
-        finally:
-            self.train(was_training)
-        return self.split(self.destandardise(z))
-
-
-def train_factor_prior(vectors: Vectors, domains: torch.Tensor | Sequence[int] | None = None, steps: int = 500,
-                       lr: float = 1e-3, batch_size: int = 256, num_domains: int | None = None, hidden: int = 256,
-                       depth: int = 3, cond_dropout: float = 0.1, weight_decay: float = 0.0, seed: int = 0,
-                       device: str | torch.device = "cpu", **prior_args: Any) -> FactorPrior:
-    """Fit a ``FactorPrior`` on training vectors (``(content (N, Dc), style (N, Ds))`` or a dict with those keys)
-    and optional site indices ``domains (N,)``: statistics, then ``steps`` AdamW steps on random minibatches (with
-    replacement). Deterministic for a ``seed``. Returns the prior in eval mode (``meta["train_loss"]`` = mean loss
-    of the last 10% of steps)."""
-    content, style = split_vectors(vectors)
-    content = content.detach().float()
-    style = style.detach().float() if style is not None else None
-    n = content.shape[0]
-    d = None
-    if domains is not None:
-        d = torch.as_tensor(domains).long().reshape(-1)
-        if d.numel() != n:
-            raise MeduetConfigError(f"domains has {d.numel()} entries for {n} vectors")
-        if num_domains is None:
-            num_domains = int(d.max()) + 1
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        prior = FactorPrior(content.shape[1], style.shape[1] if style is not None else 0, num_domains or 0, hidden,
-                            depth, cond_dropout, **prior_args).to(device)
-    z = prior.join((content, style) if style is not None else content).to(device)
-    prior.set_statistics(z)
-    if d is not None:
-        d = d.to(device)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(prior.parameters(), lr=lr, weight_decay=weight_decay)
-    prior.train()
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, n, (batch_size,), generator=gen).to(device)
-        loss = prior.loss(z[idx], d[idx] if d is not None else None, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach().item())
-    tail = losses[-max(1, steps // 10):] if losses else [float("nan")]
-    prior.meta["train_loss"] = sum(tail) / len(tail)
-    return prior.eval()
-
-
-def load_factor_prior(path: str | Path, device: str | torch.device = "cpu") -> FactorPrior:
-    """Rebuild a ``FactorPrior`` from its saved state dict alone (architecture travels in ``_extra_state``)."""
-    from meduet.networks.dit import DIFFUSION_FIX
-    from meduet.networks.vae import _read_state_dict
-
-    state = _read_state_dict(path, "factor prior", DIFFUSION_FIX)
-    record = decode_record(state.get("_extra_state"))
-    if record.get("kind") != FactorPrior.kind or not record.get("architecture"):
-        raise MeduetConfigError(f"factor prior '{path}' has no factor-prior record (kind {record.get('kind')!r}); "
-                                f"{DIFFUSION_FIX}")
-    prior = FactorPrior(**record["architecture"])
-    prior.load_state_dict(state, strict=True)
-    return prior.to(device).eval()

@@ -30,19 +30,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from monai.networks.nets import UNet
 
 from meduet.errors import MeduetConfigError
+from meduet.latent import LatentSpace
+from meduet.networks.encoder import PretrainedEncoder
 from meduet.networks.latent_vit import tokens_to_map
-from meduet.networks.meduet import MEDUET_PRESETS, PretrainedEncoder, _CheckpointRecord, _read_record
-from meduet.networks.vae import MeduetVAE, build_vae, load_vae
+from meduet.networks.meduet import NON_WEIGHT_ARGS
+from meduet.networks.vae import MeduetVAE, build_vae
+from meduet.records import RecordMixin, register
 
-__all__ = ["MeduetSegNet", "UNetSeg", "build_seg", "load_seg", "INITS", "SEG_FIX"]
+__all__ = ["MeduetSegNet", "UNetSeg", "INITS", "VIT_KEYS"]
 
-INITS = ("meduet", "mae", "scratch")  # plus "unet" in build_seg: MONAI's UNet baseline
-SEG_FIX = ("train meduet_seg first (python -m monai.bundle run training --config_file "
-           "\"['bundles/meduet_seg/configs/train.yaml','bundles/meduet_seg/configs/presets/demo.yaml']\") "
-           "or download the bundle")
-_VIT_KEYS = ("input_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "style_dim", "smooth_kernel",
+INITS = ("meduet", "mae", "scratch")  # plus "unet": MONAI's UNet baseline (UNetSeg)
+VIT_KEYS = ("input_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "style_dim", "smooth_kernel",
              "qkv_bias", "style_pool")
 
 
@@ -69,14 +70,15 @@ class _FrozenVAEEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             h = self.vae.encoder(x)
-            return self.vae.quant_conv_mu(h) * self.vae.latent_scale_factor
+            return LatentSpace.from_vae(self.vae).scale(self.vae.quant_conv_mu(h))
 
 
 def _width(feature_size: int, scale: int) -> int:
     return feature_size * min(scale, 8)
 
 
-class MeduetSegNet(_CheckpointRecord, nn.Module):
+@register
+class MeduetSegNet(RecordMixin, nn.Module):
     """Segmentation network on the pretrained latent encoder (see the module docstring).
 
     Args:
@@ -85,13 +87,20 @@ class MeduetSegNet(_CheckpointRecord, nn.Module):
             ``smooth_kernel``, ``qkv_bias``, ``input_size``), e.g. ``MEDUET_PRESETS["demo"]``; extra keys ignored.
         out_channels: classes including background.
         init: ``"meduet"``, ``"mae"`` or ``"scratch"`` (sets the encoder structure; weights come from
-            ``load_pretrained``).
+            ``copy_vae`` / ``copy_encoder``).
         features: ``"content"`` or ``"content+style"`` (bottleneck tokens; the latter needs ``init != "mae"``).
         feature_size: decoder width at full resolution.
         norm_name, res_block: decoder blocks (as MONAI's UNETR).
     """
 
     kind = "meduet_seg"
+    non_weight_args = NON_WEIGHT_ARGS
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], **runtime: Any) -> nn.Module:
+        """A record of MONAI's UNet baseline (``init: unet``) builds ``UNetSeg``."""
+        arch = record["architecture"]
+        return UNetSeg(**arch) if arch.get("init") == "unet" else cls(**arch)
 
     def __init__(self, vae_architecture: Mapping[str, Any], vit: Mapping[str, Any], out_channels: int = 2,
                  init: str = "meduet", features: str = "content", feature_size: int = 16,
@@ -103,7 +112,7 @@ class MeduetSegNet(_CheckpointRecord, nn.Module):
             raise MeduetConfigError(f"features must be 'content' or 'content+style', got {features!r}")
         if features == "content+style" and init == "mae":
             raise MeduetConfigError("the masked-autoencoder baseline has no style factor: use features='content'")
-        vit = {k: v for k, v in dict(vit).items() if k in _VIT_KEYS}
+        vit = {k: v for k, v in dict(vit).items() if k in VIT_KEYS}
         self.arch = dict(vae_architecture=dict(vae_architecture), vit=vit, out_channels=out_channels, init=init,
                          features=features, feature_size=feature_size, norm_name=norm_name, res_block=res_block)
         self.meta: dict[str, Any] = {}
@@ -114,7 +123,7 @@ class MeduetSegNet(_CheckpointRecord, nn.Module):
         style_keys = ("style_dim", "smooth_kernel", "style_pool")
         enc_kw = {k: v for k, v in vit.items() if init != "mae" or k not in style_keys}
         self.encoder = PretrainedEncoder("mae" if init == "mae" else "meduet", in_channels=latent_ch, **enc_kw)
-        self.arch["vit"] = {k: v for k, v in self.encoder.arch.items() if k in _VIT_KEYS}  # defaults resolved
+        self.arch["vit"] = {k: v for k, v in self.encoder.arch.items() if k in VIT_KEYS}  # defaults resolved
         p = self.encoder.patch_size
         if p & (p - 1) or f & (f - 1):
             raise MeduetConfigError(f"latent patch {p} and VAE downsampling {f} must be powers of two")
@@ -194,48 +203,46 @@ class MeduetSegNet(_CheckpointRecord, nn.Module):
             h = up(h, skip)
         return self.out(h)
 
-    # ------------------------------------------------------------------ weights from the upstream bundles
-    def load_vae(self, vae_ckpt: str) -> MeduetSegNet:
-        """Copy meduet_vae's encoder (and its record) from its ``model.pt``; the architecture must match."""
-        vae = load_vae(vae_ckpt)
+    # ------------------------------------------------------------------ weights from the upstream networks
+    def copy_vae(self, vae: MeduetVAE) -> MeduetSegNet:
+        """Copy a trained ``MeduetVAE``'s encoder (and its record); the architecture must match."""
         if vae.architecture != self.vae.architecture:
             diff = {k: (v, self.vae.architecture.get(k)) for k, v in vae.architecture.items()
                     if self.vae.architecture.get(k) != v}
-            raise MeduetConfigError(f"VAE checkpoint '{vae_ckpt}' has another architecture {diff} (checkpoint, "
-                                    "config); set the `vae` keys to the VAE's (e.g. merge the same preset)")
+            raise MeduetConfigError(f"the VAE has another architecture {diff} (VAE, segmentation network's config); "
+                                    "set the `vae` keys to the VAE's (e.g. merge the same preset)")
         own = self.latent_encoder.vae.state_dict()
         self.latent_encoder.vae.load_state_dict({k: v for k, v in vae.state_dict().items() if k in own}, strict=True)
         return self
 
-    def load_pretrained(self, pretrain_ckpt: str) -> MeduetSegNet:
-        """Copy the latent ViT (and factor heads) from meduet_pretrain's ``model.pt`` (MeDUET for init "meduet",
-        the masked-autoencoder baseline for "mae"); architecture and kind must match."""
-        state, record = _read_record(pretrain_ckpt, "pretraining checkpoint")
+    def copy_encoder(self, state: Mapping[str, torch.Tensor], kind: str) -> MeduetSegNet:
+        """Copy the latent ViT (and factor heads) from the state dict of meduet_pretrain's network of ``kind``
+        (MeDUET for init "meduet", the masked-autoencoder baseline for "mae"), by name; kind and architecture
+        must match."""
         want = "mae" if self.arch["init"] == "mae" else "meduet"
-        if record["kind"] != want:
-            raise MeduetConfigError(f"'{pretrain_ckpt}' holds a '{record['kind']}' network but init "
-                                    f"'{self.arch['init']}' needs '{want}'")
+        if kind != want:
+            raise MeduetConfigError(f"the pretrained network is a '{kind}' network but init '{self.arch['init']}' "
+                                    f"needs '{want}'")
         own = self.encoder.state_dict()
-        missing = [k for k in own if k not in state and ".eraser." not in k]  # no eraser = identity eraser
+        missing = [k for k in own if k not in state and not any(o in k for o in self.encoder.optional_weights)]
         if missing:
-            raise MeduetConfigError(f"'{pretrain_ckpt}' lacks {len(missing)} encoder weights (e.g. {missing[:2]})")
+            raise MeduetConfigError(f"the pretrained network lacks {len(missing)} encoder weights (e.g. {missing[:2]})")
         self.encoder.load_state_dict({k: state[k] for k in own if k in state}, strict=True)
         return self
 
 
-class UNetSeg(_CheckpointRecord, nn.Module):
+class UNetSeg(RecordMixin, nn.Module):
     """The image-space baseline: MONAI's ``UNet`` from scratch (channels ``feature_size * (1, 2, 4, 8, 16)``,
     four stride-2 levels, two residual units), with the same checkpoint record and parameter-group interface as
     ``MeduetSegNet`` so the bundle trains and evaluates it unchanged (``init: unet``)."""
 
     kind = "meduet_seg"
+    non_weight_args = NON_WEIGHT_ARGS
     image_per_token = 16  # four stride-2 levels: inputs divisible by 16
 
     def __init__(self, out_channels: int = 2, feature_size: int = 16, in_channels: int = 1, init: str = "unet",
                  **_: Any) -> None:
         super().__init__()
-        from monai.networks.nets import UNet
-
         self.arch = dict(init="unet", out_channels=out_channels, feature_size=feature_size, in_channels=in_channels)
         self.meta: dict[str, Any] = {}
         f = feature_size
@@ -250,46 +257,3 @@ class UNetSeg(_CheckpointRecord, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.unet(x)
-
-
-def build_seg(vae_ckpt: str | None, pretrain_ckpt: str | None, init: str = "meduet", vit_preset: str = "demo",
-              out_channels: int = 2, features: str = "content", feature_size: int = 16,
-              vae_architecture: Mapping[str, Any] | None = None, norm_name: str | tuple = "instance",
-              res_block: bool = True) -> MeduetSegNet:
-    """A ``MeduetSegNet`` whose VAE and ViT architectures come from the upstream checkpoints (the truth), with their
-    weights loaded: the VAE from ``vae_ckpt``, the ViT from ``pretrain_ckpt`` (inits "meduet" / "mae"; ignored for
-    "scratch", whose ViT follows the pretraining record if given, else ``vit_preset``). ``init="unet"``: MONAI's
-    UNet baseline (``UNetSeg``; the checkpoints are not used)."""
-    if init == "unet":
-        return UNetSeg(out_channels, feature_size)
-    vae_arch = dict(vae_architecture) if vae_architecture else None
-    if vae_ckpt:
-        vae_arch = load_vae(vae_ckpt).architecture
-    if vae_arch is None:
-        raise MeduetConfigError("build_seg needs vae_ckpt (meduet_vae's model.pt) or a vae_architecture")
-    vit = dict(MEDUET_PRESETS[vit_preset])
-    if pretrain_ckpt:
-        _, record = _read_record(pretrain_ckpt, "pretraining checkpoint")
-        vit = {k: v for k, v in record["architecture"].items() if k in _VIT_KEYS}
-    elif init != "scratch":
-        raise MeduetConfigError(f"init '{init}' needs pretrain_ckpt (meduet_pretrain's model.pt)")
-    net = MeduetSegNet(vae_arch, vit, out_channels, init, features, feature_size, norm_name, res_block)
-    if vae_ckpt:
-        net.load_vae(vae_ckpt)
-    if init != "scratch":
-        net.load_pretrained(pretrain_ckpt)
-    return net
-
-
-def load_seg(path: str, device: str | torch.device = "cpu") -> MeduetSegNet:
-    """Rebuild a trained ``MeduetSegNet`` from meduet_seg's ``model.pt`` alone."""
-    from meduet.networks.vae import _read_state_dict, decode_record
-
-    state = _read_state_dict(path, "segmentation checkpoint", SEG_FIX)
-    record = decode_record(state.get("_extra_state"))
-    if record.get("kind") != MeduetSegNet.kind:
-        raise MeduetConfigError(f"'{path}' is not a meduet_seg model.pt; {SEG_FIX}")
-    arch = record["architecture"]
-    net = UNetSeg(**arch) if arch.get("init") == "unet" else MeduetSegNet(**arch)
-    net.load_state_dict(state, strict=True)
-    return net.to(device).eval()

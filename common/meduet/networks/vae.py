@@ -2,10 +2,10 @@
 
 ``MeduetVAE`` is ``monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi`` with one
 addition: the facts a downstream stage must not re-guess (the architecture, the latent scale factor, the
-preprocessing, the domains it was trained on) travel inside the state dict as PyTorch "extra state"
-(key ``_extra_state``). ``models/model.pt`` therefore stays a flat state dict that ``monai.bundle.load``,
-MONAI's ``CheckpointLoader`` and MONAI Label load as usual, and ``load_vae(path)`` rebuilds the network from
-the file alone.
+preprocessing, the domains it was trained on) travel inside the state dict as its checkpoint record
+(``meduet.records``, key ``_extra_state``). ``models/model.pt`` therefore stays a flat state dict that
+``monai.bundle.load``, MONAI's ``CheckpointLoader`` and MONAI Label load as usual, and
+``meduet.records.load(path)`` rebuilds the network from the file alone.
 
 Shapes: images ``(B, C_in, H, W, D)`` with ``H, W, D`` divisible by ``downsample_factor``; latents
 ``(B, latent_channels, H/f, W/f, D/f)``.
@@ -13,10 +13,7 @@ Shapes: images ``(B, C_in, H, W, D)`` with ``H, W, D`` divisible by ``downsample
 
 from __future__ import annotations
 
-import copy
-import json
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,19 +21,15 @@ from monai.apps.generation.maisi.networks.autoencoderkl_maisi import Autoencoder
 from monai.inferers import sliding_window_inference
 
 from meduet.errors import MeduetConfigError
+from meduet.records import RecordMixin, register
 
 __all__ = [
     "MeduetVAE",
     "MAISI_CT_ARCHITECTURE",
     "build_vae",
-    "load_vae",
-    "load_pretrained_weights",
     "encode_patchwise",
     "decode_patchwise",
     "reconstruct_patchwise",
-    "encode_record",
-    "with_pretrained",
-    "decode_record",
 ]
 
 #: MAISI's CT autoencoder (the tokenizer of the MeDUET paper): 4 latent channels, 4x downsampling.
@@ -56,9 +49,6 @@ MAISI_CT_ARCHITECTURE: dict[str, Any] = {
     "use_convtranspose": False,
 }
 
-#: Size of the JSON record stored in the state dict under ``_extra_state``.
-RECORD_BYTES = 8192
-
 # Arguments that change only how the network computes (memory/speed), never its weights.
 _RUNTIME_ARGS = ("num_splits", "dim_split", "norm_float16", "use_checkpointing", "use_flash_attention", "fast_norm")
 
@@ -74,7 +64,8 @@ def _use_torch_group_norm(module: torch.nn.Module) -> None:
             _use_torch_group_norm(child)
 
 
-class MeduetVAE(AutoencoderKlMaisi):
+@register
+class MeduetVAE(RecordMixin, AutoencoderKlMaisi):
     """MAISI KL-autoencoder whose state dict also carries its architecture and latent statistics.
 
     Args:
@@ -87,6 +78,10 @@ class MeduetVAE(AutoencoderKlMaisi):
             ``torch.nn.GroupNorm``, which computes the same function with the same parameters in one fused op;
             several times faster on CPU. Ignored when ``norm_float16`` is set.
     """
+
+    kind = "vae"
+    derived_keys = ("downsample_factor",)
+    runtime_args = _RUNTIME_ARGS
 
     def __init__(
         self,
@@ -151,7 +146,8 @@ class MeduetVAE(AutoencoderKlMaisi):
             "with_decoder_nonlocal_attn": with_decoder_nonlocal_attn,
             "use_convtranspose": use_convtranspose,
         }
-        #: What downstream stages read: latent scale factor (1/std of latents), preprocessing, domains, ...
+        #: What downstream stages read: latent scale factor (1/std of latents; ``meduet.latent.LatentSpace`` owns
+        #: it), preprocessing, domains, ...
         self.meta: dict[str, Any] = {"latent_scale_factor": 1.0}
 
     @property
@@ -160,53 +156,19 @@ class MeduetVAE(AutoencoderKlMaisi):
         return 2 ** (len(self.architecture["num_channels"]) - 1)
 
     @property
-    def latent_scale_factor(self) -> float:
-        return float(self.meta.get("latent_scale_factor", 1.0))
+    def arch(self) -> dict[str, Any]:  # the record's name for the constructor arguments
+        return self.architecture
 
-    def get_extra_state(self) -> torch.Tensor:
-        return encode_record(
-            {"architecture": self.architecture, "downsample_factor": self.downsample_factor, **self.meta}
-        )
+    def record(self) -> dict[str, Any]:
+        return {**super().record(), "downsample_factor": self.downsample_factor}
 
-    def set_extra_state(self, state: Any) -> None:
-        state = decode_record(state)
-        if not state:
-            return
-        arch = state.get("architecture")
-        if arch is not None:
-            mismatched = {k: (v, self.architecture.get(k)) for k, v in arch.items() if self.architecture.get(k) != v}
-            if mismatched:
-                raise MeduetConfigError(
-                    f"checkpoint was trained with a different VAE architecture {mismatched} (checkpoint, network); "
-                    "build the network with load_vae(path) or match the config to the checkpoint"
-                )
-        self.meta = {k: copy.deepcopy(v) for k, v in state.items() if k not in ("architecture", "downsample_factor")}
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], **runtime: Any) -> MeduetVAE:
+        return build_vae(record["architecture"], **runtime)
 
     def encode_mean(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic latent: the posterior mean ``z_mu`` of ``x``; ``(B, C, H, W, D) -> (B, c, H/f, W/f, D/f)``."""
         return self.encode(x)[0]
-
-
-def encode_record(record: dict[str, Any]) -> torch.Tensor:
-    """A JSON-able dict as a fixed-size uint8 tensor (``RECORD_BYTES``), so that every tool that copies state
-    dicts by matching tensor shapes (``monai.networks.utils.copy_model_state``, ``monai.bundle.load``) and
-    ``torch.load(weights_only=True)`` carry it along."""
-    raw = json.dumps(record, sort_keys=True).encode("utf-8")
-    if len(raw) > RECORD_BYTES:
-        raise ValueError(f"checkpoint record is {len(raw)} bytes, more than {RECORD_BYTES}")
-    buf = torch.zeros(RECORD_BYTES, dtype=torch.uint8)
-    buf[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return buf
-
-
-def decode_record(state: Any) -> dict[str, Any]:
-    """Inverse of ``encode_record``; also accepts a plain dict. Returns ``{}`` for an empty record."""
-    if isinstance(state, dict):
-        return state
-    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
-        return {}
-    raw = bytes(state.cpu().numpy().tobytes()).rstrip(b"\x00")
-    return json.loads(raw.decode("utf-8")) if raw else {}
 
 
 def build_vae(architecture: dict[str, Any] | None = None, **runtime: Any) -> MeduetVAE:
@@ -214,76 +176,6 @@ def build_vae(architecture: dict[str, Any] | None = None, **runtime: Any) -> Med
     arch = dict(MAISI_CT_ARCHITECTURE if architecture is None else architecture)
     arch.update(runtime)
     return MeduetVAE(**arch)
-
-
-def _read_state_dict(path: str | Path, what: str, fix: str) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise MeduetConfigError(f"{what} '{path}' does not exist; {fix}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is reported as one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MeduetConfigError(f"{what} '{path}' cannot be loaded safely ({first}); {fix}") from None
-    # accept the usual wrappers: {"model": sd}, {"state_dict": sd}, {"autoencoder": sd}
-    for key in ("model", "state_dict", "autoencoder", "unet_state_dict"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict):
-        raise MeduetConfigError(f"{what} '{path}' is not a state dict; {fix}")
-    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
-
-
-def load_vae(path: str | Path, device: str | torch.device = "cpu", **runtime: Any) -> MeduetVAE:
-    """Rebuild a trained ``MeduetVAE`` from its ``model.pt`` alone (architecture and meta travel inside).
-
-    ``runtime`` options (``num_splits``, ``dim_split``, ``use_checkpointing``, ...) change memory use only.
-    """
-    fix = "train it first (bundles/meduet_vae: python -m monai.bundle run training ...) or download the bundle"
-    state = _read_state_dict(path, "VAE checkpoint", fix)
-    extra = decode_record(state.get("_extra_state"))
-    if not isinstance(extra, dict) or "architecture" not in extra:
-        raise MeduetConfigError(
-            f"VAE checkpoint '{path}' has no architecture record (not written by meduet_vae); "
-            "for MAISI's published weights use load_pretrained_weights(build_vae(), path)"
-        )
-    unknown = set(runtime) - set(_RUNTIME_ARGS)
-    if unknown:
-        raise MeduetConfigError(f"load_vae: {sorted(unknown)} are not runtime options (allowed: {_RUNTIME_ARGS})")
-    vae = build_vae(extra["architecture"], **runtime)
-    vae.load_state_dict(state, strict=True)
-    return vae.to(device).eval()
-
-
-def load_pretrained_weights(vae: MeduetVAE, path: str | Path) -> MeduetVAE:
-    """Load autoencoder weights saved as a plain ``AutoencoderKlMaisi`` state dict (MAISI's published format).
-
-    Keys must match exactly (a ``module.`` prefix and ``{"state_dict"|"model": ...}`` wrappers are accepted);
-    a mismatch is a one-line error rather than silently random weights.
-    """
-    fix = "set pretrained_ckpt to MAISI's autoencoder file for the paper architecture (or null)"
-    state = _read_state_dict(path, "pretrained VAE weights", fix)
-    own_extra = state.pop("_extra_state", None)
-    expected = {k: v for k, v in vae.state_dict().items() if k != "_extra_state"}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        raise MeduetConfigError(
-            f"pretrained VAE weights '{path}' do not fit the configured architecture ({len(missing)} missing keys "
-            f"e.g. {missing[:2]}, {len(unexpected)} unexpected e.g. {unexpected[:2]}, {len(wrong)} of another shape "
-            f"e.g. {wrong[:2]}); {fix}"
-        )
-    vae.load_state_dict(state, strict=False)
-    if own_extra is not None:
-        vae.set_extra_state(own_extra)
-    return vae
-
-
-def with_pretrained(vae: MeduetVAE, path: str | Path | None) -> MeduetVAE:
-    """``vae`` with the weights at ``path`` loaded (``None``/empty: unchanged). For configs' ``pretrained_ckpt``."""
-    return load_pretrained_weights(vae, path) if path else vae
 
 
 def _check_divisible(shape: Sequence[int], factor: int, what: str) -> None:
@@ -368,14 +260,3 @@ def reconstruct_patchwise(
     if decode_patch_size is None:
         return vae.decode(z)
     return decode_patchwise(vae, z, latent_patch_size=decode_patch_size)
-
-
-def require_checkpoint(path: str | Path, bundle: str = "meduet_vae") -> str:
-    """One-line error when a bundle's checkpoint is missing (before any workflow component is built)."""
-    if not Path(path).is_file():
-        raise MeduetConfigError(
-            f"checkpoint '{path}' does not exist; train {bundle} first "
-            f"(python -m monai.bundle run training --config_file bundles/{bundle}/configs/train.yaml, "
-            "with a preset for CPU) or download the bundle"
-        )
-    return str(path)

@@ -1,0 +1,26 @@
+"""Learning-rate schedules the trainers share (stepped once per iteration)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["warmup_cosine_schedule"]
+
+
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps`` then cosine decay to ``min_ratio`` x the base rate at ``total_steps``.
+
+    Stepped once per iteration.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,345 @@
+"""The checkpoint record: what travels inside every ``model.pt`` of this project, written, read and checked here only.
+
+A bundle's ``models/model.pt`` is a flat ``state_dict`` (what ``monai.bundle.load``, MONAI's ``CheckpointLoader`` and
+MONAI Label expect). The facts the next stage must not re-guess travel inside it as the network's PyTorch extra state
+(key ``_extra_state``): a fixed-size ``uint8`` tensor holding a JSON *record*
+
+    {"kind": "vae" | "meduet" | "mae" | "dit" | "factor_prior" | "meduet_seg",
+     "architecture": {constructor arguments},
+     ...meta: latent scale factor, latent channels, domains, preprocessing, config hashes, crop size, ...}
+
+so every tool that copies state dicts by tensor shape carries it along and ``torch.load(weights_only=True)`` reads it.
+
+* ``RecordMixin``: networks inherit it (``kind``, ``arch``, ``meta``); loading a record of another kind or of another
+  architecture into a network is a one-line ``MeduetConfigError``, never silently random weights.
+* ``register``: the class decorator with which a network module declares the kind it builds; ``load(path)`` rebuilds
+  any registered network from its file alone (the networks package registers every kind when it is imported).
+* ``read(path)``: the state dict and its record, with a one-line error naming the file and the fix; ``require``:
+  the same error for a missing upstream checkpoint before anything is built.
+* ``fix_hint(bundle)``: the one place that says how to make a missing checkpoint.
+
+Records written before ``kind`` was stored for the VAE (an ``architecture`` with ``latent_channels`` and a
+``downsample_factor``) are read as ``"vae"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.nn as nn
+
+from meduet.errors import MeduetConfigError
+
+__all__ = [
+    "RECORD_BYTES",
+    "KIND_BUNDLE",
+    "encode",
+    "decode",
+    "jsonable",
+    "arch_diff",
+    "fix_hint",
+    "require",
+    "read_state_dict",
+    "kind_of",
+    "read",
+    "RecordMixin",
+    "register",
+    "registered",
+    "load",
+    "load_part",
+    "load_weights",
+    "with_meta",
+]
+
+#: Size of the JSON record stored in the state dict under ``_extra_state``.
+RECORD_BYTES = 8192
+
+#: Which bundle writes which kind of network (for the fix hints).
+KIND_BUNDLE: dict[str, str] = {
+    "vae": "meduet_vae",
+    "meduet": "meduet_pretrain",
+    "mae": "meduet_pretrain",
+    "dit": "meduet_diffusion",
+    "factor_prior": "meduet_diffusion",
+    "meduet_seg": "meduet_seg",
+}
+
+_WHAT = {
+    "meduet_vae": "VAE checkpoint",
+    "meduet_pretrain": "pretraining checkpoint",
+    "meduet_diffusion": "diffusion checkpoint",
+    "meduet_seg": "segmentation checkpoint",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the byte format
+# ----------------------------------------------------------------------------------------------------------------
+def encode(record: Mapping[str, Any]) -> torch.Tensor:
+    """A JSON-able dict as a fixed-size ``uint8`` tensor of ``RECORD_BYTES`` (zero-padded)."""
+    raw = json.dumps(record, sort_keys=True).encode("utf-8")
+    if len(raw) > RECORD_BYTES:
+        raise ValueError(f"checkpoint record is {len(raw)} bytes, more than {RECORD_BYTES}")
+    buf = torch.zeros(RECORD_BYTES, dtype=torch.uint8)
+    buf[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return buf
+
+
+def decode(state: Any) -> dict[str, Any]:
+    """Inverse of ``encode``; also accepts a plain dict. ``{}`` for an empty or absent record."""
+    if isinstance(state, dict):
+        return state
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
+        return {}
+    raw = bytes(state.cpu().numpy().tobytes()).rstrip(b"\x00")
+    return json.loads(raw.decode("utf-8")) if raw else {}
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, ...), so records compare equal after a round trip."""
+    return json.loads(json.dumps(value))
+
+
+def arch_diff(saved: Mapping[str, Any], own: Mapping[str, Any], ignore: Sequence[str] = ()) -> dict[str, Any]:
+    """``{key: (saved, own)}`` for the shared keys whose values differ, recursing into nested dicts (keys joined
+    with ``.``) and skipping ``ignore`` at every level (arguments that do not change which weights exist)."""
+    diff: dict[str, Any] = {}
+    for k in saved.keys() & own.keys():
+        if k in ignore:
+            continue
+        a, b = saved[k], own[k]
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diff.update({f"{k}.{kk}": v for kk, v in arch_diff(a, b, ignore).items()})
+        elif a != b:
+            diff[k] = (a, b)
+    return diff
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files
+# ----------------------------------------------------------------------------------------------------------------
+def fix_hint(bundle: str) -> str:
+    """How to make a missing checkpoint of ``bundle``: the one wording every error uses."""
+    return (f"train {bundle} first (python -m monai.bundle run training --config_file "
+            f"\"['<{bundle}>/configs/train.yaml','<{bundle}>/configs/presets/demo.yaml']\" from the folder that "
+            f"holds the bundles) or download the bundle")
+
+
+def require(path: str | Path, bundle: str) -> str:
+    """``path`` as a string if the file exists; else a one-line error naming it and how to make it (before any
+    workflow component is built)."""
+    if not Path(path).is_file():
+        raise MeduetConfigError(f"checkpoint '{path}' does not exist; {fix_hint(bundle)}")
+    return str(path)
+
+
+def read_state_dict(path: str | Path, what: str, fix: str) -> dict[str, Any]:
+    """A state dict loaded with ``torch.load(weights_only=True)``; the usual wrappers (``{"model": sd}``,
+    ``{"state_dict": sd}``, ``{"autoencoder": sd}``, ``{"unet_state_dict": sd}``) and ``module.`` prefixes are
+    accepted. Any failure is one ``MeduetConfigError`` line naming the file and ``fix``."""
+    path = Path(path)
+    if not path.is_file():
+        raise MeduetConfigError(f"{what} '{path}' does not exist; {fix}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is reported as one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MeduetConfigError(f"{what} '{path}' cannot be loaded safely ({first}); {fix}") from None
+    for key in ("model", "state_dict", "autoencoder", "unet_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise MeduetConfigError(f"{what} '{path}' is not a state dict; {fix}")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def kind_of(record: Mapping[str, Any]) -> str | None:
+    """The record's kind (``"vae"`` for VAE records written before the kind was stored), or None."""
+    kind = record.get("kind")
+    if kind:
+        return str(kind)
+    arch = record.get("architecture")
+    if isinstance(arch, Mapping) and "latent_channels" in arch and "downsample_factor" in record:
+        return "vae"
+    return None
+
+
+def _kinds(expect: str | Sequence[str] | None) -> tuple[str, ...]:
+    if expect is None:
+        return ()
+    return (expect,) if isinstance(expect, str) else tuple(expect)
+
+
+def read(path: str | Path, expect: str | Sequence[str] | None = None,
+         what: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state_dict, record)`` of one of our ``model.pt`` files.
+
+    ``expect``: the kind(s) the caller can use (e.g. ``("meduet", "mae")``); a file without a record, or with a
+    record of another kind, is a one-line error that names the file, what it holds and which bundle makes the
+    right one."""
+    kinds = _kinds(expect)
+    bundle = KIND_BUNDLE.get(kinds[0]) if kinds else None
+    what = what or (_WHAT.get(bundle, "checkpoint") if bundle else "checkpoint")
+    fix = fix_hint(bundle) if bundle else "give a model.pt written by one of the meduet bundles"
+    state = read_state_dict(path, what, fix)
+    record = decode(state.get("_extra_state"))
+    kind = kind_of(record)
+    if kind is None or not record.get("architecture"):
+        made_by = f"{bundle}'s" if bundle else "a meduet bundle's"
+        raise MeduetConfigError(f"{what} '{path}' has no checkpoint record (not a model.pt of {made_by} training); "
+                                f"{fix}")
+    if kinds and kind not in kinds:
+        holds = KIND_BUNDLE.get(kind, "another program")
+        raise MeduetConfigError(f"{what} '{path}' holds a '{kind}' network (a {holds} checkpoint), not "
+                                f"{' or '.join(repr(k) for k in kinds)}; {fix}")
+    return state, record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the network side
+# ----------------------------------------------------------------------------------------------------------------
+class RecordMixin:
+    """Mixin for our networks (put it before ``nn.Module``): the record travels as ``_extra_state``.
+
+    A network sets ``kind`` (class attribute), ``arch`` (its constructor arguments, JSON-able) and ``meta`` (what
+    downstream stages need, filled by the trainer) and may declare:
+
+    * ``non_weight_args``: constructor arguments that never change which weights exist (crop sizes of cached
+      position buffers, dropout, ...), ignored when a record's architecture is compared with the network's;
+    * ``derived_keys``: record keys computed from the network (written, not read back into ``meta``);
+    * ``optional_weights``: substrings of state-dict keys that may be absent from a file (``load_part``);
+    * ``runtime_args``: constructor arguments that change only how the network computes (memory, speed), which
+      ``load(path, **runtime)`` may set.
+    """
+
+    kind: str = ""
+    arch: dict[str, Any]
+    meta: dict[str, Any]
+    non_weight_args: tuple[str, ...] = ()
+    derived_keys: tuple[str, ...] = ()
+    optional_weights: tuple[str, ...] = ()
+    runtime_args: tuple[str, ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        """The record this network writes (kind, architecture, meta)."""
+        return {"kind": self.kind, "architecture": jsonable(self.arch), **self.meta}
+
+    def get_extra_state(self) -> torch.Tensor:
+        return encode(self.record())
+
+    def set_extra_state(self, state: Any) -> None:
+        record = decode(state)
+        if not record:
+            return
+        kind = kind_of(record)
+        if kind and kind != self.kind:
+            raise MeduetConfigError(
+                f"checkpoint holds a '{kind}' network ({KIND_BUNDLE.get(kind, 'another program')}) but this is a "
+                f"'{self.kind}' network; give the matching file, or rebuild the network from the file with "
+                "meduet.records.load(path)")
+        diff = arch_diff(record.get("architecture") or {}, jsonable(self.arch), self.non_weight_args)
+        if diff:
+            raise MeduetConfigError(
+                f"checkpoint was trained with another '{self.kind}' architecture {diff} (checkpoint, network); use "
+                "the same preset, or rebuild the network from the file with meduet.records.load(path)")
+        skip = {"kind", "architecture", *self.derived_keys}
+        self.meta = {k: copy.deepcopy(v) for k, v in record.items() if k not in skip}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], **runtime: Any) -> nn.Module:
+        """The network a record describes (weights not loaded), with ``runtime`` options (``runtime_args``)."""
+        unknown = sorted(set(runtime) - set(cls.runtime_args))
+        if unknown:
+            raise MeduetConfigError(f"{cls.__name__}: {unknown} are not runtime options (allowed: "
+                                    f"{list(cls.runtime_args)})")
+        return cls(**{**record["architecture"], **runtime})  # type: ignore[call-arg]
+
+
+_REGISTRY: dict[str, type] = {}
+T = TypeVar("T", bound=type)
+
+
+def register(cls: T) -> T:
+    """Class decorator: ``load`` builds files of ``cls.kind`` with ``cls.from_record``."""
+    kind = getattr(cls, "kind", "")
+    if not kind:
+        raise TypeError(f"{cls.__name__} has no kind to register")
+    _REGISTRY[kind] = cls
+    return cls
+
+
+def registered(kind: str) -> type:
+    """The class that builds ``kind`` (importing the networks package registers every kind)."""
+    if kind not in _REGISTRY:
+        importlib.import_module("meduet.networks")  # the network modules register their kinds when imported
+    if kind not in _REGISTRY:
+        raise MeduetConfigError(f"no network of kind '{kind}' is known (known: {sorted(_REGISTRY)})")
+    return _REGISTRY[kind]
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", expect: str | Sequence[str] | None = None,
+         what: str | None = None, **runtime: Any) -> nn.Module:
+    """Rebuild the network of a ``model.pt`` from the file alone (architecture and meta travel inside), with its
+    weights loaded (strict), in eval mode on ``device``. ``expect``: the kind(s) the caller accepts (see ``read``);
+    ``runtime``: options that change only memory use or speed (the network class's ``runtime_args``)."""
+    state, record = read(path, expect, what)
+    net = registered(kind_of(record)).from_record(record, **runtime)
+    net.load_state_dict(state, strict=True)
+    return net.to(device).eval()
+
+
+def load_part(path: str | Path, cls: type, device: str | torch.device = "cpu", what: str | None = None) -> nn.Module:
+    """A network that holds part of a checkpoint's weights under the same names (e.g. the deployable encoder of a
+    pretraining checkpoint): built by ``cls.from_record(record)`` (which accepts the kinds in ``cls.accepts``) and
+    filled by name. Every weight it has must be in the file, except those its ``optional_weights`` name (their load
+    hooks supply defaults)."""
+    state, record = read(path, getattr(cls, "accepts", None) or cls.kind, what)
+    net = cls.from_record(record)
+    own = net.state_dict()
+    optional = getattr(net, "optional_weights", ())
+    missing = [k for k in own if k not in state and not any(o in k for o in optional)]
+    if missing:
+        bundle = KIND_BUNDLE.get(kind_of(record) or "", "")
+        raise MeduetConfigError(f"checkpoint '{path}' lacks {len(missing)} weights of {cls.__name__} "
+                                f"(e.g. {missing[:2]}); {fix_hint(bundle) if bundle else 'give the full model.pt'}")
+    net.load_state_dict({k: state[k] for k in own if k in state}, strict=True)
+    return net.to(device).eval()
+
+
+def with_meta(network: nn.Module, meta: Mapping[str, Any]) -> nn.Module:
+    """``network`` with ``meta`` (JSON-able) as the record's meta, e.g. the facts of the latent cache it is trained
+    on (``meduet.latent.latent_record``); returns the network, for configs."""
+    network.meta = jsonable(dict(meta))
+    return network
+
+
+def load_weights(network: nn.Module, path: str | Path | None, what: str = "pretrained weights",
+                 fix: str = "give a state dict of this architecture (or null)") -> nn.Module:
+    """``network`` with a plain state dict loaded from ``path`` (e.g. MAISI's published autoencoder weights), keeping
+    the network's own record; ``None``/empty ``path``: unchanged. Keys and shapes must match exactly (a ``module.``
+    prefix and ``{"state_dict"|"model": ...}`` wrappers are accepted); a mismatch is a one-line error rather than
+    silently random weights."""
+    if not path:
+        return network
+    state = read_state_dict(path, what, fix)
+    file_record = state.pop("_extra_state", None)
+    expected = {k: v for k, v in network.state_dict().items() if k != "_extra_state"}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        raise MeduetConfigError(
+            f"{what} '{path}' do not fit the configured architecture ({len(missing)} missing keys e.g. {missing[:2]}, "
+            f"{len(unexpected)} unexpected e.g. {unexpected[:2]}, {len(wrong)} of another shape e.g. {wrong[:2]}); "
+            f"{fix}")
+    network.load_state_dict(state, strict=False)
+    if file_record is not None and hasattr(network, "set_extra_state"):
+        network.set_extra_state(file_record)
+    return network

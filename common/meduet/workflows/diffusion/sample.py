@@ -1,0 +1,107 @@
+"""meduet_diffusion sample.yaml: volumes per site (metadata / factors conditions) or in total (no condition), decoded by
+meduet_vae, as NIfTI (HU for CT, training spacing) with a PNG montage and ``samples.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meduet import records
+from meduet.errors import MeduetConfigError
+from meduet.io import write_json
+from meduet.latent import LatentDatalist, LatentSpace
+from meduet.viz import save_pair_grid
+from meduet.workflows.config import WorkflowConfig
+from meduet.workflows.diffusion.common import (check_vae, conditioner_for, decode, generate, load_generator, load_prior,
+                                               save_volume)
+
+__all__ = ["Config", "run"]
+
+
+@dataclasses.dataclass
+class Config(WorkflowConfig):
+    """sample.yaml: the generator and the checkpoints it chains (VAE, pretrained encoder, factor prior), how many
+    volumes of which sites, where from (``source``: prior | reference) and how (sampler, steps, guidance)."""
+
+    model_ckpt: str
+    vae_ckpt: str
+    output_dir: str
+    pretrain_ckpt: str | None = None
+    prior_ckpt: str | None = None
+    num_per_site: int = 2
+    sites: Sequence[str] | None = None
+    source: str = "prior"
+    latent_datalist: str | None = None
+    reference_split: str = "test"
+    sampler: str | None = None
+    num_steps: int | None = None
+    guidance_scale: float = 1.5
+    seed: int = 0
+    batch_size: int = 8
+    device: str | torch.device = "cpu"
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Generate volumes and write ``<output_dir>/<group>_<k>.nii.gz``, ``samples.json`` and ``samples.png``.
+
+    Groups: ``condition none`` -> one group ``all`` of ``num_per_site`` volumes; ``metadata`` -> one group per site
+    (the site's index as condition); ``factors`` -> one group per site whose (content, style) come from the factor
+    prior (``source="prior"``, per-site prior) or from the site's reference scans (``source="reference"``:
+    ``reference_split`` of ``latent_datalist``, first ``num_per_site`` of each site).
+    """
+    c = config
+    model_ckpt, vae_ckpt, pretrain_ckpt, source, sites = c.model_ckpt, c.vae_ckpt, c.pretrain_ckpt, c.source, c.sites
+    sampler, num_steps, guidance_scale = c.sampler, c.num_steps, c.guidance_scale
+    device = torch.device(c.device)
+    net, objective, rec = load_generator(model_ckpt, device)
+    vae = records.load(vae_ckpt, device, expect="vae")
+    check_vae(vae, rec, vae_ckpt, model_ckpt)
+    domains = list(rec.get("domains") or [])
+    condition = rec.get("condition", "none")
+    groups = ["all"] if condition == "none" else list(sites or domains)
+    for g in groups:
+        if g != "all" and g not in domains:
+            raise MeduetConfigError(f"unknown site {g!r}; the generator knows {domains}")
+    conditioner = conditioner_for(rec, pretrain_ckpt, device) if condition == "factors" else None
+    prior = None
+    if condition == "factors" and source == "prior":
+        if rec.get("content_map"):
+            raise MeduetConfigError("this generator also needs the content token map, which the factor prior does "
+                                    "not give: sample with source 'reference'")
+        prior = load_prior(c.prior_ckpt, device, " or use source 'reference'")
+    elif condition == "factors" and source != "reference":
+        raise MeduetConfigError(f"source must be 'prior' or 'reference', got {source!r}")
+
+    reference_items = None
+    if condition == "factors" and source == "reference":
+        if not c.latent_datalist:
+            raise MeduetConfigError("source 'reference' needs latent_datalist (meduet_vae's latent cache)")
+        reference_items = LatentDatalist(c.latent_datalist).items(c.reference_split)
+    out = Path(c.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device=device).manual_seed(int(c.seed))
+    rows, listing = [], []
+    for group in groups:
+        z = generate(net, objective, rec, group, int(c.num_per_site), conditioner,
+                     prior if condition == "factors" and source == "prior" else None, reference_items, sampler,
+                     num_steps, guidance_scale, gen, c.batch_size, device)
+        images = decode(vae, z, LatentSpace.from_record(rec, model_ckpt))
+        row = []
+        for k, img in enumerate(images):
+            path = save_volume(out / f"{group}_{k}.nii.gz", img, rec)
+            listing.append({"group": group, "index": k, "path": path.name, "mean": float(img.mean()),
+                            "std": float(img.std())})
+            row.append((f"{group} #{k}", img[:, :, img.shape[2] // 2]))
+        rows.append(row)
+    picture = save_pair_grid(out / "samples.png", rows,
+                             title=f"meduet_diffusion samples ({objective.objective}, condition {condition}"
+                                   + (f", {source}" if condition == "factors" else "") + ")")
+    summary = {"objective": objective.objective, "condition": condition, "source": source if condition == "factors"
+               else None, "sampler": sampler, "num_steps": num_steps, "guidance_scale": guidance_scale,
+               "samples": listing, "picture": picture.name}
+    write_json(out / "samples.json", summary)
+    return summary

@@ -1,0 +1,2 @@
+"""meduet_pretrain workflows: evaluate.yaml (``evaluate``, with ``swap``), extract.yaml and inference.json
+(``extract``)."""

@@ -1,0 +1,1 @@
+"""meduet_vae workflows: evaluate.yaml (``evaluate``) and encode.yaml (``encode``)."""

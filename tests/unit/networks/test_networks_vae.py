@@ -1,0 +1,177 @@
+"""meduet.networks.vae and the reconstruction metrics: real computations on small networks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from monai.networks.utils import copy_model_state
+
+from meduet import records
+from meduet.errors import MeduetConfigError
+from meduet.latent import LatentSpace
+from meduet.metrics.reconstruction import patch_border_mask, reconstruction_metrics, seam_error
+from meduet.networks.vae import (
+    MAISI_CT_ARCHITECTURE,
+    build_vae,
+    decode_patchwise,
+    encode_patchwise,
+)
+
+
+def load_vae(path):
+    return records.load(path, expect="vae")
+
+
+def load_pretrained_weights(vae, path):
+    return records.load_weights(vae, path, "pretrained VAE weights")
+
+TINY = dict(MAISI_CT_ARCHITECTURE, num_channels=[8, 16, 16], num_res_blocks=[1, 1, 1], norm_num_groups=4)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    return build_vae(TINY).eval()
+
+
+def test_shapes_and_downsampling(vae):
+    x = torch.rand(2, 1, 32, 24, 16)
+    recon, mu, sigma = vae(x)
+    assert recon.shape == x.shape
+    assert mu.shape == sigma.shape == (2, 4, 8, 6, 4)
+    assert vae.downsample_factor == 4
+
+
+def test_record_travels_with_state_dict(vae, tmp_path):
+    vae.meta.update({"latent_scale_factor": 1.75, "preprocessing": {"modality": "CT"}, "domains": ["a", "b"]})
+    path = tmp_path / "model.pt"
+    torch.save(vae.state_dict(), path)
+    rebuilt = load_vae(path)
+    assert rebuilt.architecture == vae.architecture
+    assert LatentSpace.from_vae(rebuilt).scale_factor == 1.75 and rebuilt.meta["domains"] == ["a", "b"]
+    for (k, a), b in zip(vae.state_dict().items(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b), k
+    # the way monai.bundle.load copies weights (matching names and shapes) carries the record too
+    fresh = build_vae(TINY)
+    copy_model_state(fresh, torch.load(path, weights_only=True))
+    assert LatentSpace.from_vae(fresh).scale_factor == 1.75
+
+
+def test_architecture_mismatch_is_an_error(vae, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(vae.state_dict(), path)
+    other = build_vae(dict(TINY, latent_channels=8))
+    with pytest.raises(MeduetConfigError, match="another 'vae' architecture"):
+        copy_model_state(other, torch.load(path, weights_only=True))
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    with pytest.raises(MeduetConfigError) as e:
+        load_vae(tmp_path / "nope.pt")
+    assert "does not exist" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_maisi_format_weights_load(tmp_path):
+    """A plain AutoencoderKlMaisi state dict of the paper architecture (MAISI's published format) loads exactly."""
+    torch.manual_seed(1)
+    arch = {k: v for k, v in MAISI_CT_ARCHITECTURE.items()}
+    maisi = AutoencoderKlMaisi(**arch, num_splits=1, dim_split=1, norm_float16=False)
+    path = tmp_path / "autoencoder_maisi.pt"
+    torch.save({"module." + k: v for k, v in maisi.state_dict().items()}, path)  # DDP-saved keys are accepted
+    ours = load_pretrained_weights(build_vae(), path)
+    theirs = maisi.state_dict()
+    for k, v in ours.state_dict().items():
+        if k != "_extra_state":
+            assert torch.equal(v, theirs[k]), k
+    # a file for another architecture is refused instead of silently leaving random weights
+    with pytest.raises(MeduetConfigError, match="do not fit"):
+        load_pretrained_weights(build_vae(TINY), path)
+
+
+def test_patchwise_encoding_is_per_patch(vae):
+    """With no overlap, patch-wise encoding equals encoding each patch alone (3D MedDiffusion's patch encoding)."""
+    torch.manual_seed(2)
+    x = torch.rand(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        z = encode_patchwise(vae, x, patch_size=16, overlap=0.0)
+        assert z.shape == (1, 4, 8, 8, 4)
+        corner = vae.encode_mean(x[..., 16:32, 0:16, 0:16])
+        assert torch.allclose(z[..., 4:8, 0:4, 0:4], corner, atol=1e-5)
+        whole = vae.encode_mean(x)
+    # and it differs from whole-volume encoding near the patch borders (receptive field is cut)
+    assert not torch.allclose(z, whole, atol=1e-4)
+
+
+def test_patchwise_window_batching_gives_the_same_volume(vae):
+    """Several windows per network call (the default, much faster on CPU) stitch the same latent and image as one
+    window per call; 4 windows of 16^3 in two calls of 3 and 1 also cover a partial last batch."""
+    torch.manual_seed(3)
+    x = torch.rand(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        one = encode_patchwise(vae, x, patch_size=16, overlap=0.0, sw_batch_size=1)
+        for b in (3, 4):
+            assert torch.allclose(encode_patchwise(vae, x, patch_size=16, overlap=0.0, sw_batch_size=b), one, atol=1e-5)
+        dec_one = decode_patchwise(vae, one, latent_patch_size=4, overlap=0.25, sw_batch_size=1)
+        dec_many = decode_patchwise(vae, one, latent_patch_size=4, overlap=0.25)
+    assert torch.allclose(dec_many, dec_one, atol=1e-5)
+
+
+def test_patchwise_decoding_matches_shape(vae):
+    z = torch.randn(1, 4, 12, 8, 8)
+    with torch.no_grad():
+        y = decode_patchwise(vae, z, latent_patch_size=8, overlap=0.25)
+        full = vae.decode(z)
+    assert y.shape == full.shape == (1, 1, 48, 32, 32)
+    assert torch.isfinite(y).all()
+
+
+def test_patch_divisibility_error(vae):
+    with pytest.raises(ValueError, match="divisible by 4"):
+        encode_patchwise(vae, torch.rand(1, 1, 30, 32, 32), patch_size=16)
+
+
+def test_seam_error_detects_borders():
+    target = torch.zeros(1, 1, 32, 32, 32)
+    mask = patch_border_mask((32, 32, 32), 16, width=1)
+    assert mask[15].all() and mask[16].all() and not mask[8, 8, 8] and not mask[0, 8, 8]
+    seamy = target.clone()
+    seamy[0, 0][mask] = 0.5
+    seamy += 0.05
+    s = seam_error(seamy, target, 16)
+    assert s["seam_ratio"] > 5
+    flat = target + 0.05
+    assert seam_error(flat, target, 16)["seam_ratio"] == pytest.approx(1.0)
+
+
+def test_reconstruction_metrics_order():
+    torch.manual_seed(3)
+    x = torch.rand(1, 1, 32, 32, 32)
+    good = reconstruction_metrics((x + 0.01 * torch.randn_like(x)).clamp(0, 1), x)
+    bad = reconstruction_metrics((x + 0.2 * torch.randn_like(x)).clamp(0, 1), x)
+    assert good["psnr"] > bad["psnr"] + 10
+    assert good["ssim"] > bad["ssim"] and good["ms_ssim"] > bad["ms_ssim"]
+    assert reconstruction_metrics(x, x)["ssim"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_fast_norm_computes_maisis_function():
+    """torch GroupNorm in place of MAISI's per-group loop: same state-dict keys, same outputs."""
+    torch.manual_seed(4)
+    maisi = build_vae(TINY, fast_norm=False).eval()
+    fast = build_vae(TINY, fast_norm=True).eval()
+    assert list(maisi.state_dict()) == list(fast.state_dict())
+    fast.load_state_dict(maisi.state_dict())
+    with torch.no_grad():
+        for p in maisi.parameters():  # non-trivial norm affine parameters
+            p.add_(0.01 * torch.randn_like(p))
+        fast.load_state_dict(maisi.state_dict())
+        x = torch.rand(1, 1, 16, 16, 16)
+        assert torch.allclose(maisi.reconstruct(x), fast.reconstruct(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("side", [40, 88, 100])
+def test_ms_ssim_scales_fit_monai_size_check(side):
+    """Volumes whose side passes the halving rule but not MONAI's own check (side // (L-1)^2 > k-1) used to fail."""
+    x = torch.rand(1, 1, side, side, side)
+    m = reconstruction_metrics((x * 0.9 + 0.05), x)
+    assert 1 <= m["ms_ssim_scales"] <= 5 and 0 < m["ms_ssim"] <= 1
