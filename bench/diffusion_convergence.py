@@ -181,7 +181,7 @@ def train_run(objective_name: str, condition: str, args, root: Path, settings: d
     from monai.utils import set_determinism
 
     from meduet.engines.diffusion import ValidationLoss
-    from meduet.metrics.generation import EncoderFeatures
+    from meduet.metrics.features import EncoderFeatures
 
     overrides = {"bundle_root": str(root), "resume": False, "objective_name": objective_name,
                  "condition": condition, "val_interval": args.eval_every, "max_epochs": settings["epochs"],
@@ -193,7 +193,6 @@ def train_run(objective_name: str, condition: str, args, root: Path, settings: d
     ema = parser.get_parsed_content("ema")
     objective = parser.get_parsed_content("objective")
     conditioner = parser.get_parsed_content("conditioner")
-    latents = parser.get_parsed_content("latents")
     crop = [int(c) for c in parser.get_parsed_content("crop_size")]
     space = parser.get_parsed_content("latent_space")
     val = next(h for h in parser.get_parsed_content("train#handlers") if isinstance(h, ValidationLoss))
@@ -436,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # real-vs-real floor of the proxy: training crops vs the reference crops
     from meduet.latent import LatentDatalist
-    from meduet.metrics.generation import EncoderFeatures, fid
+    from meduet.metrics.features import EncoderFeatures
+    from meduet.metrics.generation import fid
 
     dl = "bundles/meduet_vae/latents/phantoms/datalist.json"
     crop = [int(c) for c in preset.get("crop_size", [24, 24, 24])]

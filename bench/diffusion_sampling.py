@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     from meduet.latent import LatentSpace
     from meduet.workflows.diffusion.common import conditioner_for, load_generator
     from meduet.engines.sampling import sample_latents
-    from meduet.metrics.generation import EncoderFeatures, fid
+    from meduet.metrics.features import EncoderFeatures
+    from meduet.metrics.generation import fid
 
     torch.set_num_threads(args.threads)
     command = ".venv/bin/python bench/diffusion_sampling.py " + " ".join(sys.argv[1:] if argv is None else argv)

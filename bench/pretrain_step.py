@@ -130,7 +130,7 @@ class _Runner:
     def losses(self):
         import torch
 
-        from meduet.losses.meduet import mae_step_losses, meduet_step_losses
+        from meduet.losses.meduet_step import mae_step_losses, meduet_step_losses
 
         with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
             if self.name == "mae":

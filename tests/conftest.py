@@ -145,9 +145,10 @@ def tiny_pretrain(tmp_path_factory, tiny_latents) -> Path:
     """meduet_pretrain's bundle root with a tiny MeDUET (models/model.pt) and its masked-autoencoder baseline
     (models/baseline_mae/model.pt), trained on ``tiny_latents``. Tests must not modify its models/."""
     root = tmp_path_factory.mktemp("pretrain")
-    for objective in ("meduet", "mae"):
-        bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
-                   "--objective", objective, *(mlflow_args(root) if objective == "meduet" else []), run_id="training")
+    bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
+               *mlflow_args(root), run_id="training")
+    bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
+               run_id="training", extra_configs=("mae_baseline",))
     return root
 
 

@@ -28,10 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_POOL = 72
 
 
-def bundle_cmd(bundle: str, workflow: str, preset: str, run_id: str | None = None, **overrides: Any) -> list[str]:
-    """The ``python -m monai.bundle run`` command of one bundle workflow with a preset and overrides."""
+def bundle_cmd(bundle: str, workflow: str, preset: str, run_id: str | None = None, extra: tuple[str, ...] = (),
+               **overrides: Any) -> list[str]:
+    """The ``python -m monai.bundle run`` command of one bundle workflow with overlays (``extra``, e.g.
+    ``mae_baseline``), a preset and overrides."""
     cfg = f"bundles/{bundle}/configs/{workflow}.yaml"
-    files = [cfg, f"bundles/{bundle}/configs/presets/{preset}.yaml"]
+    files = [cfg, *(f"bundles/{bundle}/configs/{e}.yaml" for e in extra), f"bundles/{bundle}/configs/presets/{preset}.yaml"]
     cmd = [sys.executable, "-m", "monai.bundle", "run"]
     if run_id:
         cmd.append(run_id)
@@ -155,7 +157,7 @@ def stage_pretrain(d: Demo) -> None:
     out = d.out / "pretrain"
     d.run("meduet_pretrain: train MeDUET", bundle_cmd("meduet_pretrain", "train", d.preset, "training", resume=False))
     d.run("meduet_pretrain: train the masked-autoencoder baseline",
-          bundle_cmd("meduet_pretrain", "train", d.preset, "training", resume=False, objective="mae"))
+          bundle_cmd("meduet_pretrain", "train", d.preset, "training", extra=("mae_baseline",), resume=False))
     d.run("meduet_pretrain: disentanglement report on the test split",
           bundle_cmd("meduet_pretrain", "evaluate", d.preset, output_dir=str(out)))
     d.run("meduet_pretrain: extract content/style embeddings", bundle_cmd("meduet_pretrain", "extract", d.preset))

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 PRELOAD = ("torch", "numpy", "scipy.ndimage", "nibabel", "monai", "monai.bundle", "monai.bundle.scripts",
            "monai.networks.nets", "monai.engines", "monai.handlers", "monai.inferers", "monai.losses",

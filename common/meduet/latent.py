@@ -248,7 +248,8 @@ class LatentDatalist:
     @staticmethod
     def write(path: str | Path, data: Mapping[str, Any]) -> str:
         """Write a latent datalist (atomically) after checking it has the facts readers need."""
-        missing = [k for k in ("latent_channels", "downsample_factor", "latent_scale_factor", "domains") if k not in data]
+        needed = ("latent_channels", "downsample_factor", "latent_scale_factor", "domains")
+        missing = [k for k in needed if k not in data]
         if missing:
             raise MeduetConfigError(f"latent datalist for '{path}' lacks {missing}")
         return write_json(path, dict(data))

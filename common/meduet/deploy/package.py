@@ -10,10 +10,11 @@ top-level folder ``<name>/`` with:
 - ``configs/``: every workflow config with the size preset the shipped weights were trained with merged in
   (MONAI's own ``ConfigParser.load_config_files``, as ``--config_file "[cfg, preset]"`` would) and
   ``bundle_root: .`` and the sibling paths as the repository's configs write them (``<folder of the bundles>/
-  meduet_vae/...``, relative to the repository root) made relative to the bundle folder (``../meduet_vae/...``) -- so, as in the MONAI model zoo, workflows run from the bundle folder (or with
-  ``--bundle_root``) and the sibling bundles' checkpoints are found at ``../<sibling>/models/model.pt`` when the
-  bundles are downloaded into one folder. Overlays (``multi_gpu_train.yaml``) and ``presets/`` are copied as
-  they are, so another preset can still be merged on top.
+  meduet_vae/...``, relative to the repository root) made relative to the bundle folder (``../meduet_vae/...``)
+  -- so, as in the MONAI model zoo, workflows run from the bundle folder (or with ``--bundle_root``) and the
+  sibling bundles' checkpoints are found at ``../<sibling>/models/model.pt`` when the bundles are downloaded into
+  one folder. Overlays (``multi_gpu_train.yaml``, ``mae_baseline.yaml``) and ``presets/`` are copied as they are,
+  so another preset can still be merged on top.
 - ``docs/``, ``LICENSE``, ``scripts/`` and ``large_files.yml`` when the bundle has them;
 - ``models/``: ``model.pt`` and the other exported weights (not ``checkpoint*.pt`` resume states, which carry
   optimizer state, nor ``*_stage*`` intermediates, nor files the bundle's own ``large_files.yml`` lists, such as
@@ -49,7 +50,7 @@ from meduet.deploy.integrity import MANIFEST, PACKAGED_MARKER, sha256_file
 from meduet.errors import MeduetConfigError
 
 BUNDLES = ("meduet_vae", "meduet_pretrain", "meduet_diffusion", "meduet_seg")
-OVERLAYS = ("multi_gpu_train.yaml",)  # merged on top of another workflow config by users: copied unchanged
+OVERLAYS = ("multi_gpu_train.yaml", "mae_baseline.yaml")  # merged on top of train.yaml by users: copied as they are
 NOT_WORKFLOWS = ("metadata.json", "logging.conf")
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 # module-level third-party imports of the vendored library -> the distribution metadata must declare

@@ -12,7 +12,6 @@ half-written checkpoint:
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path

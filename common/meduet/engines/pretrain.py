@@ -21,7 +21,8 @@ from meduet.engines.checkpoint import unwrap
 from meduet.engines.ema import EMATeacher
 from meduet.engines.trainer import MeduetTrainer
 from meduet.latent import LatentDatalist, LatentSpace, load_latent
-from meduet.losses.meduet import MAELossConfig, MeDUETLossConfig, mae_step_losses, meduet_step_losses
+from meduet.losses.meduet_config import MAELossConfig, MeDUETLossConfig
+from meduet.losses.meduet_step import mae_step_losses, meduet_step_losses
 from meduet.metrics.disentanglement import fit_linear_eraser
 from meduet.networks.windows import encode_latents
 

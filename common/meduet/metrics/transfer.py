@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from meduet.errors import MeduetConfigError
+
 __all__ = ["SWAP_TARGET", "eta_squared", "region_means", "swap_gaps", "oracle_paint", "swap_pairs"]
 
 

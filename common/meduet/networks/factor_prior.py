@@ -143,7 +143,8 @@ class FactorPrior(RecordMixin, nn.Module):
         return z * self.std + self.mean
 
     # ------------------------------------------------------------------ network
-    def domain_indices(self, domain: torch.Tensor | int | None, batch: int, device: torch.device) -> torch.Tensor | None:
+    def domain_indices(self, domain: torch.Tensor | int | None, batch: int,
+                       device: torch.device) -> torch.Tensor | None:
         if domain is None:
             return None
         if self.domain_embed is None:

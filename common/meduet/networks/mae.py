@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from meduet.networks.latent_vit import LatentDecoder, LatentViT, tokens_to_map
 from meduet.networks.masks import sample_visible_mask
-from meduet.networks.meduet import MEDUET_PRESETS, NON_WEIGHT_ARGS, preset_args
+from meduet.networks.meduet import NON_WEIGHT_ARGS, preset_args
 from meduet.records import RecordMixin, register
 
 __all__ = ["MaskedAutoencoder", "build_mae"]
@@ -24,7 +24,7 @@ class MaskedAutoencoder(RecordMixin, nn.Module):
     ``N - round(mask_ratio * N)`` tokens per sample; the encoder runs on the visible tokens only (MAE-style),
     its outputs are put back on the grid and the decoder fills the rest with the mask token and predicts every
     patch. Returns ``{"pred": (B, N, C p^3), "visible": (B, N)}``; the loss (MSE on hidden patches) is
-    ``meduet.losses.meduet.mae_step_losses``.
+    ``meduet.losses.meduet_step.mae_step_losses``.
 
     ``encode(x)`` has the same keys as ``FactorEncoder.encode`` with ``content_tokens = tokens``,
     ``content`` = mean token, ``content_map`` = the token map, and ``style_tokens = style = None`` (the

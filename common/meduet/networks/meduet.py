@@ -312,7 +312,8 @@ class MeDUET(RecordMixin, nn.Module):
         """Steps 3-4: recombine each source's content and style at its own positions (A, B: the dual
         reconstruction), and with ``streams=4`` also the first ``pairs`` pairs' content with the other source's
         pooled style (A<-sB at A's positions, B<-sA at B's); one decoder call -> ``(2K [+ 2P], N, C p^3)``."""
-        mix_mask, content, style, style_pooled = out["mix_mask"], out["content_tokens"], out["style_tokens"], out["style"]
+        mix_mask, content, style = out["mix_mask"], out["content_tokens"], out["style_tokens"]
+        style_pooled = out["style"]
         k, p = mix_mask.shape[0], pairs
         with torch.profiler.record_function("meduet/decode"):
             c_part = self.recombine.content_part(content)  # (K, N, D)

@@ -24,7 +24,7 @@ whole network is one flat state dict (VAE encoder included), so ``model.pt`` is 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch

@@ -20,8 +20,9 @@ from meduet import records
 from meduet.data.latents import pretrain_transforms
 from meduet.latent import LatentSpace, load_latent, read_items
 from meduet.errors import MeduetInputError
-from meduet.losses.meduet import aug_content_loss, meduet_step_losses
-from meduet.networks.encoder import PRETRAIN_KINDS
+from meduet.losses.meduet import aug_content_loss
+from meduet.losses.meduet_step import meduet_step_losses
+from meduet.networks.encoder import PRETRAIN_KINDS, PretrainedEncoder
 from meduet.networks.meduet import build_meduet
 from meduet.networks.meduet_extras import MeduetExtras
 from meduet.networks.windows import encode_latents

@@ -42,7 +42,7 @@ def latent_cache(tmp_path_factory) -> Path:
 def test_tiny_training_writes_resumable_checkpoints(latent_cache, tmp_path, objective):
     root = tmp_path / objective
     bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(latent_cache),
-               "--objective", objective, run_id="training")
+               run_id="training", extra_configs=("mae_baseline",) if objective == "mae" else ())
     models = root / "models" / ("baseline_mae" if objective == "mae" else "")  # the baseline keeps its own files
     ckpt = load_checkpoint(models / "checkpoint.pt")
     assert ckpt["engine"]["epoch"] == 2 and ckpt["engine"]["iteration"] == 4  # 8 latents, batch 4, 2 epochs
@@ -86,7 +86,7 @@ def test_torchrun_two_processes_gloo(latent_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # 8 latents -> 4 per rank, per-rank batch 2 (one pair) -> 2 iterations per epoch; MFTD starts at step 2
     bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(latent_cache),
-               "--objective", "meduet", "--batch_size", "2", run_id="training",
+               "--batch_size", "2", run_id="training",
                extra_configs=("multi_gpu_train", os.path.relpath(dump.with_suffix(""), cfg_dir)),
                launcher=launcher, timeout=300)
     ckpt = load_checkpoint(root / "models" / "checkpoint.pt")

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from meduet.deploy.export import WHATS, build_wrapper, export, main, max_abs_diff, run_onnx
+from meduet.deploy.export import export, main, max_abs_diff, run_onnx
+from meduet.deploy.wrappers import WHATS, build_wrapper
 from meduet.errors import MeduetConfigError, find_meduet_error
 
 REPO = Path(__file__).resolve().parents[3]

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from conftest import REPO
-from meduet.deploy.integrity import MANIFEST, read_manifest, sha256_file
+from meduet.deploy.integrity import MANIFEST, sha256_file
 from meduet.deploy.package import BUNDLES, package_bundle, undeclared_imports
 
 # python -c BOOT <module> <args>: runs a module as `python -m` would, with the repository's source folder taken off

@@ -12,17 +12,9 @@ import torch.nn.functional as F
 
 from meduet.engines.ema import EMATeacher, cosine_momentum
 from meduet.errors import MeduetConfigError
-from meduet.losses.meduet import (
-    MeDUETLossConfig,
-    domain_losses,
-    dual_reconstruction_loss,
-    mae_step_losses,
-    meduet_step_losses,
-    mftd_loss,
-    siqc_labels,
-    siqc_loss,
-    supcon_loss,
-)
+from meduet.losses.meduet import domain_losses, dual_reconstruction_loss, mftd_loss, siqc_labels, siqc_loss, supcon_loss
+from meduet.losses.meduet_config import MeDUETLossConfig
+from meduet.losses.meduet_step import mae_step_losses, meduet_step_losses
 from meduet.networks.latent_vit import patchify
 from meduet.networks.layers import grad_reverse
 from meduet.networks.mae import build_mae

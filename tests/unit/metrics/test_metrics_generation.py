@@ -9,16 +9,8 @@ import pytest
 import torch
 
 from meduet.errors import MeduetConfigError, MeduetInputError
-from meduet.metrics.generation import (
-    EncoderFeatures,
-    MedicalNetFeatures,
-    build_feature_extractor,
-    fid,
-    generation_report,
-    mmd,
-    ms_ssim_diversity,
-    ms_ssim_settings,
-)
+from meduet.metrics.features import EncoderFeatures, MedicalNetFeatures, build_feature_extractor
+from meduet.metrics.generation import fid, generation_report, mmd, ms_ssim_diversity, ms_ssim_settings
 from meduet import records
 from meduet.latent import LatentSpace
 from meduet.networks.mae import build_mae

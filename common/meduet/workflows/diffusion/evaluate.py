@@ -16,7 +16,8 @@ from meduet.engines.diffusion import ValidationLoss, center_crop_or_pad
 from meduet.errors import MeduetConfigError
 from meduet.io import write_json
 from meduet.latent import LatentDatalist, LatentSpace, load_latent
-from meduet.metrics.generation import build_feature_extractor, generation_report
+from meduet.metrics.features import build_feature_extractor
+from meduet.metrics.generation import generation_report
 from meduet.viz import save_pair_grid
 from meduet.workflows.config import WorkflowConfig
 from meduet.workflows.diffusion.common import check_vae, conditioner_for, decode, generate, load_generator, load_prior
@@ -59,12 +60,13 @@ def run(config: Config) -> dict[str, Any]:
     * MS-SSIM diversity of decoded generated and real volumes (mean over pairs; lower = more diverse).
     * The validation denoising loss on ``val_items`` (fixed crops, noise and timesteps, as in training).
     """
-    c = config
-    model_ckpt, vae_ckpt, pretrain_ckpt, features = c.model_ckpt, c.vae_ckpt, c.pretrain_ckpt, c.features
-    sampler, num_steps, guidance_scale, num_per_site, seed = c.sampler, c.num_steps, c.guidance_scale, c.num_per_site, c.seed
-    cache = LatentDatalist(c.latent_datalist)
-    real_items, val_items = cache.items(c.real_split), cache.items(c.val_split)
-    device = torch.device(c.device)
+    cfg = config
+    model_ckpt, vae_ckpt, pretrain_ckpt, features = cfg.model_ckpt, cfg.vae_ckpt, cfg.pretrain_ckpt, cfg.features
+    sampler, num_steps, guidance_scale = cfg.sampler, cfg.num_steps, cfg.guidance_scale
+    num_per_site, seed = cfg.num_per_site, cfg.seed
+    cache = LatentDatalist(cfg.latent_datalist)
+    real_items, val_items = cache.items(cfg.real_split), cache.items(cfg.val_split)
+    device = torch.device(cfg.device)
     net, objective, rec = load_generator(model_ckpt, device)
     vae = records.load(vae_ckpt, device, expect="vae")
     check_vae(vae, rec, vae_ckpt, model_ckpt)
@@ -74,11 +76,11 @@ def run(config: Config) -> dict[str, Any]:
     conditioner = conditioner_for(rec, pretrain_ckpt, device) if condition == "factors" else None
     prior = None
     if condition == "factors":
-        prior = load_prior(c.prior_ckpt, device)
+        prior = load_prior(cfg.prior_ckpt, device)
     if not real_items:
         raise MeduetConfigError("evaluate needs real latents (the `real_split` of the latent datalist is empty)")
-    if c.max_real:  # an even spread over the split (items are usually ordered by subject and site)
-        idx = np.linspace(0, len(real_items) - 1, min(int(c.max_real), len(real_items))).round().astype(int)
+    if cfg.max_real:  # an even spread over the split (items are usually ordered by subject and site)
+        idx = np.linspace(0, len(real_items) - 1, min(int(cfg.max_real), len(real_items))).round().astype(int)
         real_items = [real_items[i] for i in sorted(set(idx.tolist()))]
     real = torch.stack([center_crop_or_pad(load_latent(it["latent"]), crop) for it in real_items]).float()
     groups = ["all"] if condition == "none" else list(rec["domains"])
@@ -89,10 +91,10 @@ def run(config: Config) -> dict[str, Any]:
     real_img = torch.from_numpy(decode(vae, space.scale(real.to(device)), space))[:, None]
     fake_img = torch.from_numpy(decode(vae, space.scale(fake.to(device)), space))[:, None]
     if features == "auto":
-        features = "medicalnet" if c.medicalnet_weights else "encoder"
+        features = "medicalnet" if cfg.medicalnet_weights else "encoder"
     if features == "encoder" and not pretrain_ckpt:
         raise MeduetConfigError("encoder features need pretrain_ckpt (meduet_pretrain's model.pt)")
-    extractor = build_feature_extractor(features, weights_path=c.medicalnet_weights, depth=c.medicalnet_depth,
+    extractor = build_feature_extractor(features, weights_path=cfg.medicalnet_weights, depth=cfg.medicalnet_depth,
                                         pretrain_ckpt=pretrain_ckpt, latent_space=space, inputs="raw",
                                         device=device)
     report = generation_report(real, fake, extractor, real_images=real_img, fake_images=fake_img)
@@ -103,7 +105,7 @@ def run(config: Config) -> dict[str, Any]:
     report.update({"val_loss": val.compute(), "objective": objective.objective, "condition": condition,
                    "sampler": sampler, "num_steps": num_steps, "guidance_scale": guidance_scale,
                    "num_per_site": int(num_per_site)})
-    out = Path(c.output_dir)
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     z = real_img.shape[-1] // 2
     rows = [[(f"real {i}", real_img[i, 0, :, :, z].numpy()) for i in range(min(6, len(real_img)))],

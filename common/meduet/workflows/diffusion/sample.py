@@ -53,10 +53,11 @@ def run(config: Config) -> dict[str, Any]:
     prior (``source="prior"``, per-site prior) or from the site's reference scans (``source="reference"``:
     ``reference_split`` of ``latent_datalist``, first ``num_per_site`` of each site).
     """
-    c = config
-    model_ckpt, vae_ckpt, pretrain_ckpt, source, sites = c.model_ckpt, c.vae_ckpt, c.pretrain_ckpt, c.source, c.sites
-    sampler, num_steps, guidance_scale = c.sampler, c.num_steps, c.guidance_scale
-    device = torch.device(c.device)
+    cfg = config
+    model_ckpt, vae_ckpt, pretrain_ckpt = cfg.model_ckpt, cfg.vae_ckpt, cfg.pretrain_ckpt
+    source, sites = cfg.source, cfg.sites
+    sampler, num_steps, guidance_scale = cfg.sampler, cfg.num_steps, cfg.guidance_scale
+    device = torch.device(cfg.device)
     net, objective, rec = load_generator(model_ckpt, device)
     vae = records.load(vae_ckpt, device, expect="vae")
     check_vae(vae, rec, vae_ckpt, model_ckpt)
@@ -72,23 +73,23 @@ def run(config: Config) -> dict[str, Any]:
         if rec.get("content_map"):
             raise MeduetConfigError("this generator also needs the content token map, which the factor prior does "
                                     "not give: sample with source 'reference'")
-        prior = load_prior(c.prior_ckpt, device, " or use source 'reference'")
+        prior = load_prior(cfg.prior_ckpt, device, " or use source 'reference'")
     elif condition == "factors" and source != "reference":
         raise MeduetConfigError(f"source must be 'prior' or 'reference', got {source!r}")
 
     reference_items = None
     if condition == "factors" and source == "reference":
-        if not c.latent_datalist:
+        if not cfg.latent_datalist:
             raise MeduetConfigError("source 'reference' needs latent_datalist (meduet_vae's latent cache)")
-        reference_items = LatentDatalist(c.latent_datalist).items(c.reference_split)
-    out = Path(c.output_dir)
+        reference_items = LatentDatalist(cfg.latent_datalist).items(cfg.reference_split)
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator(device=device).manual_seed(int(c.seed))
+    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
     rows, listing = [], []
     for group in groups:
-        z = generate(net, objective, rec, group, int(c.num_per_site), conditioner,
+        z = generate(net, objective, rec, group, int(cfg.num_per_site), conditioner,
                      prior if condition == "factors" and source == "prior" else None, reference_items, sampler,
-                     num_steps, guidance_scale, gen, c.batch_size, device)
+                     num_steps, guidance_scale, gen, cfg.batch_size, device)
         images = decode(vae, z, LatentSpace.from_record(rec, model_ckpt))
         row = []
         for k, img in enumerate(images):

@@ -37,7 +37,8 @@ def sdedit(model, x0: torch.Tensor, cond, objective: DiffusionObjective, strengt
     sched.set_timesteps(num_steps)
     ts = list(sched.timesteps)
     start = min(len(ts) - 1, max(0, int(round((1.0 - float(strength)) * len(ts)))))
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device) if generator is not None else torch.randn_like(x0)
+    noise = (torch.randn(x0.shape, generator=generator, device=x0.device) if generator is not None
+             else torch.randn_like(x0))
     x = sched.add_noise(x0, noise, torch.full((x0.shape[0],), int(ts[start]), device=x0.device, dtype=torch.long))
     for t in ts[start:]:
         tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
@@ -113,12 +114,13 @@ def run(config: Config) -> dict[str, Any]:
     inside the body explained by A's label regions, relative to a real scan of that site).
     Writes ``transfer.json``, ``transfer.png`` and ``<A>_to_<site>.nii.gz``.
     """
-    c = config
-    model_ckpt, vae_ckpt, pretrain_ckpt, pairs, style_from = c.model_ckpt, c.vae_ckpt, c.pretrain_ckpt, c.pairs, c.style_from
-    num_steps, guidance_scale, strength = c.num_steps, c.guidance_scale, c.strength
-    cache = LatentDatalist(c.latent_datalist)
-    items, style_items = cache.items(c.data_split), cache.items(c.style_split)
-    device = torch.device(c.device)
+    cfg = config
+    model_ckpt, vae_ckpt, pretrain_ckpt = cfg.model_ckpt, cfg.vae_ckpt, cfg.pretrain_ckpt
+    pairs, style_from = cfg.pairs, cfg.style_from
+    num_steps, guidance_scale, strength = cfg.num_steps, cfg.guidance_scale, cfg.strength
+    cache = LatentDatalist(cfg.latent_datalist)
+    items, style_items = cache.items(cfg.data_split), cache.items(cfg.style_split)
+    device = torch.device(cfg.device)
     net, objective, rec = load_generator(model_ckpt, device)
     condition = rec.get("condition", "none")
     if condition == "none":
@@ -154,8 +156,8 @@ def run(config: Config) -> dict[str, Any]:
             site_style[site] = factors_of(conditioner, refs, rec, device)["style"].mean(0, keepdim=True)
 
     transform = get_load_transforms(**dict(rec.get("preprocessing") or {}), keys=("image", "label"))
-    gen = torch.Generator(device=device).manual_seed(int(c.seed))
-    out = Path(c.output_dir)
+    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, results = [], []
     for a_item, b_item, t_item in chosen:
@@ -211,7 +213,8 @@ def run(config: Config) -> dict[str, Any]:
             continue
         d_a = float(np.mean(np.abs(region_means(a_img, a_lab, regions) - region_means(t_img, t_lab, regions))))
         eta_t = eta_squared(t_img, t_lab)
-        row = {"A": Path(a_item["latent"]).name, "B": Path(b_item["latent"]).name, "target": Path(t_item["latent"]).name,
+        row = {"A": Path(a_item["latent"]).name, "B": Path(b_item["latent"]).name,
+               "target": Path(t_item["latent"]).name,
                "site_from": a_item["domain"], "site_to": b_item["domain"], "d_source": d_a,
                "d_rec": g["intensity_gap_rec"], "d_transfer": g["intensity_gap_swap"], "gap_closed": g["gap_closed"],
                "gap_closed_vs_scan": g["gap_closed_vs_scan"], "vae_ceiling": g["vae_ceiling"],

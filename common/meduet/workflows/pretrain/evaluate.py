@@ -112,11 +112,12 @@ def run(config: Config) -> dict[str, Any]:
     ``MeDUET content`` is the model's content (through its site eraser when train.yaml fitted one, see
     ``meduet.engines.pretrain.ContentEraserFit``); the row ``MeDUET content, no eraser`` then shows the content
     head's output before it, and ``metrics["content_eraser"]`` what the eraser was fitted on."""
-    c = config
-    pretrain_ckpt, latent_datalist, split, device = c.pretrain_ckpt, c.latent_datalist, c.split, torch.device(c.device)
-    baseline_ckpt = c.baseline_ckpt if c.baseline_ckpt and os.path.isfile(c.baseline_ckpt) else None
-    vae_ckpt = c.vae_ckpt
-    out = Path(c.output_dir)
+    cfg = config
+    pretrain_ckpt, latent_datalist, split = cfg.pretrain_ckpt, cfg.latent_datalist, cfg.split
+    device = torch.device(cfg.device)
+    baseline_ckpt = cfg.baseline_ckpt if cfg.baseline_ckpt and os.path.isfile(cfg.baseline_ckpt) else None
+    vae_ckpt = cfg.vae_ckpt
+    out = Path(cfg.output_dir)
     model = records.load(pretrain_ckpt, device, expect=PRETRAIN_KINDS)
     if model.kind != "meduet":
         raise MeduetConfigError(f"'{pretrain_ckpt}' holds the masked-autoencoder baseline; pass it as baseline_ckpt "
@@ -148,21 +149,22 @@ def run(config: Config) -> dict[str, Any]:
     subjects = [str(it.get("subject", case_name(it))) for it in items]
     metrics: dict[str, Any] = {
         "split": split, "cases": len(items), "sites": sorted(set(sites)), "subjects": len(set(subjects)),
-        "pretrain_ckpt": os.path.abspath(pretrain_ckpt), "baseline_ckpt": baseline_ckpt and os.path.abspath(baseline_ckpt),
+        "pretrain_ckpt": os.path.abspath(pretrain_ckpt),
+        "baseline_ckpt": baseline_ckpt and os.path.abspath(baseline_ckpt),
         "factors": _factor_metrics(features, sites, subjects),
     }
     if erasure:
         metrics["content_eraser"] = erasure
     # how the model was pretrained, from its checkpoint record (older checkpoints lack these keys)
     metrics["pretraining"] = {k: model.meta[k] for k in ("loss", "augmentation") if k in model.meta}
-    _plot_embeddings(out / "embeddings_2d.png", features, sites, subjects, c.method)
+    _plot_embeddings(out / "embeddings_2d.png", features, sites, subjects, cfg.method)
     metrics["plot"] = "embeddings_2d.png"
     if vae_ckpt:
         vae = records.load(records.require(vae_ckpt, "meduet_vae"), device, expect="vae")
         if latents.get("vae_config_hash") and vae.meta.get("config_hash") not in (None, latents["vae_config_hash"]):
             raise MeduetConfigError(f"VAE '{vae_ckpt}' is not the one that encoded '{latent_datalist}' (config hash "
                                     f"{vae.meta.get('config_hash')} vs {latents['vae_config_hash']}); set vae_ckpt")
-        metrics["style_swap"] = style_swap_study(model, vae, latents, items, out, c.swaps, device)
+        metrics["style_swap"] = style_swap_study(model, vae, latents, items, out, cfg.swaps, device)
     f = metrics["factors"]
     targets = {
         "style_site_probe>=0.9": f["MeDUET style"]["site_probe_balanced_accuracy"] >= 0.9,

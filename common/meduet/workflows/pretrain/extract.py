@@ -46,14 +46,14 @@ def run(config: Config) -> str:
     ``domain_index``) and what a downstream stage needs (``objective``, ``content_dim``, ``style_dim``,
     ``domains``, the latent facts). Returns the index path.
     """
-    c = config
-    pretrain_ckpt, latent_datalist, device = c.pretrain_ckpt, c.latent_datalist, c.device
+    cfg = config
+    pretrain_ckpt, latent_datalist, device = cfg.pretrain_ckpt, cfg.latent_datalist, cfg.device
     network = records.load_part(pretrain_ckpt, PretrainedEncoder, device)
     cache = LatentDatalist(latent_datalist)
     latents = cache.data
     space = cache.space
     LatentSpace.from_record(network.meta, pretrain_ckpt).check_same(space, pretrain_ckpt, latent_datalist)
-    out = Path(c.output_dir)
+    out = Path(cfg.output_dir)
     index: dict[str, Any] = {
         "name": f"{latents.get('name', 'latents')}_embeddings",
         "pretrain_ckpt": os.path.abspath(pretrain_ckpt),
@@ -67,7 +67,7 @@ def run(config: Config) -> str:
         **{k: latents[k] for k in ("domains", "heldout_domains", "labels", "latent_channels", "downsample_factor",
                                    "latent_scale_factor", "vae_config_hash") if k in latents},
     }
-    for split in c.splits:
+    for split in cfg.splits:
         if split not in latents:
             continue
         items = cache.items(split)
@@ -77,12 +77,12 @@ def run(config: Config) -> str:
         for item, enc in zip(items, encoded):
             name = case_name(item)
             rel = f"{split}/{name}.pt"
-            keep = {k: v for k, v in enc.items() if c.maps or not k.endswith("_map")}
+            keep = {k: v for k, v in enc.items() if cfg.maps or not k.endswith("_map")}
             atomic_save(keep, out / rel)
             rows.append({**item, "embedding": rel})
         index[split] = rows
     path = write_json(out / "embeddings.json", index)
-    print(f"meduet_pretrain extract: {sum(len(index.get(s, [])) for s in c.splits)} embeddings -> {path}")
+    print(f"meduet_pretrain extract: {sum(len(index.get(s, [])) for s in cfg.splits)} embeddings -> {path}")
     return str(path)
 
 

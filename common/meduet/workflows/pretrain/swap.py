@@ -1,5 +1,6 @@
 """meduet_pretrain's style swap (part of evaluate.yaml): case A's content rendered with case B's pooled style through
-MeDUET's decoder and meduet_vae's decoder, measured against A's subject scanned at B's site (``meduet.metrics.transfer``)."""
+MeDUET's decoder and meduet_vae's decoder, measured against A's subject scanned at B's site
+(``meduet.metrics.transfer``)."""
 
 from __future__ import annotations
 

@@ -64,12 +64,12 @@ def run(config: Config) -> dict[str, Any]:
     Volumes are preprocessed as the network's record says and predicted by MONAI sliding windows (``roi_size``
     default: the training crop from the record). Writes ``cases.csv``, ``metrics.json`` and PNGs of the first
     ``save_images`` cases (image, label, prediction). Returns the metrics."""
-    c = config
-    seg_ckpt, datalist, split, roi_size, overlap = c.seg_ckpt, c.datalist, c.split, c.roi_size, c.overlap
-    device = torch.device(c.device)
+    cfg = config
+    seg_ckpt, datalist, split, roi_size, overlap = cfg.seg_ckpt, cfg.datalist, cfg.split, cfg.roi_size, cfg.overlap
+    device = torch.device(cfg.device)
     net = records.load(seg_ckpt, device, expect="meduet_seg")
     dl = load_datalist(datalist)
-    items = get_split(datalist, split)[: c.max_cases or None]
+    items = get_split(datalist, split)[: cfg.max_cases or None]
     if not items:
         raise MeduetInputError(f"{datalist}: split '{split}' is empty")
     prep = dict(net.meta["preprocessing"], expected_channels=1)
@@ -82,7 +82,7 @@ def run(config: Config) -> dict[str, Any]:
     trained_on = set(net.meta.get("training_domains", []))
     dice_m = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     hd_m = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
-    out = Path(c.output_dir)
+    out = Path(cfg.output_dir)
     rows = []
     for i, item in enumerate(tqdm(items, desc="evaluate", disable=os.environ.get("MEDUET_PROGRESS") == "0")):
         if not item.get("label"):
@@ -105,7 +105,7 @@ def run(config: Config) -> dict[str, Any]:
         fg = [float(d) for d in dice if np.isfinite(d)]
         row["mean_dice"] = float(np.mean(fg)) if fg else float("nan")
         rows.append(row)
-        if i < c.save_images:
+        if i < cfg.save_images:
             save_orthoslices(out / "images" / f"{row['case']}.png",
                              {"image": x[0, 0], "label": y[0, 0].float(), "prediction": pred[0, 0].float()},
                              title=f"{row['case']} ({dom}) mean Dice {row['mean_dice']:.3f}",

@@ -63,14 +63,15 @@ def run(config: Config) -> str:
     Files are written atomically; the datalist last, so a partial run leaves no datalist that lies.
     Returns the latent datalist path.
     """
-    c = config
-    vae_ckpt, datalist, output_dir, patch_size, overlap = c.vae_ckpt, c.datalist, c.output_dir, c.patch_size, c.overlap
-    augment_copies, augment_splits, augment_strength = c.augment_copies, c.augment_splits, c.augment_strength
-    augment_seed, augment_kind = c.augment_seed, c.augment_kind
-    device = torch.device(c.device)
+    cfg = config
+    vae_ckpt, datalist, output_dir = cfg.vae_ckpt, cfg.datalist, cfg.output_dir
+    patch_size, overlap = cfg.patch_size, cfg.overlap
+    augment_copies, augment_splits, augment_strength = cfg.augment_copies, cfg.augment_splits, cfg.augment_strength
+    augment_seed, augment_kind = cfg.augment_seed, cfg.augment_kind
+    device = torch.device(cfg.device)
     vae = records.load(vae_ckpt, device, expect="vae")
     dl = load_datalist(datalist)
-    splits = [s for s in c.splits if s in dl]
+    splits = [s for s in cfg.splits if s in dl]
     prep = preprocessing_for(vae, dl)
     transform = get_load_transforms(**prep, keys=("image", "label"))
     out = Path(output_dir)
@@ -105,7 +106,8 @@ def run(config: Config) -> str:
         rows = []
         for item in tqdm(dl[split], desc=f"encode {split}", disable=os.environ.get("MEDUET_PROGRESS") == "0"):
             x, affine, _ = load_case(transform, item, device)
-            z = encode_patchwise(vae, x, patch_size=patch_size, overlap=overlap, mode="gaussian" if overlap else "constant")
+            z = encode_patchwise(vae, x, patch_size=patch_size, overlap=overlap,
+                                 mode="gaussian" if overlap else "constant")
             z_np = z[0].float().cpu().numpy()
             name = case_name(item)
             if name in seen:  # the same image listed in two splits is encoded once

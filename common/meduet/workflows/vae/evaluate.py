@@ -59,16 +59,17 @@ def run(config: Config) -> dict[str, Any]:
     input, reconstruction, error, patch-wise reconstruction and its error) and reconstructions as NIfTI (up to
     ``save_nifti``) into ``output_dir``. Returns the metrics dict.
     """
-    c = config
-    vae_ckpt, datalist, split, output_dir, patch_size = c.vae_ckpt, c.datalist, c.split, c.output_dir, c.patch_size
-    compare_ckpt, seam_width = c.compare_ckpt, c.seam_width
-    device = torch.device(c.device)
+    cfg = config
+    vae_ckpt, datalist, split = cfg.vae_ckpt, cfg.datalist, cfg.split
+    output_dir, patch_size = cfg.output_dir, cfg.patch_size
+    compare_ckpt, seam_width = cfg.compare_ckpt, cfg.seam_width
+    device = torch.device(cfg.device)
     vae = records.load(vae_ckpt, device, expect="vae")
     other = None
     if compare_ckpt and Path(compare_ckpt).is_file() and Path(compare_ckpt).resolve() != Path(vae_ckpt).resolve():
         other = records.load(compare_ckpt, device, expect="vae")
     dl = load_datalist(datalist, split=split)
-    items = dl[split][: c.max_cases or None]
+    items = dl[split][: cfg.max_cases or None]
     prep = preprocessing_for(vae, dl)
     transform = get_load_transforms(**prep, keys=("image", "label"))
     heldout = set(dl.get("heldout_domains", []))
@@ -95,7 +96,7 @@ def run(config: Config) -> dict[str, Any]:
             rec.update({f"before_{k}": v for k, v in seam_error(before, x, patch_size, seam_width).items()})
             rec["before_patchwise_psnr"] = reconstruction_metrics(before, x)["psnr"]
         cases.append(rec)
-        if n < c.save_images:
+        if n < cfg.save_images:
             save_orthoslices(
                 out / "images" / f"{rec['case']}.png",
                 {
@@ -111,7 +112,7 @@ def run(config: Config) -> dict[str, Any]:
                         "|error|": (0, 0.3), "|patch-wise error|": (0, 0.3)},
                 cmaps={"|error|": "magma", "|patch-wise error|": "magma"},
             )
-        if n < c.save_nifti:
+        if n < cfg.save_nifti:
             save_nifti(out / "recon" / f"{rec['case']}_recon.nii.gz", recon[0, 0].cpu().numpy(), affine)
             save_nifti(out / "recon" / f"{rec['case']}_input.nii.gz", x[0, 0].cpu().numpy(), affine)
 
