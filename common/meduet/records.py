@@ -219,13 +219,13 @@ class RecordMixin:
       ``load(path, **runtime)`` may set.
     """
 
-    kind: str = ""
-    arch: dict[str, Any]
-    meta: dict[str, Any]
-    non_weight_args: tuple[str, ...] = ()
-    derived_keys: tuple[str, ...] = ()
-    optional_weights: tuple[str, ...] = ()
-    runtime_args: tuple[str, ...] = ()
+    # plain class attributes without annotations: TorchScript (MONAI's ckpt_export) compiles annotated class
+    # attributes of a module and fails on these; ``arch`` and ``meta`` are set by each network's constructor
+    kind = ""
+    non_weight_args = ()
+    derived_keys = ()
+    optional_weights = ()
+    runtime_args = ()
 
     def record(self) -> dict[str, Any]:
         """The record this network writes (kind, architecture, meta)."""

@@ -47,6 +47,7 @@ import yaml
 
 from meduet import __version__
 from meduet.deploy.integrity import MANIFEST, PACKAGED_MARKER, sha256_file
+from meduet.deploy.zoo import output_channels
 from meduet.errors import MeduetConfigError
 
 BUNDLES = ("meduet_vae", "meduet_pretrain", "meduet_diffusion", "meduet_seg")
@@ -163,6 +164,21 @@ def _check_weights(root: Path) -> None:
             "were trained with")
 
 
+def _describe_network(root: Path) -> None:
+    """The packaged ``metadata.json`` describes the packaged network: ``outputs.pred.num_channels`` is what the
+    ``network_def`` of the packaged (preset-merged) inference config gives on the metadata's input (e.g.
+    meduet_pretrain's content + style channels depend on the size preset)."""
+    inf, meta_path = root / "configs" / "inference.json", root / "configs" / "metadata.json"
+    if not inf.is_file():
+        return
+    meta = json.loads(meta_path.read_text())
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    channels = output_channels([inf], meta, root)
+    if channels != pred["num_channels"]:
+        pred["num_channels"] = channels
+        meta_path.write_text(json.dumps(meta, indent=4) + "\n")
+
+
 def _zip_dir(src: Path, top: str, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     try:
@@ -242,6 +258,8 @@ def package_bundle(bundle: str | Path, out: str | Path, preset: str | None = Non
             if "bundle_root" in cfg:
                 cfg["bundle_root"] = "."
             _write_config(cfg, dst, [f.relative_to(bundle / "configs").as_posix() for f in files])
+        if preset_file is not None:
+            _describe_network(root)
         for extra in ("docs", "scripts", "LICENSE", "large_files.yml"):
             src = bundle / extra
             if src.is_dir():

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 from monai.engines import Trainer
+from monai.inferers import Inferer
 from monai.transforms import RandSpatialCrop, ResizeWithPadOrCrop
 from torch.utils.data import DataLoader
 
@@ -235,9 +236,10 @@ class DiffusionTrainer(MeduetTrainer):
                  network: nn.Module, optimizer: torch.optim.Optimizer, objective: DiffusionObjective,
                  conditioner: Conditioner, ema: EMATeacher | None = None, latent_space: LatentSpace | None = None,
                  lr_scheduler: Any = None, grad_clip: float | None = 1.0, epoch_length: int | None = None,
-                 amp: bool = False, train_handlers: Sequence | None = None) -> None:
+                 amp: bool = False, train_handlers: Sequence | None = None, inferer: Inferer | None = None) -> None:
         super().__init__(device, max_epochs, train_data_loader, network, optimizer, lr_scheduler=lr_scheduler,
-                         grad_clip=grad_clip, epoch_length=epoch_length, amp=amp, train_handlers=train_handlers)
+                         grad_clip=grad_clip, epoch_length=epoch_length, amp=amp, train_handlers=train_handlers,
+                         inferer=inferer)
         self.objective = objective
         self.conditioner = conditioner
         self.ema = ema

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from ignite.engine import Events
 from monai.engines import Trainer
+from monai.inferers import Inferer
 from torch.utils.data import DataLoader
 
 from meduet.engines.checkpoint import unwrap
@@ -69,10 +70,11 @@ class PretrainTrainer(MeduetTrainer):
         amp: bool = False,
         train_handlers: Sequence | None = None,
         content_eraser: ContentEraserFit | None = None,
+        inferer: Inferer | None = None,
     ) -> None:
         super().__init__(
             device, max_epochs, train_data_loader, network, optimizer, lr_scheduler=lr_scheduler,
-            grad_clip=grad_clip, epoch_length=epoch_length, amp=amp, train_handlers=train_handlers,
+            grad_clip=grad_clip, epoch_length=epoch_length, amp=amp, train_handlers=train_handlers, inferer=inferer,
         )
         if content_eraser is not None:
             self.add_event_handler(Events.STARTED, content_eraser.reset)  # after the checkpointer's resume

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from monai.engines import Trainer
+from monai.inferers import Inferer
 from torch.utils.data import DataLoader
 
 from meduet import records
@@ -66,10 +67,11 @@ class SegTrainer(MeduetTrainer):
     def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader: DataLoader,
                  network: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_function: Callable,
                  lr_scheduler: Any = None, grad_clip: float | None = 1.0, epoch_length: int | None = None,
-                 amp: bool = False, train_handlers: Sequence | None = None, **workflow_kwargs: Any) -> None:
+                 amp: bool = False, train_handlers: Sequence | None = None, inferer: Inferer | None = None,
+                 **workflow_kwargs: Any) -> None:
         super().__init__(device, max_epochs, train_data_loader, network, optimizer, lr_scheduler=lr_scheduler,
                          grad_clip=grad_clip, epoch_length=epoch_length, amp=amp, train_handlers=train_handlers,
-                         **workflow_kwargs)
+                         inferer=inferer, **workflow_kwargs)
         self.loss_function = loss_function
 
     def _iteration(self, engine: Trainer, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -79,7 +81,7 @@ class SegTrainer(MeduetTrainer):
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            logits = self.network(x)
+            logits = self.inferer(x, self.network)
             loss = self.loss_function(logits.float(), y)
         self.check_finite(engine, segmentation=loss)
         lr = self.optimizer_step(loss)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from ignite.engine import Events
 from monai.engines import Trainer
+from monai.inferers import Inferer, SimpleInferer
 from torch.utils.data import DataLoader
 
 __all__ = ["MeduetTrainer", "NonFiniteLossError"]
@@ -46,6 +47,9 @@ class MeduetTrainer(Trainer):
         lr_scheduler: stepped once per iteration (``None``: constant rate).
         grad_clip: max gradient norm (``None``/0: no clipping).
         amp: bf16 autocast on CUDA (ignored on CPU).
+        inferer: how a training step runs the network on a batch (MONAI's ``train#inferer`` property; default
+            ``SimpleInferer``, i.e. ``network(x)``). Trainers whose objective calls the network with its own
+            arguments (MeDUET's pairs, a diffusion objective's timesteps) keep it for the property only.
         workflow_kwargs: more ``monai.engines.Workflow`` arguments (key metrics, ``non_blocking``, ...).
     """
 
@@ -61,6 +65,7 @@ class MeduetTrainer(Trainer):
         epoch_length: int | None = None,
         amp: bool = False,
         train_handlers: Sequence | None = None,
+        inferer: Inferer | None = None,
         **workflow_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -77,6 +82,7 @@ class MeduetTrainer(Trainer):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.grad_clip = grad_clip
+        self.inferer = inferer or SimpleInferer()
         self.use_bf16 = bool(amp) and self.state.device.type == "cuda"
         #: optimiser steps of the whole run (max_epochs x epoch_length), known once the run starts (schedules, EMA)
         self.total_steps = 1

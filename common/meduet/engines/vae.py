@@ -113,12 +113,13 @@ class VAEGANTrainer(MeduetTrainer):
         additional_metrics: dict | None = None,
         metric_cmp_fn: Callable = default_metric_cmp_fn,
         non_blocking: bool = False,
+        inferer: Inferer | None = None,
     ) -> None:
         super().__init__(
             device, max_epochs, train_data_loader, network, optimizer, lr_scheduler=lr_scheduler,
             grad_clip=grad_clip, epoch_length=epoch_length, amp=amp, train_handlers=train_handlers,
             non_blocking=non_blocking, key_metric=key_train_metric, additional_metrics=additional_metrics,
-            metric_cmp_fn=metric_cmp_fn,
+            metric_cmp_fn=metric_cmp_fn, inferer=inferer,
         )
         if (discriminator is None) != (d_optimizer is None):
             raise ValueError("discriminator and d_optimizer must be given together")
@@ -157,7 +158,7 @@ class VAEGANTrainer(MeduetTrainer):
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            recon, z_mu, z_sigma = self.network(images)
+            recon, z_mu, z_sigma = self.inferer(images, self.network)
             rec = self.l1(recon.float(), images)
             kl = kl_divergence(z_mu.float(), z_sigma.float())
             loss_g = rec + self.kl_weight * kl
@@ -242,10 +243,11 @@ class DecoderFinetuneTrainer(MeduetTrainer):
         epoch_length: int | None = None,
         amp: bool = False,
         train_handlers: Sequence | None = None,
+        inferer: Inferer | None = None,
     ) -> None:
         super().__init__(
             device, max_epochs, train_data_loader, network, optimizer, grad_clip=grad_clip,
-            epoch_length=epoch_length, amp=amp, train_handlers=train_handlers,
+            epoch_length=epoch_length, amp=amp, train_handlers=train_handlers, inferer=inferer,
         )
         self.patch_size = patch_size
         vae = unwrap(network)

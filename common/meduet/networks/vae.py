@@ -50,7 +50,9 @@ MAISI_CT_ARCHITECTURE: dict[str, Any] = {
 }
 
 # Arguments that change only how the network computes (memory/speed), never its weights.
-_RUNTIME_ARGS = ("num_splits", "dim_split", "norm_float16", "use_checkpointing", "use_flash_attention", "fast_norm")
+_RUNTIME_ARGS = ("num_splits", "dim_split", "norm_float16", "use_checkpointing", "use_flash_attention", "fast_norm",
+                 "forward_mode")
+FORWARD_MODES = ("train", "reconstruct")
 
 
 def _use_torch_group_norm(module: torch.nn.Module) -> None:
@@ -77,6 +79,10 @@ class MeduetVAE(RecordMixin, AutoencoderKlMaisi):
         fast_norm: replace MAISI's group norm (a Python loop over groups, built to save GPU memory) by
             ``torch.nn.GroupNorm``, which computes the same function with the same parameters in one fused op;
             several times faster on CPU. Ignored when ``norm_float16`` is set.
+        forward_mode: ``"train"`` (MONAI's: ``forward(x) -> (reconstruction, z_mu, z_sigma)`` with a sampled latent)
+            or ``"reconstruct"``: ``forward(x) -> decode(encode_mean(x))``, one deterministic tensor, what the
+            inference config declares (MONAI's ``verify_net_in_out`` and exporters call ``forward``). The weights
+            are the same.
     """
 
     kind = "vae"
@@ -103,9 +109,12 @@ class MeduetVAE(RecordMixin, AutoencoderKlMaisi):
         norm_float16: bool = False,
         use_flash_attention: bool = False,
         fast_norm: bool = True,
+        forward_mode: str = "train",
     ) -> None:
         if attention_levels is None:
             attention_levels = [False] * len(num_channels)
+        if forward_mode not in FORWARD_MODES:
+            raise MeduetConfigError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
         if norm_float16 and not torch.cuda.is_available():
             raise MeduetConfigError(
                 "norm_float16=True needs CUDA (MAISI's half-precision group norm fails on CPU); set it to false"
@@ -132,6 +141,7 @@ class MeduetVAE(RecordMixin, AutoencoderKlMaisi):
         )
         if fast_norm and not norm_float16:
             _use_torch_group_norm(self)
+        self.forward_mode = forward_mode
         self.architecture: dict[str, Any] = {
             "spatial_dims": spatial_dims,
             "in_channels": in_channels,
@@ -165,6 +175,11 @@ class MeduetVAE(RecordMixin, AutoencoderKlMaisi):
     @classmethod
     def from_record(cls, record: Mapping[str, Any], **runtime: Any) -> MeduetVAE:
         return build_vae(record["architecture"], **runtime)
+
+    def forward(self, x: torch.Tensor):  # noqa: D102 - see forward_mode
+        if self.forward_mode == "reconstruct":
+            return self.decode(self.encode_mean(x))  # (B, C_out, H, W, D)
+        return super().forward(x)  # (reconstruction, z_mu, z_sigma)
 
     def encode_mean(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic latent: the posterior mean ``z_mu`` of ``x``; ``(B, C, H, W, D) -> (B, c, H/f, W/f, D/f)``."""

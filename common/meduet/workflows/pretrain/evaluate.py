@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import balanced_accuracy_score
 
 from meduet import records
 from meduet.data import case_name
@@ -34,6 +33,8 @@ def _factor_metrics(features: dict[str, np.ndarray], sites: list[str], subjects:
     """Probes and similarity ratios of each feature set; each probe's ``*_ci95`` is a 95% bootstrap interval over
     resampled groups (``metrics.disentanglement.bootstrap_interval``: subjects for the site probe, sites for the
     anatomy probe), i.e. how far another draw of test cases could move the number."""
+    from sklearn.metrics import balanced_accuracy_score  # optional at import time (a packaged bundle's vendored copy)
+
     def probe(x, labels, groups):  # one set of out-of-fold predictions for the accuracy and its interval
         pred = probe_predictions(x, labels, groups=groups)
         return float(balanced_accuracy_score(labels, pred)), list(bootstrap_interval(labels, pred, groups))
