@@ -44,7 +44,7 @@ from meduet.networks.encoder import PRETRAIN_KINDS
 from meduet.networks.factors import pool_style
 from meduet.networks.windows import crop_size_of, factor_map, pad_for_windows, sliding_windows
 
-__all__ = ["Conditioner", "build_conditioner", "build_diffusion_network", "DiffusionTrainer", "ValidationLoss",
+__all__ = ["FactorPriorFit", "Conditioner", "build_conditioner", "build_diffusion_network", "DiffusionTrainer", "ValidationLoss",
            "fit_factor_prior", "metadata_vector", "diffusion_items", "diffusion_record", "center_crop_or_pad"]
 
 CONDITIONS = ("none", "metadata", "factors")
@@ -369,3 +369,19 @@ def fit_factor_prior(conditioner: Conditioner, items: Sequence[Mapping[str, Any]
                                num_domains=num_domains if per_site else None)
     atomic_save(prior.state_dict(), path)
     return path
+
+
+class FactorPriorFit:
+    """The factor-prior fit of a training run as a config component: ``fit()`` calls ``fit_factor_prior`` with the
+    arguments given here (see there) and returns the path written, or None when there is nothing to fit."""
+
+    def __init__(self, conditioner: Conditioner, items: Sequence[Mapping[str, Any]], latent_space: LatentSpace,
+                 crop_size: Sequence[int], path: str, crops_per_latent: int = 8, steps: int = 500,
+                 per_site: bool = True, num_domains: int | None = None, seed: int = 0, enabled: bool = True) -> None:
+        self.args = (conditioner, items, latent_space, crop_size, path)
+        self.kwargs = dict(crops_per_latent=crops_per_latent, steps=steps, per_site=per_site,
+                           num_domains=num_domains, seed=seed, enabled=enabled)
+
+    def fit(self) -> str | None:
+        return fit_factor_prior(*self.args, **self.kwargs)
+
