@@ -160,7 +160,7 @@ def test_monai_bundle_load(trained):
     ref = records.load(trained / "models/model.pt", expect="vae")
     for k, v in ref.state_dict().items():
         assert torch.equal(v, net.state_dict()[k]), k
-    with pytest.raises(Exception, match="different VAE architecture"):
+    with pytest.raises(Exception, match="another 'vae' architecture"):
         load("meduet_vae", bundle_dir=str(bundle_dir), workflow_type="inference", device="cpu",
              net_override={**tiny, "latent_channels": 8})
 
@@ -170,7 +170,7 @@ def test_missing_checkpoint_and_bad_input_are_one_line(tmp_path, tiny_data):
                       str(tiny_data / "phantoms"), check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("MeduetConfigError: ") and "does not exist; train it first" in last
+    assert last.startswith("MeduetConfigError: ") and "does not exist; train meduet_vae first" in last
     assert "Traceback" not in proc.stderr  # one line, not MONAI's nested traceback
     # a NaN volume in a datalist stops training before anything is written
     bad = tmp_path / "bad"
