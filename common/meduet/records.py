@@ -53,6 +53,7 @@ __all__ = [
     "registered",
     "load",
     "load_part",
+    "load_into",
     "load_weights",
     "with_meta",
 ]
@@ -293,6 +294,15 @@ def load(path: str | Path, device: str | torch.device = "cpu", expect: str | Seq
     net = registered(kind_of(record)).from_record(record, **runtime)
     net.load_state_dict(state, strict=True)
     return net.to(device).eval()
+
+
+def load_into(network: nn.Module, path: str | Path, what: str | None = None) -> nn.Module:
+    """``network`` (built from a config's ``network_def``) with the weights and record of ``path`` loaded strictly: a
+    file of another kind or architecture is a one-line error (MONAI's ``CheckpointLoader`` with the record check).
+    Returns the network in eval mode."""
+    state, _ = read(path, getattr(network, "kind", None) or None, what)
+    network.load_state_dict(state, strict=True)
+    return network.eval()
 
 
 def load_part(path: str | Path, cls: type, device: str | torch.device = "cpu", what: str | None = None) -> nn.Module:

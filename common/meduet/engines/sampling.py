@@ -34,7 +34,7 @@ import torch.nn as nn
 from meduet.errors import MeduetConfigError
 from meduet.losses.diffusion import SAMPLERS, DiffusionObjective
 
-__all__ = ["sample_latents", "invert_latents", "predict"]
+__all__ = ["LatentSampler", "sample_latents", "invert_latents", "predict"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -74,6 +74,22 @@ def _objective(objective: DiffusionObjective | Mapping[str, Any] | str) -> Diffu
 
 
 @torch.no_grad()
+class LatentSampler:
+    """The sampling settings of an inference config as a component (meduet_diffusion ``inference.json``'s
+    ``inferer``): ``sampler`` / ``num_steps`` (None: the defaults of ``sample_latents``) and the classifier-free
+    ``guidance_scale``; ``sample(model, shape, cond, objective, generator)`` is ``sample_latents`` with them."""
+
+    def __init__(self, sampler: str | None = None, num_steps: int | None = None, guidance_scale: float = 1.5) -> None:
+        self.sampler, self.num_steps, self.guidance_scale = sampler, num_steps, float(guidance_scale)
+
+    def sample(self, model: nn.Module, shape: Sequence[int], cond: Mapping[str, Any] | None,
+               objective: DiffusionObjective | Mapping[str, Any] | str, generator: torch.Generator | None = None,
+               progress: bool = False) -> torch.Tensor:
+        return sample_latents(model, shape, cond, objective, sampler=self.sampler, num_steps=self.num_steps,
+                              guidance_scale=self.guidance_scale if cond is not None else 1.0, generator=generator,
+                              progress=progress)
+
+
 def sample_latents(
     model: nn.Module,
     shape: Sequence[int],

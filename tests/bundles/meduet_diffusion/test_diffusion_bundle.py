@@ -109,6 +109,17 @@ def test_sample_writes_volumes_per_site_with_spacing_and_montage(sit_factors, ti
     summary = json.loads((ref / "samples.json").read_text())
     assert summary["source"] == "reference" and [s["group"] for s in summary["samples"]] == ["site0"]
     assert not np.array_equal(np.asarray(nib.load(ref / "site0_0.nii.gz").dataobj), data)
+    # inference.json samples the same volumes with the network its network_def builds (model.pt loaded into it
+    # strictly) and its LatentSampler inferer
+    inf = tmp_path / "inference"
+    bundle_run("meduet_diffusion", "inference", "--bundle_root", str(sit_factors), *vae, "--output_dir", str(inf),
+               "--num_per_site", "2", "--num_steps", "5")
+    again = json.loads((inf / "samples.json").read_text())
+    assert [r["path"] for r in again["samples"]] == [r["path"] for r in json.loads((out / "samples.json").read_text())[
+        "samples"]]
+    for row in again["samples"]:
+        np.testing.assert_array_equal(np.asarray(nib.load(inf / row["path"]).dataobj),
+                                      np.asarray(nib.load(out / row["path"]).dataobj))
 
 
 def test_transfer_measures_gap_and_anatomy(sit_factors, tiny_vae, tiny_latents, tiny_pretrain, tmp_path):

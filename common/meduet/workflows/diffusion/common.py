@@ -24,7 +24,7 @@ from meduet.io import save_nifti
 from meduet.latent import LatentSpace, load_latent
 from meduet.losses.diffusion import DiffusionObjective
 
-__all__ = ["progress_enabled", "load_generator", "conditioner_for", "load_prior", "decode", "save_volume",
+__all__ = ["progress_enabled", "load_generator", "generator_parts", "conditioner_for", "load_prior", "decode", "save_volume",
            "latent_shape", "factors_of", "generate", "check_vae"]
 
 
@@ -35,11 +35,17 @@ def progress_enabled() -> bool:
 def load_generator(model_ckpt: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, DiffusionObjective,
                                                                                    dict[str, Any]]:
     """``(network, objective, record)`` from meduet_diffusion's ``model.pt``."""
-    net = records.load(model_ckpt, device, expect="dit")
+    return generator_parts(records.load(model_ckpt, device, expect="dit"), model_ckpt)
+
+
+def generator_parts(net: torch.nn.Module, where: str = "the generator") -> tuple[torch.nn.Module, DiffusionObjective,
+                                                                                dict[str, Any]]:
+    """``(network, objective, record)`` of a trained generator (its record says the objective, condition, crop,
+    latent facts)."""
     rec = dict(net.meta)
     rec["content_map"] = bool(net.arch.get("content_map", False))
     if "objective" not in rec:
-        raise MeduetConfigError(f"'{model_ckpt}' has no diffusion record (objective); retrain meduet_diffusion")
+        raise MeduetConfigError(f"'{where}' has no diffusion record (objective); retrain meduet_diffusion")
     return net.eval(), DiffusionObjective.from_config(rec["objective"]), rec
 
 

@@ -16,8 +16,8 @@ from meduet.io import write_json
 from meduet.latent import LatentDatalist, LatentSpace
 from meduet.viz import save_pair_grid
 from meduet.workflows.config import WorkflowConfig
-from meduet.workflows.diffusion.common import (check_vae, conditioner_for, decode, generate, load_generator, load_prior,
-                                               save_volume)
+from meduet.workflows.diffusion.common import (check_vae, conditioner_for, decode, generate, generator_parts,
+                                               load_generator, load_prior, save_volume)
 
 __all__ = ["Config", "run"]
 
@@ -43,6 +43,12 @@ class Config(WorkflowConfig):
     seed: int = 0
     batch_size: int = 8
     device: str | torch.device = "cpu"
+    #: the generator already built from an inference config's ``network_def`` with ``model_ckpt`` loaded into it
+    #: (``meduet.records.load_into``); None: rebuilt from ``model_ckpt``
+    network: Any = None
+    #: the sampling settings as a component (``meduet.engines.sampling.LatentSampler``); None: ``sampler``,
+    #: ``num_steps`` and ``guidance_scale`` above
+    inferer: Any = None
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -57,8 +63,13 @@ def run(config: Config) -> dict[str, Any]:
     model_ckpt, vae_ckpt, pretrain_ckpt = cfg.model_ckpt, cfg.vae_ckpt, cfg.pretrain_ckpt
     source, sites = cfg.source, cfg.sites
     sampler, num_steps, guidance_scale = cfg.sampler, cfg.num_steps, cfg.guidance_scale
+    if cfg.inferer is not None:
+        sampler, num_steps, guidance_scale = cfg.inferer.sampler, cfg.inferer.num_steps, cfg.inferer.guidance_scale
     device = torch.device(cfg.device)
-    net, objective, rec = load_generator(model_ckpt, device)
+    if cfg.network is not None:
+        net, objective, rec = generator_parts(cfg.network.to(device).eval(), model_ckpt)
+    else:
+        net, objective, rec = load_generator(model_ckpt, device)
     vae = records.load(vae_ckpt, device, expect="vae")
     check_vae(vae, rec, vae_ckpt, model_ckpt)
     domains = list(rec.get("domains") or [])
