@@ -106,11 +106,13 @@ def fingerprint(out: Path) -> dict:
 
 
 def compare(a_path: Path, b_path: Path) -> list[str]:
-    a_dir, b_dir = str(a_path.parent.resolve()), str(b_path.parent.resolve())
+    dirs = sorted({str(a_path.parent.resolve()), str(b_path.parent.resolve())}, key=len, reverse=True)
 
     def norm(x):
         if isinstance(x, str):
-            return x.replace(a_dir, "<out>").replace(b_dir, "<out>")
+            for d in dirs:  # the longer first: one folder's name may start with the other's
+                x = x.replace(d, "<out>")
+            return x
         if isinstance(x, dict):
             return {k: norm(v) for k, v in x.items()}
         if isinstance(x, list):

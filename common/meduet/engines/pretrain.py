@@ -21,13 +21,35 @@ from torch.utils.data import DataLoader
 from meduet.engines.checkpoint import unwrap
 from meduet.engines.ema import EMATeacher
 from meduet.engines.trainer import MeduetTrainer
-from meduet.latent import LatentDatalist, LatentSpace, load_latent
+from meduet.latent import LatentDatalist, LatentSpace, latent_record, load_latent
 from meduet.losses.meduet_config import MAELossConfig, MeDUETLossConfig
 from meduet.losses.meduet_step import mae_step_losses, meduet_step_losses
 from meduet.metrics.disentanglement import fit_linear_eraser
+from meduet.networks.mae import build_mae
+from meduet.networks.meduet import build_meduet
 from meduet.networks.windows import encode_latents
+from meduet.records import with_meta
 
-__all__ = ["PretrainTrainer", "ContentEraserFit"]
+__all__ = ["PretrainTrainer", "ContentEraserFit", "meduet_network", "mae_network"]
+
+
+def meduet_network(preset: str | Mapping[str, Any], latents: Mapping[str, Any], crop_size: Sequence[int],
+                   overrides: Mapping[str, Any] | None = None, loss: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """train.yaml's network: MeDUET sized by ``preset`` (+ ``overrides``) with one domain class per site of the
+    latent cache, carrying the record of the cache it is trained on (crop, objective, loss settings)."""
+    loss = dict(loss or {})
+    net = build_meduet(preset, num_domains=len(latents["domains"]), input_size=crop_size, **dict(overrides or {}))
+    return with_meta(net, latent_record(latents, crop_size=crop_size, objective="meduet",
+                                        rec_on=loss.get("rec_on", "hidden"), loss=loss))
+
+
+def mae_network(preset: str | Mapping[str, Any], latents: Mapping[str, Any], crop_size: Sequence[int],
+                overrides: Mapping[str, Any] | None = None, loss: Mapping[str, Any] | None = None,
+                rec_on: str = "hidden") -> torch.nn.Module:
+    """mae_baseline.yaml's network: the masked-autoencoder baseline with the same backbone, and its record."""
+    net = build_mae(preset, input_size=crop_size, **dict(overrides or {}))
+    return with_meta(net, latent_record(latents, crop_size=crop_size, objective="mae", rec_on=rec_on,
+                                        loss=dict(loss or {})))
 
 
 class PretrainTrainer(MeduetTrainer):
