@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_json", "save_nifti"]
+__all__ = ["atomic_path", "write_json", "save_nifti", "jsonable"]
 
 
 @contextmanager
@@ -37,6 +37,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", mode: int = 0o644
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, ...), so records compare equal after a round trip."""
+    return json.loads(json.dumps(value))
 
 
 def write_json(path: str | os.PathLike, data: Any, indent: int = 2) -> str:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from meduet.errors import MeduetConfigError, MeduetInputError
-from meduet.io import atomic_path, write_json
+from meduet.io import atomic_path, jsonable, write_json
 
 __all__ = [
     "ENCODE_HINT",
@@ -59,10 +59,6 @@ ENCODE_HINT = (
 LATENT_KEYS = ("latent_channels", "downsample_factor", "latent_scale_factor", "latent_std", "latent_mean",
                "domains", "heldout_domains", "labels", "modality", "preprocessing", "vae_config_hash",
                "augmentation")
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,8 +141,8 @@ class LatentSpace:
 def latent_record(latents: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     """What a downstream checkpoint records about the latent cache it was trained on (``LATENT_KEYS``), plus
     ``extra`` (e.g. ``crop_size``)."""
-    rec = {k: _jsonable(latents[k]) for k in LATENT_KEYS if k in latents}
-    rec.update({k: _jsonable(v) for k, v in extra.items()})
+    rec = {k: jsonable(latents[k]) for k in LATENT_KEYS if k in latents}
+    rec.update({k: jsonable(v) for k, v in extra.items()})
     return rec
 
 

@@ -35,13 +35,13 @@ import torch
 import torch.nn as nn
 
 from meduet.errors import MeduetConfigError
+from meduet.io import jsonable
 
 __all__ = [
     "RECORD_BYTES",
     "KIND_BUNDLE",
     "encode",
     "decode",
-    "jsonable",
     "arch_diff",
     "fix_hint",
     "require",
@@ -53,6 +53,7 @@ __all__ = [
     "registered",
     "load",
     "load_part",
+    "fill_by_name",
     "load_into",
     "load_weights",
     "with_meta",
@@ -100,11 +101,6 @@ def decode(state: Any) -> dict[str, Any]:
         return {}
     raw = bytes(state.cpu().numpy().tobytes()).rstrip(b"\x00")
     return json.loads(raw.decode("utf-8")) if raw else {}
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists, ...), so records compare equal after a round trip."""
-    return json.loads(json.dumps(value))
 
 
 def arch_diff(saved: Mapping[str, Any], own: Mapping[str, Any], ignore: Sequence[str] = ()) -> dict[str, Any]:
@@ -312,15 +308,24 @@ def load_part(path: str | Path, cls: type, device: str | torch.device = "cpu", w
     hooks supply defaults)."""
     state, record = read(path, getattr(cls, "accepts", None) or cls.kind, what)
     net = cls.from_record(record)
-    own = net.state_dict()
-    optional = getattr(net, "optional_weights", ())
-    missing = [k for k in own if k not in state and not any(o in k for o in optional)]
+    missing = fill_by_name(net, state)
     if missing:
         bundle = KIND_BUNDLE.get(kind_of(record) or "", "")
         raise MeduetConfigError(f"checkpoint '{path}' lacks {len(missing)} weights of {cls.__name__} "
                                 f"(e.g. {missing[:2]}); {fix_hint(bundle) if bundle else 'give the full model.pt'}")
-    net.load_state_dict({k: state[k] for k in own if k in state}, strict=True)
     return net.to(device).eval()
+
+
+def fill_by_name(network: nn.Module, state: Mapping[str, Any]) -> list[str]:
+    """Load the entries of ``state`` whose names ``network`` has (strictly on those), when every weight it has is
+    there except those its ``optional_weights`` name (their load hooks supply defaults); else load nothing and
+    return the names it lacks."""
+    own = network.state_dict()
+    optional = getattr(network, "optional_weights", ())
+    missing = [k for k in own if k not in state and not any(o in k for o in optional)]
+    if not missing:
+        network.load_state_dict({k: state[k] for k in own if k in state}, strict=True)
+    return missing
 
 
 def with_meta(network: nn.Module, meta: Mapping[str, Any]) -> nn.Module:

@@ -38,7 +38,7 @@ from meduet.networks.encoder import PretrainedEncoder
 from meduet.networks.latent_vit import tokens_to_map
 from meduet.networks.meduet import NON_WEIGHT_ARGS
 from meduet.networks.vae import MeduetVAE, build_vae
-from meduet.records import RecordMixin, register
+from meduet.records import RecordMixin, fill_by_name, register
 
 __all__ = ["MeduetSegNet", "UNetSeg", "INITS", "VIT_KEYS"]
 
@@ -223,11 +223,9 @@ class MeduetSegNet(RecordMixin, nn.Module):
         if kind != want:
             raise MeduetConfigError(f"the pretrained network is a '{kind}' network but init '{self.arch['init']}' "
                                     f"needs '{want}'")
-        own = self.encoder.state_dict()
-        missing = [k for k in own if k not in state and not any(o in k for o in self.encoder.optional_weights)]
+        missing = fill_by_name(self.encoder, state)
         if missing:
             raise MeduetConfigError(f"the pretrained network lacks {len(missing)} encoder weights (e.g. {missing[:2]})")
-        self.encoder.load_state_dict({k: state[k] for k in own if k in state}, strict=True)
         return self
 
 

@@ -34,11 +34,11 @@ BUNDLE = REPO / "bundles" / "meduet_seg"
 
 def _ml_python() -> str:
     py = os.environ.get("MEDUET_MONAILABEL_PYTHON") or str(REPO / ".venv-monailabel" / "bin" / "python")
-    if not Path(py).exists():
+    if not Path(py).exists():  # pytest run by hand without `make test`, which builds it (CI always does)
         pytest.skip(f"MONAI Label's virtualenv is not installed ({py}); `make monailabel-setup` builds it")
     probe = subprocess.run([py, "-c", "import monailabel"], capture_output=True, text=True, timeout=120)
-    if probe.returncode != 0:
-        pytest.skip(f"{py} cannot import monailabel: {probe.stderr.strip().splitlines()[-1:]}")
+    # an interpreter that exists but cannot import monailabel is a broken install: a failure, never a skip
+    assert probe.returncode == 0, f"{py} cannot import monailabel: {probe.stderr.strip().splitlines()[-1:]}"
     return py
 
 
