@@ -4,6 +4,7 @@ bundle config builds it, so ``--max_cases abc`` is one line naming the key rathe
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,11 +17,12 @@ from meduet.errors import MeduetConfigError
 __all__ = ["WorkflowConfig", "check_types"]
 
 _SIMPLE = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_UNIONS = (typing.Union, types.UnionType)
 
 
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in _UNIONS:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
@@ -37,7 +39,7 @@ def _matches(value: Any, tp: Any) -> bool:
     if tp is Any:
         return True
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in _UNIONS:
         return any(_matches(value, a) for a in typing.get_args(tp))
     if tp is type(None):
         return value is None
@@ -71,8 +73,8 @@ def check_types(config: Any) -> None:
         tp = hints.get(f.name, Any)
         if not _matches(value, tp):
             raise MeduetConfigError(f"{type(config).__module__.removeprefix('meduet.workflows.')}: '{f.name}' must be "
-                                    f"{_describe(tp)}, got {value!r}; fix it in the config or on the command line "
-                                    f"(--{f.name} ...)")
+                                    f"{_describe(tp)}, got {value!r}; fix the config key or command-line override that "
+                                    "sets it")
 
 
 @dataclasses.dataclass
