@@ -142,11 +142,13 @@ def tiny_latents(tiny_vae, tiny_data) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pretrain(tmp_path_factory, tiny_latents) -> Path:
-    """meduet_pretrain's bundle root with a tiny MeDUET (models/model.pt) and its masked-autoencoder baseline
-    (models/baseline_mae/model.pt), trained on ``tiny_latents``. Tests must not modify its models/."""
+    """meduet_pretrain's bundle root with a tiny MeDUET (models/model.pt: its encoder; models/training_network.pt:
+    the whole network) and its masked-autoencoder baseline (models/baseline_mae/), trained on ``tiny_latents``. The
+    MeDUET run switches on the site-eraser option (off by default, not in the paper) so that its tests and the
+    report's ``stored eraser`` row have one. Tests must not modify its models/."""
     root = tmp_path_factory.mktemp("pretrain")
     bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
-               *mlflow_args(root), run_id="training")
+               "--content_eraser#enabled", "true", *mlflow_args(root), run_id="training")
     bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
                run_id="training", extra_configs=("mae_baseline",))
     return root

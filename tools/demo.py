@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-#: unlabeled subjects in the sample data's pretraining pool (meduet_pretrain trains on them and fits its content
-#: eraser on them; the VAE, diffusion and segmentation stages never see them)
+#: unlabeled subjects in the sample data's pretraining pool (meduet_pretrain trains on them, and its report fits the
+#: labelled site-eraser rows on them; the VAE, diffusion and segmentation stages never see them)
 PRETRAIN_POOL = 72
 
 
@@ -159,7 +159,7 @@ def stage_pretrain(d: Demo) -> None:
     d.run("meduet_pretrain: train the masked-autoencoder baseline",
           bundle_cmd("meduet_pretrain", "train", d.preset, "training", extra=("mae_baseline",), resume=False))
     d.run("meduet_pretrain: disentanglement report on the test split",
-          bundle_cmd("meduet_pretrain", "evaluate", d.preset, output_dir=str(out)))
+          bundle_cmd("meduet_pretrain", "evaluate", d.preset, output_dir=str(out), erased_rows=True))
     d.run("meduet_pretrain: extract content/style embeddings", bundle_cmd("meduet_pretrain", "extract", d.preset))
 
     m = json.loads((out / "metrics.json").read_text())
@@ -180,19 +180,20 @@ def stage_pretrain(d: Demo) -> None:
         lines.append(f"| {name} | {_with_ci(r, 'site')} | {_fmt(r['site_similarity']['ratio'])} "
                      f"| {_with_ci(r, 'anatomy')} "
                      f"| {_fmt(r.get('anatomy_similarity', {}).get('ratio', '-'))} |")
-    er = m.get("content_eraser")
+    er = m.get("erased_rows")
+    lines.append(
+        "\n*MeDUET content* and *MAE baseline* are raw: the encoders as pretraining left them (the paper's "
+        "comparison). *MeDUET style* is the style vector: mean and standard deviation of the style tokens "
+        "(`style_pool mean_std`, not in the paper, which pools the mean).")
+    if er:
+        lines.append(
+            f"Rows marked *+ LEACE* are not in the paper: the same features after a linear site eraser "
+            f"(least-squares concept erasure of the sites) fitted by the report on the pooled features of the "
+            f"{er['cases']} pretraining latents (splits {', '.join(er['splits'])}; sites {', '.join(er['sites'])}), "
+            "never on these test cases; both encoders are erased the same way.")
     pre = m.get("pretraining") or {}
     kind = {"synthetic_site": "synthetic-site", "appearance": "appearance-augmented"}.get(
         (pre.get("augmentation") or {}).get("kind", "appearance"), "augmented")
-    if er:
-        lines.append(
-            f"\n*MeDUET content* is the content head's output through the linear site eraser that `train.yaml` "
-            f"fitted after pretraining and stored in `model.pt`: least-squares concept erasure (LEACE) of the sites "
-            f"on the pooled content of the {er['cases']} pretraining latents (splits {', '.join(er['splits'])}; "
-            f"sites {', '.join(er['sites'])}), plus the {er['appearance_dims']} leading directions in which the "
-            f"content follows {er['appearance_copies']} {kind} copies of those latents. It never "
-            "saw these test cases nor the held-out sites. *MeDUET content, no eraser* is the head before it. "
-            "*MeDUET style* is the style vector: mean and standard deviation of the style tokens (`style_pool`).")
     w_cross = float((pre.get("loss") or {}).get("w_cross_appearance", 0.0))
     if w_cross > 0:
         lines.append(

@@ -53,6 +53,7 @@ __all__ = [
     "registered",
     "load",
     "load_part",
+    "part_of",
     "fill_by_name",
     "load_into",
     "load_weights",
@@ -67,6 +68,8 @@ KIND_BUNDLE: dict[str, str] = {
     "vae": "meduet_vae",
     "meduet": "meduet_pretrain",
     "mae": "meduet_pretrain",
+    "meduet_encoder": "meduet_pretrain",
+    "mae_encoder": "meduet_pretrain",
     "dit": "meduet_diffusion",
     "factor_prior": "meduet_diffusion",
     "meduet_seg": "meduet_seg",
@@ -213,7 +216,9 @@ class RecordMixin:
     * ``derived_keys``: record keys computed from the network (written, not read back into ``meta``);
     * ``optional_weights``: substrings of state-dict keys that may be absent from a file (``load_part``);
     * ``runtime_args``: constructor arguments that change only how the network computes (memory, speed), which
-      ``load(path, **runtime)`` may set.
+      ``load(path, **runtime)`` may set;
+    * ``kinds``: every kind the class builds (``register``), when instances differ in ``kind``;
+    * ``accepts``: further kinds whose records (and weights, by name) it takes (``load_part``, ``part_of``).
     """
 
     # plain class attributes without annotations: TorchScript (MONAI's ckpt_export) compiles annotated class
@@ -223,6 +228,8 @@ class RecordMixin:
     derived_keys = ()
     optional_weights = ()
     runtime_args = ()
+    kinds = ()
+    accepts = ()
 
     def record(self) -> dict[str, Any]:
         """The record this network writes (kind, architecture, meta)."""
@@ -236,7 +243,7 @@ class RecordMixin:
         if not record:
             return
         kind = kind_of(record)
-        if kind and kind != self.kind:
+        if kind and kind != self.kind and kind not in self.accepts:
             raise MeduetConfigError(
                 f"checkpoint holds a '{kind}' network ({KIND_BUNDLE.get(kind, 'another program')}) but this is a "
                 f"'{self.kind}' network; give the matching file, or rebuild the network from the file with "
@@ -264,12 +271,20 @@ T = TypeVar("T", bound=type)
 
 
 def register(cls: T) -> T:
-    """Class decorator: ``load`` builds files of ``cls.kind`` with ``cls.from_record``."""
-    kind = getattr(cls, "kind", "")
-    if not kind:
+    """Class decorator: ``load`` builds files of ``cls.kind`` (or of each of ``cls.kinds``) with ``cls.from_record``."""
+    kinds = tuple(getattr(cls, "kinds", ()) or ()) or (getattr(cls, "kind", ""),)
+    if not all(kinds):
         raise TypeError(f"{cls.__name__} has no kind to register")
-    _REGISTRY[kind] = cls
+    for kind in kinds:
+        _REGISTRY[kind] = cls
     return cls
+
+
+def _build(cls: type, record: Mapping[str, Any], **runtime: Any) -> nn.Module:
+    """``cls.from_record(record)`` without touching the global random state: rebuilding a stored network (whose
+    random initialisation is overwritten at once) must not shift the random numbers of what a workflow does next."""
+    with torch.random.fork_rng(devices=[]):
+        return cls.from_record(record, **runtime)
 
 
 def registered(kind: str) -> type:
@@ -287,7 +302,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", expect: str | Seq
     weights loaded (strict), in eval mode on ``device``. ``expect``: the kind(s) the caller accepts (see ``read``);
     ``runtime``: options that change only memory use or speed (the network class's ``runtime_args``)."""
     state, record = read(path, expect, what)
-    net = registered(kind_of(record)).from_record(record, **runtime)
+    net = _build(registered(kind_of(record)), record, **runtime)
     net.load_state_dict(state, strict=True)
     return net.to(device).eval()
 
@@ -306,14 +321,27 @@ def load_part(path: str | Path, cls: type, device: str | torch.device = "cpu", w
     pretraining checkpoint): built by ``cls.from_record(record)`` (which accepts the kinds in ``cls.accepts``) and
     filled by name. Every weight it has must be in the file, except those its ``optional_weights`` name (their load
     hooks supply defaults)."""
-    state, record = read(path, getattr(cls, "accepts", None) or cls.kind, what)
-    net = cls.from_record(record)
+    kinds = tuple(dict.fromkeys((*(getattr(cls, "kinds", ()) or (cls.kind,)), *getattr(cls, "accepts", ()))))
+    state, record = read(path, kinds, what)
+    net = _build(cls, record)
     missing = fill_by_name(net, state)
     if missing:
         bundle = KIND_BUNDLE.get(kind_of(record) or "", "")
         raise MeduetConfigError(f"checkpoint '{path}' lacks {len(missing)} weights of {cls.__name__} "
                                 f"(e.g. {missing[:2]}); {fix_hint(bundle) if bundle else 'give the full model.pt'}")
     return net.to(device).eval()
+
+
+def part_of(network: nn.Module, cls: type) -> nn.Module:
+    """The part of an in-memory network that ``cls`` holds (e.g. the deployable encoder of a training network), with
+    the weights copied by name and the network's record (``meta``) carried over; the random state is untouched."""
+    net = _build(cls, network.record())
+    missing = fill_by_name(net, network.state_dict())
+    if missing:
+        raise MeduetConfigError(f"{type(network).__name__} lacks {len(missing)} weights of {cls.__name__} "
+                                f"(e.g. {missing[:2]})")
+    net.meta = copy.deepcopy(dict(network.meta))
+    return net
 
 
 def fill_by_name(network: nn.Module, state: Mapping[str, Any]) -> list[str]:

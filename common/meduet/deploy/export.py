@@ -50,9 +50,9 @@ that network's ``forward``. With our checkpoints this does not give the determin
   ``z = mu + sigma * eps`` and returns ``(reconstruction, z_mu, z_sigma)``: ``ckpt_export --use_trace True`` then
   reports "Output nr 1. of the traced function does not match" (the sample differs between runs) and writes the
   sampling autoencoder, which is neither ``vae_encode`` nor ``vae_decode``;
-* meduet_pretrain's ``model.pt`` holds the whole MeDUET (decoder, recombination, domain heads, ``log_tau``): the
-  strict load into ``network_def`` (``PretrainedEncoder``) fails with ``Unexpected key(s) in state_dict: "log_tau",
-  "recombine.proj.weight", ...``, and its ``forward`` returns the factor map, not pooled factors;
+* meduet_pretrain's ``model.pt`` is exactly its ``network_def`` (``PretrainedEncoder``), but ``torch.jit.script``
+  cannot compile the latent ViT (its token grid and positions follow the input shape), and its ``forward``
+  returns the factor map, not pooled factors;
 * meduet_seg is the one stage where it works: ``python -m monai.bundle ckpt_export network_def --use_trace True
   --config_file "['.../inference.json','.../presets/<the training preset>.yaml']" ...`` gives the same logits as
   ``--what seg`` (checked on the tiny preset); ``--what seg`` needs no preset because it reads the record;

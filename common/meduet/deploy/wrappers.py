@@ -80,7 +80,7 @@ class PooledFactors(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.space = space
-        self.has_style = encoder.kind == "meduet"
+        self.has_style = getattr(encoder, "objective", encoder.kind) == "meduet"
         self.output_names = ("content", "style") if self.has_style else ("content",)
 
     def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor, ...]:

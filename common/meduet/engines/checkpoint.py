@@ -100,6 +100,10 @@ class TrainingCheckpointer:
         before_save: called with the engine right before writing (e.g. to refresh latent statistics).
         model_name, checkpoint_name: file names.
         extra_model_names: more files that receive the same exported network (e.g. a stage snapshot).
+        export: what ``model.pt`` holds, made from the network (e.g. meduet_pretrain's deployable encoder,
+            ``meduet.engines.pretrain.deployable_encoder``); default the network itself.
+        network_name: a file that receives the whole network when ``export`` gives a part of it (e.g.
+            ``training_network.pt``).
         rank: only rank 0 writes in distributed runs (all ranks resume).
     """
 
@@ -114,6 +118,8 @@ class TrainingCheckpointer:
         model_name: str = "model.pt",
         checkpoint_name: str = "checkpoint.pt",
         extra_model_names: Sequence[str] = (),
+        export: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        network_name: str | None = None,
         rank: int | None = None,
     ) -> None:
         if model_key not in save_dict:
@@ -127,6 +133,8 @@ class TrainingCheckpointer:
         self.model_path = self.save_dir / model_name
         self.checkpoint_path = self.save_dir / checkpoint_name
         self.extra_model_paths = [self.save_dir / n for n in extra_model_names]
+        self.export = export
+        self.network_path = self.save_dir / network_name if network_name else None
         if rank is None:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.rank = rank
@@ -176,7 +184,10 @@ class TrainingCheckpointer:
                 ckpt[name] = target.state_dict()
         ckpt["rng"] = rng_state()
         atomic_save(ckpt, self.checkpoint_path)
-        exported = unwrap(self.save_dict[self.model_key]).state_dict()
+        network = unwrap(self.save_dict[self.model_key])
+        if self.network_path is not None:
+            atomic_save(network.state_dict(), self.network_path)
+        exported = (self.export(network) if self.export is not None else network).state_dict()
         for path in (self.model_path, *self.extra_model_paths):
             atomic_save(exported, path)
 

@@ -40,7 +40,7 @@ from meduet.errors import MeduetConfigError
 from meduet.latent import LatentDatalist, LatentSpace, latent_record, load_latent
 from meduet.losses.diffusion import DiffusionObjective
 from meduet.networks.dit import build_dit
-from meduet.networks.encoder import PRETRAIN_KINDS
+from meduet.networks.encoder import PretrainedEncoder
 from meduet.networks.factors import pool_style
 from meduet.networks.windows import crop_size_of, factor_map, pad_for_windows, sliding_windows
 
@@ -76,8 +76,9 @@ class Conditioner(nn.Module):
 
     Args:
         condition: ``"none"``, ``"metadata"`` or ``"factors"``.
-        encoder: for ``factors``: meduet_pretrain's network (``MeDUET`` or the masked-autoencoder baseline,
-            ``meduet.records.load``), frozen and in eval mode.
+        encoder: for ``factors``: meduet_pretrain's encoder (``PretrainedEncoder``, its ``model.pt``:
+            ``meduet.records.load_part``; a whole ``MeDUET`` / masked-autoencoder network works too), frozen and in
+            eval mode.
         crop: the encoder's pretraining crop (default its record's).
         content_map: also return the content token map.
         metadata_keys: item keys concatenated into ``cond["metadata"]`` (``metadata``).
@@ -99,7 +100,7 @@ class Conditioner(nn.Module):
             self.crop = tuple(int(c) for c in (crop or crop_size_of(encoder)))
             self.content_dim = int(encoder.dim)
             # the pooled style vector's width (Ds, or 2 Ds for style_pool mean_std); the map keeps Ds channels
-            self.style_dim = int(getattr(encoder, "style_vector_dim", 0) or 0) if hasattr(encoder, "factors") else 0
+            self.style_dim = int(getattr(encoder, "style_vector_dim", 0) or 0)
             self.style_pool = getattr(encoder, "style_pool", "mean")
         else:
             self.crop, self.content_dim, self.style_dim = None, 0, 0
@@ -150,7 +151,7 @@ def build_conditioner(condition: str, pretrain_ckpt: str | None = None, latents:
     if condition == "factors":
         if not pretrain_ckpt:
             raise MeduetConfigError("condition 'factors' needs pretrain_ckpt (meduet_pretrain's model.pt)")
-        encoder = records.load(pretrain_ckpt, device, expect=PRETRAIN_KINDS)
+        encoder = records.load_part(pretrain_ckpt, PretrainedEncoder, device)
         if latents is not None:
             LatentSpace.from_record(encoder.meta, pretrain_ckpt).check_same(
                 LatentSpace.from_record(latents, "the latent datalist"), pretrain_ckpt, "the latent datalist")
@@ -207,7 +208,7 @@ def build_diffusion_network(preset: str, latents: Mapping[str, Any], conditioner
     net = build_dit(preset, **kw)
     if init_from_pretrained:
         source = conditioner.encoder if conditioner.encoder is not None else (
-            records.load(pretrain_ckpt, expect=PRETRAIN_KINDS) if pretrain_ckpt else None)
+            records.load_part(pretrain_ckpt, PretrainedEncoder) if pretrain_ckpt else None)
         if source is None:
             raise MeduetConfigError("init_from_pretrained needs pretrain_ckpt (meduet_pretrain's model.pt)")
         net.init_from_pretrained(source)

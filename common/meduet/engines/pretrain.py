@@ -18,6 +18,7 @@ from monai.engines import Trainer
 from monai.inferers import Inferer
 from torch.utils.data import DataLoader
 
+from meduet import records
 from meduet.engines.checkpoint import unwrap
 from meduet.engines.ema import EMATeacher
 from meduet.engines.trainer import MeduetTrainer
@@ -25,12 +26,19 @@ from meduet.latent import LatentDatalist, LatentSpace, latent_record, load_laten
 from meduet.losses.meduet_config import MAELossConfig, MeDUETLossConfig
 from meduet.losses.meduet_step import mae_step_losses, meduet_step_losses
 from meduet.metrics.disentanglement import fit_linear_eraser
+from meduet.networks.encoder import PretrainedEncoder
 from meduet.networks.mae import build_mae
 from meduet.networks.meduet import build_meduet
 from meduet.networks.windows import encode_latents
 from meduet.records import with_meta
 
-__all__ = ["PretrainTrainer", "ContentEraserFit", "meduet_network", "mae_network"]
+__all__ = ["PretrainTrainer", "ContentEraserFit", "meduet_network", "mae_network", "deployable_encoder"]
+
+
+def deployable_encoder(network: torch.nn.Module) -> PretrainedEncoder:
+    """What meduet_pretrain's ``model.pt`` holds: the encoder part of the training network (latent ViT and, for
+    MeDUET, the content/style heads) with its record; the whole network goes to ``training_network.pt``."""
+    return records.part_of(unwrap(network), PretrainedEncoder)
 
 
 def meduet_network(preset: str | Mapping[str, Any], latents: Mapping[str, Any], crop_size: Sequence[int],

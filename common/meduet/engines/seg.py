@@ -19,7 +19,7 @@ from meduet import records
 from meduet.data import load_datalist
 from meduet.engines.trainer import MeduetTrainer
 from meduet.errors import MeduetConfigError, MeduetInputError
-from meduet.networks.encoder import PRETRAIN_KINDS
+from meduet.networks.encoder import PRETRAIN_KINDS, objective_of
 from meduet.networks.meduet import MEDUET_PRESETS
 from meduet.networks.seg import VIT_KEYS, MeduetSegNet, UNetSeg
 
@@ -52,7 +52,7 @@ def build_seg(vae_ckpt: str | None, pretrain_ckpt: str | None, init: str = "medu
     if vae_ckpt:
         net.copy_vae(records.load(vae_ckpt, expect="vae"))
     if init != "scratch":
-        net.copy_encoder(state, record["kind"])
+        net.copy_encoder(state, objective_of(record["kind"]))
     return net
 
 

@@ -12,7 +12,7 @@ Terms (paper weights as defaults, see ``MeDUETLossConfig``)::
   (through gradient reversal, ``meduet.networks.layers.grad_reverse``: the head learns to find the site, the
   encoder learns to hide it) and pooled style
   (plain: style must predict the site). Accuracies are returned for logging.
-* ``mftd`` - masked factor-token distillation (``mftd_loss``): the EMA teacher encodes the unmixed inputs;
+* ``mftd`` - Mixed-Factor Token Distillation (MFTD, ``mftd_loss``): the EMA teacher encodes the unmixed inputs;
   the student re-encodes its reconstructions ``x_hat_A``, ``x_hat_B`` (full sequences, gradients kept through
   the reconstruction: the paper distils *through* the decoder); per source, the distance between student and
   teacher content tokens and style tokens is averaged over the positions that source did not see; the two
@@ -139,7 +139,7 @@ def token_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str = "co
 def mftd_loss(student_content: torch.Tensor, student_style: torch.Tensor, teacher_content: torch.Tensor,
               teacher_style: torch.Tensor, hidden: torch.Tensor, distance: str = "cosine",
               content_weight: float = 1.0, style_weight: float = 1.0) -> torch.Tensor:
-    """Masked factor-token distillation.
+    """Mixed-Factor Token Distillation (MFTD).
 
     Args:
         student_content, student_style: ``(2K, N, D)``, ``(2K, N, Ds)`` - student tokens of the re-encoded

@@ -120,7 +120,7 @@ class EncoderFeatures(FeatureExtractor):
         if crop is not None:
             crop = (int(crop),) * 3 if isinstance(crop, int) else tuple(int(c) for c in crop)
         self.crop = crop
-        self.kind = getattr(encoder, "kind", "") or "meduet"
+        self.kind = getattr(encoder, "objective", None) or getattr(encoder, "kind", "") or "meduet"
         self.style_dim = 0 if self.kind == "mae" else int(getattr(encoder, "style_vector_dim", 0) or 0)
         self.name = f"{self.kind}-encoder (proxy)"
 

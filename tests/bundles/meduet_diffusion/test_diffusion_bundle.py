@@ -17,6 +17,8 @@ from meduet.errors import MeduetConfigError
 from meduet import records
 from meduet.engines.factor_prior import sample_factors
 from meduet.networks.dit import LatentDiT
+from meduet.networks.factors import style_vector_width
+from meduet.workflows.diffusion.common import conditioner_for
 
 
 def _train(root: Path, latents: Path, pretrain: Path, *extra: str, check: bool = True):
@@ -37,9 +39,20 @@ def test_training_checkpoints_record_validation_and_prior(sit_factors, tiny_late
     assert net.meta["objective"]["objective"] == "rflow" and net.meta["condition"] == "factors"
     assert net.meta["latent_scale_factor"] == pytest.approx(lat["latent_scale_factor"])
     assert net.meta["domains"] == lat["domains"] and net.meta["crop_size"] == [8, 8, 8]
-    enc = torch.load(tiny_pretrain / "models/model.pt", weights_only=True)
-    assert net.arch["content_dim"] == enc["encoder.factors.content.weight"].shape[0] if \
-        "encoder.factors.content.weight" in enc else net.arch["content_dim"] > 0
+    # conditioned by tiny_pretrain's factors: the record names that model.pt, the conditioner rebuilt from the record
+    # (as sample/evaluate/transfer do) carries exactly its weights, and the generator takes (content, style) of the
+    # widths its factor heads produce
+    pretrain = tiny_pretrain / "models/model.pt"
+    enc = torch.load(pretrain, weights_only=True)
+    assert net.meta["pretrain_ckpt"] == str(pretrain)
+    encoder = conditioner_for(net.meta, net.meta["pretrain_ckpt"]).encoder
+    assert net.meta["pretrain_kind"] == encoder.kind
+    cond = encoder.state_dict()
+    assert set(cond) == set(enc) and all(torch.equal(cond[k], enc[k]) for k in enc)
+    assert net.arch["content_dim"] == enc["backbone.factors.content.weight"].shape[0]
+    assert net.arch["style_dim"] == style_vector_width(enc["backbone.factors.style.weight"].shape[0],
+                                                      encoder.style_pool)
+    assert exported["y_embedder.mlp.0.weight"].shape[1] == net.arch["content_dim"] + net.arch["style_dim"]
     rows = [json.loads(x) for x in (sit_factors / "runs/val_loss.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(np.isfinite(r["val_loss"]) for r in rows)
     prior = records.load(sit_factors / "models/factor_prior.pt", expect="factor_prior")

@@ -47,9 +47,15 @@ def test_tiny_training_writes_resumable_checkpoints(latent_cache, tmp_path, obje
     ckpt = load_checkpoint(models / "checkpoint.pt")
     assert ckpt["engine"]["epoch"] == 2 and ckpt["engine"]["iteration"] == 4  # 8 latents, batch 4, 2 epochs
     assert ("teacher" in ckpt) == (objective == "meduet")
+    # model.pt: the deployable encoder (no decoder); training_network.pt: the whole network, whose encoder weights
+    # are model.pt's, bit for bit
     state = torch.load(models / "model.pt", weights_only=True)
-    assert any(k.startswith("decoder") or "decoder" in k for k in state)
+    full = torch.load(models / "training_network.pt", weights_only=True)
+    assert not any("decoder" in k for k in state) and any("decoder" in k for k in full)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    for k, v in state.items():
+        if k != "_extra_state":
+            assert torch.equal(v, full[k]), k
 
 
 def test_latent_datalist_errors(latent_cache, tmp_path):

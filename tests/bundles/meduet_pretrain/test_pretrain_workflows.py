@@ -39,16 +39,21 @@ def pretrained(tiny_pretrain) -> Path:
 
 def test_model_pt_carries_what_downstream_needs(pretrained, tiny_latents):
     latents = json.loads(tiny_latents.read_text())
-    model = load_pretrain(pretrained / "models/model.pt")
+    # model.pt is the deployable encoder, exactly (strict load); training_network.pt the whole network
+    enc = load_pretrain(pretrained / "models/model.pt")
+    assert type(enc).__name__ == "PretrainedEncoder" and enc.kind == "meduet_encoder"
+    assert set(torch.load(pretrained / "models/model.pt", weights_only=True)) == set(enc.state_dict())
+    model = load_pretrain(pretrained / "models/training_network.pt")
     assert model.kind == "meduet" and model.arch["dim"] == 32  # tiny preset
-    assert model.meta["latent_scale_factor"] == pytest.approx(latents["latent_scale_factor"])
-    assert model.meta["domains"] == latents["domains"]
-    assert model.meta["vae_config_hash"] == latents["vae_config_hash"]
-    assert model.meta["crop_size"] == [8, 8, 8] and model.meta["objective"] == "meduet"
+    for m in (enc, model):
+        assert m.meta["latent_scale_factor"] == pytest.approx(latents["latent_scale_factor"])
+        assert m.meta["domains"] == latents["domains"]
+        assert m.meta["vae_config_hash"] == latents["vae_config_hash"]
+        assert m.meta["crop_size"] == [8, 8, 8] and m.meta["objective"] == "meduet"
     baseline = load_pretrain(pretrained / "models/baseline_mae/model.pt")
-    assert baseline.kind == "mae" and (pretrained / "models/baseline_mae/checkpoint.pt").is_file()
+    assert baseline.kind == "mae_encoder" and (pretrained / "models/baseline_mae/checkpoint.pt").is_file()
+    assert load_pretrain(pretrained / "models/baseline_mae/training_network.pt").kind == "mae"
     # the deployable encoder computes exactly what the full network's encoder computes
-    enc = load_encoder(pretrained / "models/model.pt")
     x = torch.randn(2, 4, 8, 12, 8)
     with torch.no_grad():
         ref, got = model.encode(x), enc.encode(x)
@@ -60,12 +65,15 @@ def test_model_pt_carries_what_downstream_needs(pretrained, tiny_latents):
 
 
 def test_checkpoint_mismatches_are_one_line_errors(pretrained, tmp_path):
-    state = torch.load(pretrained / "models/model.pt", weights_only=True)
+    state = torch.load(pretrained / "models/training_network.pt", weights_only=True)
     with pytest.raises(MeduetConfigError, match="another 'meduet' architecture"):
         build_meduet("demo", num_domains=len(load_pretrain(pretrained / "models/model.pt").meta["domains"])
                      ).load_state_dict(state)
-    with pytest.raises(MeduetConfigError, match="'meduet' network .*but this is a 'mae' network"):
+    with pytest.raises(MeduetConfigError, match="'meduet' network .*but this is a 'mae_encoder' network"):
         build_encoder("tiny", objective="mae").load_state_dict(state, strict=False)
+    enc_state = torch.load(pretrained / "models/model.pt", weights_only=True)
+    with pytest.raises(MeduetConfigError, match="another 'meduet_encoder' architecture"):
+        build_encoder("demo").load_state_dict(enc_state)
     torch.save({k: v for k, v in state.items() if k != "_extra_state"}, tmp_path / "bare.pt")
     with pytest.raises(MeduetConfigError, match="has no checkpoint record"):
         load_pretrain(tmp_path / "bare.pt")
@@ -121,17 +129,33 @@ def test_evaluate_reports_probes_plots_and_style_swap(pretrained, tiny_latents, 
     m = json.loads((out / "metrics.json").read_text())
     assert m["cases"] == 8 and m["subjects"] == 2  # 2 test subjects x 4 sites
     f = m["factors"]
-    assert set(f) == {"MeDUET content", "MeDUET style", "MAE baseline", "MeDUET content, no eraser", "chance"}
+    assert set(f) == {"MeDUET content", "MeDUET style", "MAE baseline", "MeDUET content, stored eraser", "chance"}
     assert f["chance"]["site"] == pytest.approx(0.25)
+    # the headline content row is raw: the content head as pretraining left it, not through the stored eraser
+    # (tiny_pretrain switched that option on); the eraser's own row differs
+    from meduet.workflows.pretrain.evaluate import _pooled
+
+    enc = load_encoder(pretrained / "models/model.pt")
+    cache = LatentDatalist(tiny_latents)
+    z = [load_latent(it["latent"]) for it in cache.items("test")]
+    raw, stored = _pooled(enc, z, cache.space, "cpu", "raw"), _pooled(enc, z, cache.space, "cpu", "stored", raw=False)
+    assert bool(enc.backbone.factors.eraser.fitted)  # raw=True left the stored eraser in place
+    assert not np.allclose(raw[0]["content"].numpy(), stored[0]["content"].numpy())
+    # raw = the content head before the eraser, on the same windows
+    x = cache.space.scale(z[0][None])[..., :4, :4, :4]
+    with torch.no_grad():
+        head, erased = enc.encode(x, erase=False)["content"], enc.encode(x)["content"]
+    torch.testing.assert_close(enc.backbone.factors.eraser(head), erased)
+    assert f["MeDUET content"] != f["MeDUET content, stored eraser"]
     # train.yaml fitted the content eraser on the pretraining cases (training + validation: 3 seen sites), never on
     # the test split; the tiny latents have no augmented copies, so only its site part
-    er = m["content_eraser"]
+    er = m["stored_content_eraser"]
     train_sites = {it["domain"] for s in ("training", "validation") for it in json.loads(tiny_latents.read_text())[s]}
     assert er["sites"] == sorted(train_sites) and er["splits"] == ["training", "validation"]
     assert 1 <= er["site_rank"] <= len(train_sites) - 1 and er["appearance_dims"] == er["appearance_copies"] == 0
     # how it was pretrained comes from the checkpoint's record: the tiny preset's loss, no copies
     assert m["pretraining"]["loss"]["mftd_start_step"] == 2 and "augmentation" not in m["pretraining"]
-    for name in ("MeDUET content", "MeDUET style", "MAE baseline", "MeDUET content, no eraser"):
+    for name in ("MeDUET content", "MeDUET style", "MAE baseline", "MeDUET content, stored eraser"):
         acc, (low, high) = f[name]["site_probe_balanced_accuracy"], f[name]["site_probe_ci95"]
         assert 0.0 <= low <= acc <= high <= 1.0
         acc, (low, high) = f[name]["anatomy_probe_balanced_accuracy"], f[name]["anatomy_probe_ci95"]
@@ -252,7 +276,7 @@ def test_inference_json_and_monai_bundle_load(pretrained, tiny_latents, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x), enc(x))
     assert net.meta["latent_scale_factor"] == pytest.approx(scale.scale_factor)
-    with pytest.raises(MeduetConfigError, match="another 'meduet' architecture"):
+    with pytest.raises(MeduetConfigError, match="another 'meduet_encoder' architecture"):
         load("meduet_pretrain", bundle_dir=str(bundle_dir), workflow_type="inference", device="cpu",
              net_override={"preset": "demo"})
 
@@ -346,7 +370,7 @@ def test_linear_eraser_removes_what_a_linear_probe_reads_and_keeps_the_rest():
 
 
 def test_model_pt_content_eraser_equalises_the_sites_of_its_fit_cases(pretrained, tiny_latents):
-    model = load_pretrain(pretrained / "models/model.pt")
+    model = load_pretrain(pretrained / "models/training_network.pt")
     er = model.meta["content_eraser"]
     assert bool(model.factors.eraser.fitted) and er["cases"] == sum(
         len(json.loads(tiny_latents.read_text())[s]) for s in er["splits"])

@@ -74,7 +74,7 @@ def test_build_seg_loads_upstream_weights(tiny_vae, tiny_pretrain):
         assert torch.equal(v, net.encoder.state_dict()[k]), k
     assert LatentSpace.from_vae(net.vae).scale_factor == pytest.approx(LatentSpace.from_vae(vae).scale_factor)
     mae = build_seg(str(vae_ckpt), str(tiny_pretrain / "models/baseline_mae/model.pt"), init="mae", out_channels=3)
-    assert mae.encoder.kind == "mae"
+    assert mae.encoder.objective == "mae"
     scratch = build_seg(str(vae_ckpt), None, init="scratch", vit_preset="tiny", out_channels=3)
     assert not torch.equal(scratch.encoder.vit.patch_embed.weight, net.encoder.vit.patch_embed.weight)
     with pytest.raises(MeduetConfigError, match="a 'meduet' network but init 'mae'"):

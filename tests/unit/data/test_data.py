@@ -445,3 +445,252 @@ def test_dicom_series_folder(tmp_path):
     with pytest.raises(MeduetInputError) as excinfo:
         check_image(broken)
     _assert_one_line(excinfo, broken)
+
+
+# ------------------------------------------------------------------------------------------------ DICOM SEG output
+# Source series are written here with pydicom in a chosen orientation; where each label lands is worked out from
+# that geometry in the test (slice index k, row r, column c of the source), never with meduet.data.dicom.
+
+SEG_ROWS, SEG_COLS, SEG_SLICES = 7, 9, 5
+SEG_SPACING = (0.8, 1.1, 2.5)  # between rows, between columns, between slices (mm)
+SEG_ORIENTATIONS = {  # ImageOrientationPatient: direction of increasing column index, of increasing row index (LPS)
+    "axial": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    "sagittal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),
+    "coronal": ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
+}
+SEG_ORIGIN = (-12.0, 30.5, 101.25)  # LPS position of slice 0, row 0, column 0
+SEG_LABELS = {"0": "background", "1": "body", "2": "organ_a", "3": "organ_b", "4": "lesion", "5": "thing_x"}
+
+
+def _oriented_series(folder, orientation: str) -> tuple[list[str], np.ndarray]:
+    """Write a CT series of ``SEG_SLICES`` slices (``SEG_ROWS`` x ``SEG_COLS``) in ``orientation``; slice k lies at
+    ``SEG_ORIGIN + k * dz * normal``. Files are named and numbered in a shuffled order, so only the geometry tells
+    the slices apart. Returns the SOP instance UID of every slice index and the slice normal (row x column)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    row_dir, col_dir = (np.asarray(v) for v in SEG_ORIENTATIONS[orientation])
+    normal = np.cross(row_dir, col_dir)
+    dr, dc, dz = SEG_SPACING
+    folder.mkdir(parents=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    rng = np.random.default_rng(3)
+    order = rng.permutation(SEG_SLICES)
+    uids = []
+    for k in range(SEG_SLICES):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Test", "P1", "", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = (
+            "20260101", "000000", "1", "", "")
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = "CT", 1, int(order[k]) + 1, "test"
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(SEG_ORIGIN) + k * dz * normal]
+        ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
+        ds.PixelSpacing, ds.SliceThickness = [dr, dc], dz
+        ds.Rows, ds.Columns = SEG_ROWS, SEG_COLS
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = rng.integers(-100, 100, (SEG_ROWS, SEG_COLS), dtype=np.int16).tobytes()
+        ds.save_as(folder / f"im{order[k]:03d}.dcm", enforce_file_format=True)
+        uids.append(sop)
+    return uids, normal
+
+
+def _source_labels() -> np.ndarray:
+    """The labels as the test places them on the source: ``(slice, row, column)``; slice 4 is empty, class 3
+    (organ_b) is absent, class 4 touches the last row and column, class 5 the first pixel of the first slice."""
+    lab = np.zeros((SEG_SLICES, SEG_ROWS, SEG_COLS), np.uint8)
+    lab[1:4, 1:6, 2:8] = 1
+    lab[2, 2:4, 3:5] = 2
+    lab[3, 4, 6] = 4
+    lab[0, SEG_ROWS - 1, SEG_COLS - 1] = 4
+    lab[0, 0, 0] = 5
+    return lab
+
+
+def _reader_volume(lab: np.ndarray, orientation: str, perm: tuple[int, int, int],
+                   flips: tuple[bool, bool, bool]) -> tuple[np.ndarray, np.ndarray]:
+    """``lab`` (slice, row, column) as a reader might hold it: axes (column, row, slice) permuted by ``perm`` and
+    flipped, with the RAS affine of that array built from the series geometry."""
+    row_dir, col_dir = (np.asarray(v) for v in SEG_ORIENTATIONS[orientation])
+    dr, dc, dz = SEG_SPACING
+    vol = lab.transpose(2, 1, 0)  # (column, row, slice)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = dc * row_dir, dr * col_dir, dz * np.cross(row_dir, col_dir)
+    lps[:3, 3] = SEG_ORIGIN
+    vol, lps[:3, :3] = vol.transpose(perm), lps[:3, list(perm)]
+    for axis, flip in enumerate(flips):
+        if flip:  # new index i' = n - 1 - i
+            vol = np.flip(vol, axis)
+            lps[:3, 3] += (vol.shape[axis] - 1) * lps[:3, axis]
+            lps[:3, axis] *= -1
+    return np.ascontiguousarray(vol), np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _seg_frames(path) -> list[tuple[int, np.ndarray, str, np.ndarray]]:
+    """(segment number, ImagePositionPatient, referenced SOP instance UID, pixels) of every frame of a SEG file."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array.reshape(int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns))
+    out = []
+    for group, frame in zip(ds.PerFrameFunctionalGroupsSequence, pixels):
+        number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        ipp = np.asarray(group.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        uid = str(group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        out.append((number, ipp, uid, frame))
+    return out
+
+
+SEG_CODES = {  # the metadata's label_codes in the tests: explicit codes for two labels, the rest by name
+    "organ_a": {"category": ["91723000", "SCT", "Anatomical Structure"], "type": ["10200004", "SCT", "Liver"],
+                "description": "the larger organ"},
+    "organ_b": {"category": ["91723000", "SCT", "Anatomical Structure"], "type": ["64033007", "SCT", "Kidney"],
+                "description": "the smaller organ"},
+    "not_predicted": {"category": ["85756007", "SCT", "Tissue"], "type": ["85756007", "SCT", "Tissue"]},
+}
+SEG_EXPECTED_TYPES = {  # label -> (category value, type value, description)
+    "body": ("91723000", "38266002", "body"),  # by name: Anatomical Structure / Entire body
+    "organ_a": ("91723000", "10200004", "the larger organ"),  # from label_codes
+    "organ_b": ("91723000", "64033007", "the smaller organ"),
+    "lesion": ("49755003", "52988006", "lesion"),  # by name: Morphologically Abnormal Structure / Lesion
+    "thing_x": ("85756007", "85756007", "thing_x"),  # unknown name: generic Tissue, own label and description
+}
+
+
+def test_segment_codings_by_name_and_metadata():
+    from meduet.data.dicom import segment_codings
+    from meduet.errors import MeduetConfigError
+
+    got = segment_codings(SEG_LABELS, SEG_CODES)
+    assert sorted(got) == [1, 2, 3, 4, 5]  # background has no segment
+    for index, name in SEG_LABELS.items():
+        if index != "0":
+            c = got[int(index)]
+            assert (c.label, (c.category[0], c.type[0], c.description)) == (name, SEG_EXPECTED_TYPES[name])
+    by_name = segment_codings({1: "Lesion2", 2: "liver_lesion", 3: "grey matter", 4: "kidneys", 5: "organ_b",
+                               6: "class6", 7: "Body"})
+    assert [by_name[i].type[2] for i in range(1, 8)] == [
+        "Lesion", "Lesion", "Gray Matter", "Kidney", "Organ", "Tissue", "Entire body"]
+    bad = [{"organ_a": {"type": ["1", "SCT", "x"]}}, {"organ_a": {"category": ["1", "SCT"], "type": ["1", "SCT", "x"]}},
+           {"organ_a": {"colour": "red"}}, {"organ_a": ["10200004", "SCT", "Liver"]}]
+    for codes in bad:
+        with pytest.raises(MeduetConfigError) as excinfo:
+            segment_codings(SEG_LABELS, codes)
+        _assert_one_line(excinfo, "organ_a")
+
+
+def test_built_in_and_bundle_codes_are_dicom_snomed_concepts():
+    """Every code the writer can emit on its own, and every code of meduet_seg's metadata, is a SNOMED CT concept
+    of pydicom's table of the DICOM standard's codes, with that meaning."""
+    from pydicom.sr.codedict import codes
+
+    from meduet.data.dicom import NAME_CODES, TISSUE, load_metadata, segment_codings
+
+    meanings: dict[str, set[str]] = {}
+    for keyword in codes.SCT.dir():
+        code = getattr(codes.SCT, keyword)
+        meanings.setdefault(code.value, set()).add(code.meaning.lower())
+    concepts = {TISSUE} | {c for _, category, prop_type in NAME_CODES for c in (category, prop_type)}
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    meta = load_metadata(os.path.join(repo, "bundles", "meduet_seg", "configs", "metadata.json"))
+    channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    bundle = segment_codings(channels, meta["label_codes"])
+    assert [c.label for c in bundle.values()] == [channels[k] for k in sorted(channels, key=int) if k != "0"]
+    assert set(meta["label_codes"]) == {c.label for c in bundle.values()}
+    concepts |= {c for coding in bundle.values() for c in (coding.category, coding.type)}
+    for value, scheme, meaning in concepts:
+        assert scheme == "SCT" and meaning.lower() in meanings.get(value, set()), (value, meaning)
+
+
+@pytest.mark.parametrize("orientation, perm, flips", [
+    ("axial", (2, 0, 1), (True, False, False)),
+    ("sagittal", (0, 1, 2), (False, True, True)),
+    ("coronal", (1, 2, 0), (False, False, True)),
+])
+def test_dicom_seg_frames_lie_on_their_source_slices(tmp_path, orientation, perm, flips):
+    """Each SEG frame's position and referenced instance name one source slice (worked out from the geometry the
+    test wrote), and its pixels are exactly the labels the test put on that slice; every segment is labelled and
+    coded from the metadata."""
+    import pydicom
+
+    from meduet.data.dicom import write_dicom_seg
+
+    series = tmp_path / f"series_{orientation}"
+    uids, normal = _oriented_series(series, orientation)
+    row_dir, col_dir = (np.asarray(v) for v in SEG_ORIENTATIONS[orientation])
+    lab = _source_labels()
+    vol, affine = _reader_volume(lab, orientation, perm, flips)
+    out = write_dicom_seg(vol, affine, series, tmp_path / "seg.dcm", SEG_LABELS, label_codes=SEG_CODES)
+    seg = pydicom.dcmread(out)
+    assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    assert np.allclose(shared.PlaneOrientationSequence[0].ImageOrientationPatient, [*row_dir, *col_dir])
+    # segments: the classes present, in class order, each with its own label, description and codes
+    present = [name for k, name in sorted(SEG_LABELS.items()) if k != "0" and (lab == int(k)).any()]
+    assert present == ["body", "organ_a", "lesion", "thing_x"]
+    segments = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
+    assert sorted(segments) == list(range(1, len(present) + 1))
+    class_of = {}
+    for number, s in segments.items():
+        name = present[number - 1]
+        category, prop_type = s.SegmentedPropertyCategoryCodeSequence[0], s.SegmentedPropertyTypeCodeSequence[0]
+        assert (s.SegmentLabel, (category.CodeValue, prop_type.CodeValue, s.SegmentDescription)) == (
+            name, SEG_EXPECTED_TYPES[name])
+        assert category.CodingSchemeDesignator == prop_type.CodingSchemeDesignator == "SCT"
+        class_of[number] = int(next(k for k, v in SEG_LABELS.items() if v == name))
+    assert len({s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in segments.values()}) == len(segments)
+    # frames: which source slice each one is, from its own position, checked against its reference
+    dz = SEG_SPACING[2]
+    seen = set()
+    for number, ipp, uid, pixels in _seg_frames(out):
+        offset = ipp - np.asarray(SEG_ORIGIN)
+        k = float(offset @ normal) / dz
+        assert abs(k - round(k)) < 1e-4 and abs(offset @ row_dir) < 1e-4 and abs(offset @ col_dir) < 1e-4
+        k = round(k)
+        assert 0 <= k < SEG_SLICES and uid == uids[k]
+        np.testing.assert_array_equal(pixels.astype(bool), lab[k] == class_of[number],
+                                      err_msg=f"segment {number} on slice {k}")
+        assert (number, k) not in seen
+        seen.add((number, k))
+    wanted = {(n, k) for n, cls in class_of.items() for k in range(SEG_SLICES) if (lab[k] == cls).any()}
+    assert wanted <= seen  # every labelled slice of every segment has its frame (others, if any, are empty)
+
+
+def test_dicom_seg_writer_takes_names_and_codes_from_the_metadata(tmp_path):
+    """The inference handler with the bundle metadata (as ``@_meta_`` or a path) and no names from the network:
+    segment labels come from the metadata's channel_def, codes and descriptions from its label_codes."""
+    from types import SimpleNamespace
+
+    import pydicom
+    from monai.data import MetaTensor
+
+    from meduet.data.dicom import DicomSegWriter
+    from meduet.errors import MeduetConfigError
+
+    series = tmp_path / "ct"
+    _oriented_series(series, "axial")
+    lab = _source_labels()
+    vol, affine = _reader_volume(lab, "axial", (0, 1, 2), (False, False, False))
+    meta = {"label_codes": SEG_CODES, "network_data_format": {"outputs": {"pred": {"channel_def": SEG_LABELS}}}}
+    path = tmp_path / "metadata.json"
+    path.write_text(json.dumps(meta))
+    for metadata in (meta, str(path)):
+        writer = DicomSegWriter(str(tmp_path / "out"), network=SimpleNamespace(meta={}), metadata=metadata)
+        pred = MetaTensor(vol[None], affine=affine, meta={"filename_or_obj": str(series)})
+        writer(SimpleNamespace(state=SimpleNamespace(output=[{"pred": pred}])))
+        seg = pydicom.dcmread(writer.written[-1])
+        got = {s.SegmentLabel: (s.SegmentedPropertyCategoryCodeSequence[0].CodeValue,
+                                s.SegmentedPropertyTypeCodeSequence[0].CodeValue, s.SegmentDescription)
+               for s in seg.SegmentSequence}
+        assert got == {name: SEG_EXPECTED_TYPES[name] for name in ("body", "organ_a", "lesion", "thing_x")}
+    with pytest.raises(MeduetConfigError) as excinfo:  # a malformed entry fails when the handler is built
+        DicomSegWriter(str(tmp_path / "out"), metadata={"label_codes": {"tumour": {"type": "108369006"}}})
+    _assert_one_line(excinfo, "tumour")

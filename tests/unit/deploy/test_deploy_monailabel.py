@@ -2,8 +2,9 @@
 tasks, and a real ``monailabel start_server`` on 127.0.0.1 answering an inference over HTTP.
 
 MONAI Label 0.8.5 lives in its own virtualenv (``make monailabel-setup``, pins in DEVELOPERS.md); these tests run
-its interpreter as a subprocess. They are skipped only where that interpreter (or ``MEDUET_MONAILABEL_PYTHON``) is
-missing or cannot import monailabel.
+its interpreter as a subprocess. They are skipped only where that virtualenv does not exist and
+``MEDUET_MONAILABEL_PYTHON`` is not set; an interpreter that is there (or named) but cannot import monailabel fails
+them.
 """
 
 from __future__ import annotations
@@ -33,11 +34,17 @@ BUNDLE = REPO / "bundles" / "meduet_seg"
 
 
 def _ml_python() -> str:
-    py = os.environ.get("MEDUET_MONAILABEL_PYTHON") or str(REPO / ".venv-monailabel" / "bin" / "python")
-    if not Path(py).exists():  # pytest run by hand without `make test`, which builds it (CI always does)
-        pytest.skip(f"MONAI Label's virtualenv is not installed ({py}); `make monailabel-setup` builds it")
-    probe = subprocess.run([py, "-c", "import monailabel"], capture_output=True, text=True, timeout=120)
-    # an interpreter that exists but cannot import monailabel is a broken install: a failure, never a skip
+    venv = REPO / ".venv-monailabel"
+    override = os.environ.get("MEDUET_MONAILABEL_PYTHON")
+    py = override or str(venv / "bin" / "python")
+    if not override and not venv.exists():  # pytest run by hand without `make test`, which builds it (CI always does)
+        pytest.skip(f"MONAI Label's virtualenv is not installed ({venv}); `make monailabel-setup` builds it")
+    # a MONAI Label interpreter that was asked for (the virtualenv exists, or MEDUET_MONAILABEL_PYTHON is set) but is
+    # missing, does not run or cannot import monailabel is a broken install: a failure, never a skip
+    try:
+        probe = subprocess.run([py, "-c", "import monailabel"], capture_output=True, text=True, timeout=120)
+    except OSError as e:
+        pytest.fail(f"{py} does not run ({e}); rebuild it with `make monailabel-setup`")
     assert probe.returncode == 0, f"{py} cannot import monailabel: {probe.stderr.strip().splitlines()[-1:]}"
     return py
 

@@ -71,7 +71,7 @@ def dist(server, tiny_vae, tiny_pretrain, sit_factors, seg_trained) -> Path:
     return www
 
 
-def test_zips_are_self_contained_checksummed_and_reproducible(dist, tmp_path):
+def test_zips_are_self_contained_checksummed_and_reproducible(dist, tiny_pretrain, seg_trained, tmp_path):
     sums = dict(reversed(line.split("  ")) for line in (dist / "SHA256SUMS").read_text().splitlines())
     for name in BUNDLES:
         meta = json.loads((REPO / "bundles" / name / "configs/metadata.json").read_text())
@@ -102,10 +102,27 @@ def test_zips_are_self_contained_checksummed_and_reproducible(dist, tmp_path):
             assert entry["hash_val"] == manifest["models/model.pt"] == sha256_file(asset) == sums[asset.name]
         else:
             assert not large
-    # packaging the same inputs again gives the same bytes
+    # packaging the same inputs again gives the same bytes: without weights,
     twice = [package_bundle(REPO / "bundles/meduet_pretrain", tmp_path / d, preset="tiny", check=False,
                             models=tmp_path / "no_weights") for d in ("a", "b")]
     assert sha256_file(twice[0]) == sha256_file(twice[1])
+    # with the same trained model.pt (shipped byte for byte inside the zip),
+    weights = tiny_pretrain / "models"
+    twice = [package_bundle(REPO / "bundles/meduet_pretrain", tmp_path / d, preset="tiny", models=weights)
+             for d in ("wa", "wb")]
+    with zipfile.ZipFile(twice[0]) as zf:
+        assert zf.read("meduet_pretrain/models/model.pt") == (weights / "model.pt").read_bytes()
+    assert sha256_file(twice[0]) == sha256_file(twice[1])
+    assert (tmp_path / "wa/SHA256SUMS").read_bytes() == (tmp_path / "wb/SHA256SUMS").read_bytes()
+    # and with model.pt published beside the zip as a large file: every published file, SHA256SUMS included
+    twice = [package_bundle(REPO / "bundles/meduet_seg", tmp_path / d, preset="tiny", models=seg_trained / "models",
+                            max_file_mb=0.2, base_url="https://example.org/release") for d in ("la", "lb")]
+    published = [sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("la", "lb")]
+    assert published[0] == published[1] and f"{twice[0].stem}_models_model.pt" in published[0]
+    assert (tmp_path / "la" / f"{twice[0].stem}_models_model.pt").read_bytes() == \
+        (seg_trained / "models/model.pt").read_bytes()
+    for n in published[0]:
+        assert (tmp_path / "la" / n).read_bytes() == (tmp_path / "lb" / n).read_bytes(), f"{n} differs"
 
 
 def test_wrong_preset_is_refused_and_nothing_is_written(seg_trained, tmp_path):

@@ -59,17 +59,31 @@ def test_checkpoint_resume_restores_teacher_and_step(tmp_path):
     saver = TrainingCheckpointer(tmp_path, {"model": net, "teacher": teacher, "optimizer": opt, "lr_scheduler": sched})
     saver.attach(trainer)
     trainer.run()
+    trained = {k: v.detach().clone() for k, v in teacher.state_dict()["module"].items()}
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["engine"] == {"epoch": 1, "iteration": 2}
+    saved = ckpt["teacher"]["module"]
+    assert set(saved) == set(trained) and all(torch.equal(saved[k], trained[k]) for k in trained)
     trainer2, net2, teacher2, opt2, sched2 = _meduet_trainer(max_epochs=2)
+    # the fresh run's teacher is the untrained student's copy: unrestored, it would differ from the saved one
+    assert any(not torch.equal(v, trained[k]) for k, v in teacher2.state_dict()["module"].items())
     TrainingCheckpointer(tmp_path, {"model": net2, "teacher": teacher2, "optimizer": opt2,
                                     "lr_scheduler": sched2}).attach(trainer2)
+    resumed = {}
+
+    def _teacher_at_resume(engine):  # STARTED, after the checkpointer's resume handler (attached first)
+        resumed.update(teacher2.state_dict())
+        resumed["module"] = {k: v.detach().clone() for k, v in resumed["module"].items()}
+
+    trainer2.add_event_handler(Events.STARTED, _teacher_at_resume)
     steps = []
     trainer2.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append(e.state.iteration))
     trainer2.run()
     assert steps == [3, 4]  # continued, not restarted
-    saved_teacher = ckpt["teacher"]
-    assert isinstance(saved_teacher, dict) and saved_teacher
+    # the EMA teacher resumed bit-identical to the one saved at the end of epoch 1, with its momentum
+    assert set(resumed["module"]) == set(trained)
+    assert all(torch.equal(resumed["module"][k], trained[k]) for k in trained)
+    assert resumed["momentum"] == teacher.momentum == ckpt["teacher"]["momentum"]
 
 
 def test_mae_objective_and_bad_batches():

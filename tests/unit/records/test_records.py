@@ -125,7 +125,13 @@ def test_load_part_takes_the_encoder_of_a_pretraining_file(tmp_path):
     x = torch.randn(2, 4, 8, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(enc.encode(x)["content"], net.encode(x)["content"], rtol=0, atol=0)
-    assert enc.kind == "meduet" and enc.meta["latent_scale_factor"] == 0.5
+    assert enc.kind == "meduet_encoder" and enc.objective == "meduet" and enc.meta["latent_scale_factor"] == 0.5
+    # the encoder's own file (what meduet_pretrain's model.pt holds) loads strictly, by load and by load_part
+    torch.save(records.part_of(net, PretrainedEncoder).state_dict(), tmp_path / "encoder.pt")
+    for again in (records.load(tmp_path / "encoder.pt"), records.load_part(tmp_path / "encoder.pt", PretrainedEncoder)):
+        assert type(again) is PretrainedEncoder and again.meta["latent_scale_factor"] == 0.5
+        with torch.no_grad():
+            torch.testing.assert_close(again.encode(x)["content"], net.encode(x)["content"], rtol=0, atol=0)
     # a file without the encoder's weights is refused (an absent site eraser is allowed: it loads as identity)
     state = {k: v for k, v in net.state_dict().items() if ".eraser." not in k}
     torch.save(state, tmp_path / "no_eraser.pt")
@@ -133,7 +139,7 @@ def test_load_part_takes_the_encoder_of_a_pretraining_file(tmp_path):
     torch.save({k: v for k, v in state.items() if "blocks.0" not in k}, tmp_path / "partial.pt")
     with pytest.raises(MeduetConfigError, match="lacks .* weights of PretrainedEncoder"):
         records.load_part(tmp_path / "partial.pt", PretrainedEncoder)
-    with pytest.raises(MeduetConfigError, match="not 'meduet' or 'mae'"):
+    with pytest.raises(MeduetConfigError, match="not 'meduet_encoder' or 'mae_encoder' or 'meduet' or 'mae'"):
         torch.save(build_dit("tiny").state_dict(), tmp_path / "dit.pt")
         records.load_part(tmp_path / "dit.pt", PretrainedEncoder)
 
@@ -156,3 +162,19 @@ def test_with_meta_stores_json(tmp_path):
     net = records.with_meta(build_dit("tiny"), {"crop_size": (8, 8, 8), "scale": 0.5})
     assert net.meta == {"crop_size": [8, 8, 8], "scale": 0.5}
     assert json.loads(json.dumps(records.decode(net.get_extra_state())))["crop_size"] == [8, 8, 8]
+
+
+def test_rebuilding_a_stored_network_leaves_the_random_state_alone(tmp_path):
+    """Loading (or cutting the encoder out of) a network must not shift the random numbers of what runs next: a
+    downstream stage's initialisation then does not depend on how big the upstream network is."""
+    net = build_meduet("tiny", num_domains=3)
+    net.meta = {"latent_scale_factor": 0.5}
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    for step in (lambda: records.load(tmp_path / "model.pt"),
+                 lambda: records.load_part(tmp_path / "model.pt", PretrainedEncoder),
+                 lambda: records.part_of(net, PretrainedEncoder)):
+        torch.manual_seed(7)
+        step()
+        after = torch.rand(3)
+        torch.manual_seed(7)
+        assert torch.equal(after, torch.rand(3))

@@ -18,10 +18,10 @@ from meduet.data import case_name
 from meduet.errors import MeduetConfigError
 from meduet.io import atomic_path
 from meduet.latent import LatentDatalist, LatentSpace, load_latent
-from meduet.metrics.disentanglement import (bootstrap_interval, chance_level, embed_2d, probe_predictions,
-                                            similarity_ratio)
+from meduet.metrics.disentanglement import (bootstrap_interval, chance_level, embed_2d, fit_linear_eraser,
+                                            probe_predictions, similarity_ratio)
 from meduet.metrics.transfer import SWAP_TARGET
-from meduet.networks.encoder import PRETRAIN_KINDS
+from meduet.networks.encoder import PretrainedEncoder
 from meduet.networks.windows import encode_latents
 from meduet.workflows.config import WorkflowConfig
 from meduet.workflows.pretrain.swap import style_swap_study
@@ -88,39 +88,80 @@ def _plot_embeddings(path: Path, features: dict[str, np.ndarray], sites: list[st
 
 @dataclasses.dataclass
 class Config(WorkflowConfig):
-    """evaluate.yaml: the MeDUET checkpoint (and optionally the masked-autoencoder baseline's, and the VAE that
-    decodes the style swap), the latent datalist split, where the report goes. A ``baseline_ckpt`` that does not
-    exist is left out."""
+    """evaluate.yaml: the MeDUET encoder (``pretrain_ckpt``, meduet_pretrain's ``model.pt``), optionally the
+    masked-autoencoder baseline's, the whole MeDUET network and the VAE that decode the style swap, the latent
+    datalist split, where the report goes. A ``baseline_ckpt`` or ``network_ckpt`` that does not exist is left out.
+    ``erased_rows`` (not in the paper): also report both encoders' features after a linear site eraser (LEACE)
+    fitted here on the pooled features of ``erase_splits``."""
 
     pretrain_ckpt: str
     latent_datalist: str
     output_dir: str
     baseline_ckpt: str | None = None
+    network_ckpt: str | None = None
     vae_ckpt: str | None = None
     split: str = "test"
     method: str = "tsne"
     swaps: int | None = None
+    erased_rows: bool = False
+    erase_splits: list = dataclasses.field(default_factory=lambda: ["training", "validation", "pretraining"])
+    erase_shrinkage: float = 0.1
     device: str | torch.device = "cpu"
+
+
+def _pooled(model: PretrainedEncoder, z: list[torch.Tensor], space: LatentSpace, device: torch.device, desc: str,
+            raw: bool = True) -> list[dict[str, torch.Tensor]]:
+    """``encode_latents`` of ``z``; ``raw``: with a site eraser stored in the content head (train.yaml's
+    ``content_eraser``, not in the paper) set to identity, i.e. the content head as pretraining left it."""
+    eraser = model.backbone.factors.eraser if model.objective == "meduet" else None
+    if not (raw and eraser is not None and bool(eraser.fitted)):
+        return encode_latents(model, z, space, device, desc=desc)
+    fitted = {k: v.clone() for k, v in eraser.state_dict().items()}
+    eraser.set(None, None)
+    try:
+        return encode_latents(model, z, space, device, desc=desc)
+    finally:
+        eraser.load_state_dict(fitted)
+
+
+def _erased_rows(encoders: dict[str, PretrainedEncoder], features: dict[str, np.ndarray], cache: LatentDatalist,
+                 splits: list[str], shrinkage: float, device: torch.device) -> dict[str, Any]:
+    """Rows ``<name> + LEACE`` for each encoder: its pooled (raw) content of the test cases through a linear site
+    eraser fitted on the pooled content of ``splits`` (never the test split); returns what was fitted."""
+    fit_items = [it for sp in splits if sp in cache.data for it in cache.items(sp)]
+    sites = [it["domain"] for it in fit_items]
+    if len(set(sites)) < 2:
+        raise MeduetConfigError(f"erased_rows: splits {splits} of the latent datalist hold sites {sorted(set(sites))};"
+                                " the site eraser needs two or more (set erase_splits)")
+    z = [load_latent(it["latent"]) for it in fit_items]
+    for name, model in encoders.items():
+        fit = np.stack([e["content"].numpy() for e in _pooled(model, z, cache.space, device, f"fit eraser ({name})")])
+        eraser = fit_linear_eraser(fit, sites, shrinkage)
+        features[f"{name} + LEACE"] = eraser(features[name]).astype(np.float32)
+    return {"splits": [sp for sp in splits if sp in cache.data], "cases": len(fit_items), "sites": sorted(set(sites)),
+            "shrinkage": shrinkage, "rows": [f"{n} + LEACE" for n in encoders]}
 
 
 def run(config: Config) -> dict[str, Any]:
     """The disentanglement report (paper Figure 1) on the latent datalist's ``split`` (cases held out of
     pretraining): probes and similarity ratios for MeDUET's pooled content and style (and the masked-autoencoder
     baseline's pooled features when ``baseline_ckpt`` is given), t-SNE/PCA plots coloured by site and by anatomy
-    (subject), and with ``vae_ckpt`` the style-swap study. Writes ``metrics.json``, ``embeddings_2d.png``,
-    ``style_swap.png`` to ``output_dir`` and returns the metrics.
+    (subject), and with ``network_ckpt`` + ``vae_ckpt`` the style-swap study. Writes ``metrics.json``,
+    ``embeddings_2d.png``, ``style_swap.png`` to ``output_dir`` and returns the metrics.
 
-    ``MeDUET content`` is the model's content (through its site eraser when train.yaml fitted one, see
-    ``meduet.engines.pretrain.ContentEraserFit``); the row ``MeDUET content, no eraser`` then shows the content
-    head's output before it, and ``metrics["content_eraser"]`` what the eraser was fitted on."""
+    Every headline row is raw, as pretraining left the encoders: ``MeDUET content`` is the content head's output
+    (a site eraser stored by train.yaml's ``content_eraser`` option is bypassed; it gets its own row, ``MeDUET
+    content, stored eraser``), ``MAE baseline`` the baseline's pooled tokens. With ``erased_rows`` both get a
+    ``+ LEACE`` row, erased the same way (not in the paper)."""
     cfg = config
     pretrain_ckpt, latent_datalist, split = cfg.pretrain_ckpt, cfg.latent_datalist, cfg.split
     device = torch.device(cfg.device)
     baseline_ckpt = cfg.baseline_ckpt if cfg.baseline_ckpt and os.path.isfile(cfg.baseline_ckpt) else None
+    network_ckpt = cfg.network_ckpt if cfg.network_ckpt and os.path.isfile(cfg.network_ckpt) else None
     vae_ckpt = cfg.vae_ckpt
     out = Path(cfg.output_dir)
-    model = records.load(pretrain_ckpt, device, expect=PRETRAIN_KINDS)
-    if model.kind != "meduet":
+    model = records.load_part(pretrain_ckpt, PretrainedEncoder, device)
+    if model.objective != "meduet":
         raise MeduetConfigError(f"'{pretrain_ckpt}' holds the masked-autoencoder baseline; pass it as baseline_ckpt "
                                 f"and a MeDUET checkpoint as pretrain_ckpt")
     cache = LatentDatalist(latent_datalist)
@@ -130,22 +171,22 @@ def run(config: Config) -> dict[str, Any]:
     if len(items) < 4:
         raise MeduetConfigError(f"'{latent_datalist}' split '{split}' has {len(items)} items; the probes need more")
     z = [load_latent(it["latent"]) for it in items]
-    enc = encode_latents(model, z, space, device, desc="encode (MeDUET)")
+    enc = _pooled(model, z, space, device, "encode (MeDUET)")
     features = {"MeDUET content": np.stack([e["content"].numpy() for e in enc]),
                 "MeDUET style": np.stack([e["style"].numpy() for e in enc])}
-    eraser = model.factors.eraser
-    erasure = model.meta.get("content_eraser") if bool(eraser.fitted) else None
-    if erasure:
-        fitted = {k: v.clone() for k, v in eraser.state_dict().items()}
-        eraser.set(None, None)
-        raw = encode_latents(model, z, space, device, desc="encode (MeDUET, no eraser)")
-        eraser.load_state_dict(fitted)
-        features["MeDUET content, no eraser"] = np.stack([e["content"].numpy() for e in raw])
+    encoders = {"MeDUET content": model}
+    stored = model.meta.get("content_eraser") if bool(model.backbone.factors.eraser.fitted) else None
+    if stored:
+        erased = _pooled(model, z, space, device, "encode (MeDUET, stored eraser)", raw=False)
+        features["MeDUET content, stored eraser"] = np.stack([e["content"].numpy() for e in erased])
     if baseline_ckpt:
-        base = records.load(baseline_ckpt, device, expect=PRETRAIN_KINDS)
+        base = records.load_part(baseline_ckpt, PretrainedEncoder, device)
         LatentSpace.from_record(base.meta, baseline_ckpt).check_same(space, baseline_ckpt, latent_datalist)
-        benc = encode_latents(base, z, space, device, desc="encode (MAE baseline)")
+        benc = _pooled(base, z, space, device, "encode (MAE baseline)")
         features["MAE baseline"] = np.stack([e["content"].numpy() for e in benc])
+        encoders["MAE baseline"] = base
+    erasure = (_erased_rows(encoders, features, cache, list(cfg.erase_splits), cfg.erase_shrinkage, device)
+               if cfg.erased_rows else None)
     sites = [it["domain"] for it in items]
     subjects = [str(it.get("subject", case_name(it))) for it in items]
     metrics: dict[str, Any] = {
@@ -154,18 +195,24 @@ def run(config: Config) -> dict[str, Any]:
         "baseline_ckpt": baseline_ckpt and os.path.abspath(baseline_ckpt),
         "factors": _factor_metrics(features, sites, subjects),
     }
+    if stored:
+        metrics["stored_content_eraser"] = stored
     if erasure:
-        metrics["content_eraser"] = erasure
+        metrics["erased_rows"] = erasure
     # how the model was pretrained, from its checkpoint record (older checkpoints lack these keys)
     metrics["pretraining"] = {k: model.meta[k] for k in ("loss", "augmentation") if k in model.meta}
     _plot_embeddings(out / "embeddings_2d.png", features, sites, subjects, cfg.method)
     metrics["plot"] = "embeddings_2d.png"
-    if vae_ckpt:
+    if vae_ckpt and not network_ckpt:
+        metrics["style_swap"] = {"note": f"skipped: no whole MeDUET network at '{cfg.network_ckpt}' (meduet_pretrain's "
+                                         "models/training_network.pt, key network_ckpt)"}
+    if vae_ckpt and network_ckpt:
+        network = records.load(network_ckpt, device, expect="meduet")
         vae = records.load(records.require(vae_ckpt, "meduet_vae"), device, expect="vae")
         if latents.get("vae_config_hash") and vae.meta.get("config_hash") not in (None, latents["vae_config_hash"]):
             raise MeduetConfigError(f"VAE '{vae_ckpt}' is not the one that encoded '{latent_datalist}' (config hash "
                                     f"{vae.meta.get('config_hash')} vs {latents['vae_config_hash']}); set vae_ckpt")
-        metrics["style_swap"] = style_swap_study(model, vae, latents, items, out, cfg.swaps, device)
+        metrics["style_swap"] = style_swap_study(network, vae, latents, items, out, cfg.swaps, device)
     f = metrics["factors"]
     targets = {
         "style_site_probe>=0.9": f["MeDUET style"]["site_probe_balanced_accuracy"] >= 0.9,

@@ -58,7 +58,7 @@ def run(config: Config) -> str:
         "name": f"{latents.get('name', 'latents')}_embeddings",
         "pretrain_ckpt": os.path.abspath(pretrain_ckpt),
         "latent_datalist": os.path.abspath(latent_datalist),
-        "objective": network.kind,
+        "objective": network.objective,
         "content_dim": network.dim,
         "style_dim": network.style_dim,  # channels of style_map
         "style_pool": network.style_pool,
