@@ -148,7 +148,7 @@ def tiny_pretrain(tmp_path_factory, tiny_latents) -> Path:
     report's ``stored eraser`` row have one. Tests must not modify its models/."""
     root = tmp_path_factory.mktemp("pretrain")
     bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
-               "--content_eraser#enabled", "true", *mlflow_args(root), run_id="training")
+               "--content_eraser#enabled", "True", *mlflow_args(root), run_id="training")
     bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
                run_id="training", extra_configs=("mae_baseline",))
     return root

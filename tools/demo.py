@@ -130,8 +130,10 @@ def stage_vae(d: Demo) -> None:
     lines.append("")
     if "before_seam_ratio" in o:
         lines.append(
-            f"Patch-wise encoding ({m['patch_size']} patches, no overlap) then whole-volume decoding — seam error "
-            "(mean |error| on voxels at patch borders / elsewhere; 1.0 = no seam):\n\n"
+            f"Patch-wise encoding ({_scheme(m.get('patch_encoding') or {'patch_size': m['patch_size']})}: the one "
+            "scheme decoder fine-tuning used and stored in `model.pt`, which `encode.yaml` also caches the latents "
+            "with) then whole-volume decoding — seam error (mean |error| on voxels within one voxel of the borders "
+            "MONAI's sliding windows really have, the last window shifted back / elsewhere; 1.0 = no seam):\n\n"
             "| decoder | border MAE | interior MAE | ratio | PSNR |\n|---|---|---|---|---|\n"
             f"| before fine-tuning | {_fmt(o['before_seam_border_mae'], 4)} | {_fmt(o['before_seam_interior_mae'], 4)} "
             f"| {_fmt(o['before_seam_ratio'])} | {_fmt(o['before_patchwise_psnr'], 2)} |\n"
@@ -151,6 +153,15 @@ def stage_vae(d: Demo) -> None:
         f"training {_fmt(lat['latent_scale_factor'])}). Reconstructions as NIfTI: `{d.rel(vae_out)}/*/recon/`.\n"
     )
     d.sections.append("\n".join(lines))
+
+
+def _scheme(enc: dict[str, Any]) -> str:
+    """A patch-wise encoding record in words."""
+    size = enc["patch_size"]
+    size = "x".join(str(v) for v in size) if isinstance(size, list) else f"{size}^3"
+    overlap = float(enc.get("overlap", 0.0))
+    return f"{size} windows, " + (f"overlap {overlap:g}, {enc.get('mode', 'constant')} blending" if overlap else
+                                 "no overlap")
 
 
 def stage_pretrain(d: Demo) -> None:

@@ -22,6 +22,7 @@ from meduet import records
 from meduet.engines.checkpoint import unwrap
 from meduet.engines.ema import EMATeacher
 from meduet.engines.trainer import MeduetTrainer
+from meduet.errors import MeduetConfigError
 from meduet.latent import LatentDatalist, LatentSpace, latent_record, load_latent
 from meduet.losses.meduet_config import MAELossConfig, MeDUETLossConfig
 from meduet.losses.meduet_step import mae_step_losses, meduet_step_losses
@@ -32,7 +33,8 @@ from meduet.networks.meduet import build_meduet
 from meduet.networks.windows import encode_latents
 from meduet.records import with_meta
 
-__all__ = ["PretrainTrainer", "ContentEraserFit", "meduet_network", "mae_network", "deployable_encoder"]
+__all__ = ["PretrainTrainer", "ContentEraserFit", "content_eraser_fit", "meduet_network", "mae_network",
+           "deployable_encoder"]
 
 
 def deployable_encoder(network: torch.nn.Module) -> PretrainedEncoder:
@@ -146,6 +148,20 @@ class PretrainTrainer(MeduetTrainer):
             losses["teacher_momentum"] = float(self.teacher.update(self.network, step, self.total_steps))
         losses["lr"] = lr
         return {"loss": loss.detach(), "losses": losses}
+
+
+def content_eraser_fit(network: torch.nn.Module, latent_datalist: str, settings: Mapping[str, Any],
+                       device: str | torch.device | None = None) -> ContentEraserFit | None:
+    """train.yaml's ``content_eraser`` (not in the paper): a ``ContentEraserFit`` when ``settings["enabled"]`` is
+    true and ``settings["splits"]`` is not empty, else None (the content head stays as trained)."""
+    enabled = settings.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise MeduetConfigError(f"content_eraser#enabled must be True or False, got {enabled!r} (on the command "
+                                "line: --content_eraser#enabled True)")
+    if not enabled or not settings.get("splits"):
+        return None
+    return ContentEraserFit(network, latent_datalist, settings["splits"], settings.get("shrinkage", 0.1),
+                            settings.get("appearance_dims", 8), device=device)
 
 
 class ContentEraserFit:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from meduet.engines.checkpoint import unwrap
 from meduet.engines.trainer import MeduetTrainer, NonFiniteLossError
 from meduet.latent import LatentSpace
-from meduet.networks.vae import MeduetVAE, encode_patchwise, reconstruct_patchwise
+from meduet.networks.vae import MeduetVAE, PatchEncoding, reconstruct_patchwise
 
 __all__ = [
     "VAEGANTrainer",
@@ -220,14 +220,17 @@ def refresh_vae_meta(vae: torch.nn.Module, trainer: VAEGANTrainer | None = None,
 class DecoderFinetuneTrainer(MeduetTrainer):
     """3D MedDiffusion's second VAE stage: frozen encoder, decoder fine-tuned on patch-wise encoded volumes.
 
-    Each iteration encodes whole volumes (or large crops) patch by patch (``patch_size``, no overlap, exactly as
-    ``encode.yaml`` caches latents for big volumes), decodes the assembled latent in one pass and minimises
-    L1 to the input, so that decoding a stitched latent shows no seams at patch borders.
+    Each iteration encodes whole volumes (or large crops) patch by patch with one ``PatchEncoding`` (``patch_size``,
+    ``overlap``, ``mode``; 3D MedDiffusion: independent patches, no overlap), decodes the assembled latent in one
+    pass and minimises L1 to the input, so that decoding a stitched latent shows no seams at patch borders. The
+    scheme is stored in the VAE's record (``refresh_vae_meta(..., patch_encoding=scheme.record())`` in
+    train_decoder.yaml), from which ``encode.yaml`` caches latents exactly the same way.
 
     Args:
         network: the ``MeduetVAE``; its encoder is frozen here.
         optimizer: over the decoder's parameters (``decoder_parameters(network)``).
-        patch_size: image-space patch of the patch-wise encoding.
+        patch_size, overlap, mode: the patch-wise encoding (``meduet.networks.vae.PatchEncoding``), or
+        patch_encoding: the scheme itself (replaces the three).
         other args as ``VAEGANTrainer``.
     """
 
@@ -244,12 +247,16 @@ class DecoderFinetuneTrainer(MeduetTrainer):
         amp: bool = False,
         train_handlers: Sequence | None = None,
         inferer: Inferer | None = None,
+        overlap: float = 0.0,
+        mode: str = "constant",
+        patch_encoding: PatchEncoding | None = None,
     ) -> None:
         super().__init__(
             device, max_epochs, train_data_loader, network, optimizer, grad_clip=grad_clip,
             epoch_length=epoch_length, amp=amp, train_handlers=train_handlers, inferer=inferer,
         )
-        self.patch_size = patch_size
+        self.patch_encoding = patch_encoding or PatchEncoding(patch_size, overlap, mode)
+        self.patch_size = self.patch_encoding.patch_size
         vae = unwrap(network)
         for p in vae.encoder.parameters():
             p.requires_grad_(False)
@@ -264,7 +271,7 @@ class DecoderFinetuneTrainer(MeduetTrainer):
         vae = unwrap(self.network)
         vae.eval()  # no dropout/batch statistics in MAISI's VAE; eval keeps the frozen encoder deterministic
         with torch.no_grad():
-            z = encode_patchwise(vae, images, patch_size=self.patch_size, overlap=0.0)  # type: ignore[arg-type]
+            z = self.patch_encoding.encode(vae, images)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             recon = vae.decode(z)

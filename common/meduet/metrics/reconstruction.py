@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from monai.data.utils import dense_patch_slices
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 
-__all__ = ["reconstruction_metrics", "patch_border_mask", "seam_error"]
+__all__ = ["reconstruction_metrics", "window_borders", "patch_border_mask", "seam_error"]
 
 
 def reconstruction_metrics(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> dict[str, float]:
@@ -39,15 +40,26 @@ def reconstruction_metrics(pred: torch.Tensor, target: torch.Tensor, data_range:
     return {"psnr": psnr, "ssim": ssim, "ms_ssim": msssim, "ms_ssim_scales": scales}
 
 
-def patch_border_mask(shape: Sequence[int], patch_size: Sequence[int] | int, width: int = 1) -> torch.Tensor:
-    """Boolean mask of voxels within ``width`` voxels of an internal patch boundary of a regular patch grid.
+def window_borders(size: int, window: int, overlap: float = 0.0) -> list[int]:
+    """Interior positions along one axis of ``size`` voxels where MONAI's sliding windows (``window`` voxels,
+    ``overlap``) begin or end, i.e. where patch-wise coding can leave a seam. MONAI steps windows by
+    ``int(window * (1 - overlap))`` and shifts the last one back to end at the face (``dense_patch_slices``), so
+    borders are not at multiples of the window when the size is not one."""
+    window = min(int(window), int(size))
+    interval = window if window == size else max(int(window * (1 - overlap)), 1)
+    slices = dense_patch_slices((int(size),), (window,), (interval,))
+    return sorted({int(sl[0].start) for sl in slices if sl[0].start > 0} | {int(sl[0].stop) for sl in slices if sl[0].stop < size})
 
-    Boundaries sit at multiples of ``patch_size`` along each axis (the volume's own faces are not borders).
-    """
+
+def patch_border_mask(shape: Sequence[int], patch_size: Sequence[int] | int, width: int = 1,
+                      overlap: float = 0.0) -> torch.Tensor:
+    """Boolean mask of voxels within ``width`` voxels of an interior window border of patch-wise coding with MONAI
+    sliding windows of ``patch_size`` and ``overlap`` (``window_borders``; the volume's own faces are not
+    borders)."""
     ps = [patch_size] * len(shape) if isinstance(patch_size, int) else list(patch_size)
     mask = torch.zeros(tuple(shape), dtype=torch.bool)
     for axis, (n, p) in enumerate(zip(shape, ps)):
-        for b in range(p, n, p):
+        for b in window_borders(n, p, overlap):
             lo, hi = max(0, b - width), min(n, b + width)
             index = [slice(None)] * len(shape)
             index[axis] = slice(lo, hi)
@@ -56,14 +68,15 @@ def patch_border_mask(shape: Sequence[int], patch_size: Sequence[int] | int, wid
 
 
 def seam_error(
-    pred: torch.Tensor, target: torch.Tensor, patch_size: Sequence[int] | int, width: int = 1
+    pred: torch.Tensor, target: torch.Tensor, patch_size: Sequence[int] | int, width: int = 1, overlap: float = 0.0
 ) -> dict[str, float]:
-    """Mean absolute error on voxels at patch borders vs elsewhere, and their ratio (1.0 = no visible seam).
+    """Mean absolute error on voxels at window borders vs elsewhere, and their ratio (1.0 = no visible seam).
 
-    ``pred``/``target``: ``(B, C, H, W, D)``; ``patch_size`` is the image-space patch of patch-wise encoding.
+    ``pred``/``target``: ``(B, C, H, W, D)``; ``patch_size`` and ``overlap``: the image-space windows of the
+    patch-wise encoding (``patch_border_mask``: the borders MONAI's sliding windows really have).
     """
     err = (pred.float() - target.float()).abs().mean(dim=(0, 1))
-    mask = patch_border_mask(err.shape, patch_size, width)
+    mask = patch_border_mask(err.shape, patch_size, width, overlap)
     if not mask.any() or mask.all():
         return {"seam_border_mae": float("nan"), "seam_interior_mae": float(err.mean()), "seam_ratio": float("nan")}
     border = float(err[mask].mean())

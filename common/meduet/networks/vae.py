@@ -13,6 +13,7 @@ Shapes: images ``(B, C_in, H, W, D)`` with ``H, W, D`` divisible by ``downsample
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "encode_patchwise",
     "decode_patchwise",
     "reconstruct_patchwise",
+    "PatchEncoding",
 ]
 
 #: MAISI's CT autoencoder (the tokenizer of the MeDUET paper): 4 latent channels, 4x downsampling.
@@ -275,3 +277,50 @@ def reconstruct_patchwise(
     if decode_patch_size is None:
         return vae.decode(z)
     return decode_patchwise(vae, z, latent_patch_size=decode_patch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchEncoding:
+    """How a whole volume is encoded patch by patch: MONAI sliding windows of ``patch_size`` (image space) with
+    ``overlap`` and ``mode`` blending (the last window along an axis is shifted back to end at the volume's face).
+
+    One setting, shared: decoder fine-tuning (``DecoderFinetuneTrainer``) encodes its training volumes with it and
+    stores it in the VAE's record (``meta["patch_encoding"]``), the latent cache (encode.yaml) and the seam metric
+    (evaluate.yaml) read it from there (``of``), so the decoder is fine-tuned on the latents the chain produces.
+    """
+
+    patch_size: tuple[int, ...] | int = 64
+    overlap: float = 0.0
+    mode: str = "constant"
+
+    def __post_init__(self) -> None:
+        size = self.patch_size
+        object.__setattr__(self, "patch_size", int(size) if isinstance(size, int) else tuple(int(p) for p in size))
+        if not 0.0 <= float(self.overlap) < 1.0:
+            raise MeduetConfigError(f"patch encoding overlap must be in [0, 1), got {self.overlap}")
+        if self.mode not in ("constant", "gaussian"):
+            raise MeduetConfigError(f"patch encoding mode must be 'constant' or 'gaussian', got {self.mode!r}")
+
+    def encode(self, vae: MeduetVAE, image: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """``encode_patchwise`` with this scheme (``kwargs``: ``sw_batch_size``, ``sw_device``, ``device``)."""
+        return encode_patchwise(vae, image, self.patch_size, float(self.overlap), mode=self.mode, **kwargs)
+
+    def window(self, shape: Sequence[int]) -> list[int]:
+        """The window actually used on a volume of ``shape`` (no larger than the volume)."""
+        return _window(self.patch_size, shape)
+
+    def record(self) -> dict[str, Any]:
+        size = self.patch_size
+        return {"patch_size": size if isinstance(size, int) else list(size), "overlap": float(self.overlap),
+                "mode": self.mode}
+
+    @classmethod
+    def of(cls, vae: torch.nn.Module, patch_size: Sequence[int] | int | None = None, overlap: float | None = None,
+           mode: str | None = None, default: PatchEncoding | None = None) -> PatchEncoding:
+        """The scheme the VAE's decoder was fine-tuned with (its record's ``patch_encoding``; ``default`` for a VAE
+        without one, e.g. before fine-tuning or MAISI's weights), with any argument that is not None replacing
+        the stored value."""
+        stored = dict((getattr(vae, "meta", {}) or {}).get("patch_encoding") or {})
+        base = cls(**stored) if stored else (default or cls())
+        return cls(base.patch_size if patch_size is None else patch_size,
+                   base.overlap if overlap is None else overlap, base.mode if mode is None else mode)

@@ -128,7 +128,7 @@ def test_encode_caches_copies_and_pretraining_uses_them(tiny_vae, tiny_data, tmp
         assert all(np.abs(c - z).mean() > 1e-3 for c in copies) and np.abs(copies[0] - copies[1]).mean() > 1e-3
     root = tmp_path / "pretrain"
     bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(out / "datalist.json"),
-               "--loss#w_aug_content", "1.0", "--content_eraser#enabled", "true", run_id="training")
+               "--loss#w_aug_content", "1.0", "--content_eraser#enabled", "True", run_id="training")
     state = torch.load(root / "models" / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     # the content eraser's appearance part was fitted on the copies: the directions in which the (site-erased)
@@ -166,7 +166,7 @@ def test_unlabeled_pretraining_pool_is_encoded_pretrained_on_and_erased_with(tin
     root = tmp_path / "pretrain"
     # labelled training items and unlabeled pool items share batches (tiny: 4 latents a batch, drop_last)
     bundle_run("meduet_pretrain", "train", "--bundle_root", str(root), "--latent_datalist", str(out / "datalist.json"),
-               "--content_eraser#enabled", "true", run_id="training")
+               "--content_eraser#enabled", "True", run_id="training")
     ckpt = torch.load(root / "models" / "checkpoint.pt", weights_only=True)
     assert ckpt["engine"]["iteration"] == 2 * ((n_train + 6) // 4)  # 2 epochs over training + pool
     er = load_pretrain(root / "models" / "model.pt").meta["content_eraser"]

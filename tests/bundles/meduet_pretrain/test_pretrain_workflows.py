@@ -125,11 +125,16 @@ def test_evaluate_reports_probes_plots_and_style_swap(pretrained, tiny_latents, 
     out = pretrained / "eval"
     bundle_run("meduet_pretrain", "evaluate", "--bundle_root", str(pretrained), "--latent_datalist",
                str(tiny_latents), "--vae_ckpt", str(tiny_vae / "models/model.pt"), "--output_dir", str(out),
-               "--embedding_plot", "pca")
+               "--embedding_plot", "pca", "--erased_rows", "True")
     m = json.loads((out / "metrics.json").read_text())
     assert m["cases"] == 8 and m["subjects"] == 2  # 2 test subjects x 4 sites
     f = m["factors"]
-    assert set(f) == {"MeDUET content", "MeDUET style", "MAE baseline", "MeDUET content, stored eraser", "chance"}
+    assert set(f) == {"MeDUET content", "MeDUET style", "MAE baseline", "MeDUET content, stored eraser",
+                      "MeDUET content + LEACE", "MAE baseline + LEACE", "chance"}
+    # --erased_rows: both encoders erased the same way, fitted on the pretraining splits (never the test split)
+    er_rows = m["erased_rows"]
+    assert er_rows["rows"] == ["MeDUET content + LEACE", "MAE baseline + LEACE"]
+    assert er_rows["splits"] == ["training", "validation"] and "test" not in er_rows["splits"]
     assert f["chance"]["site"] == pytest.approx(0.25)
     # the headline content row is raw: the content head as pretraining left it, not through the stored eraser
     # (tiny_pretrain switched that option on); the eraser's own row differs

@@ -53,6 +53,8 @@ def test_training_writes_what_the_next_stage_needs(trained, tiny_data):
     # decoder fine-tuning changed the decoder only
     after = records.load(models / "model.pt", expect="vae")
     assert after.meta.get("decoder_finetuned") is True
+    # the patch-wise encoding the decoder was fine-tuned with travels in its record (tiny: 16^3, no overlap)
+    assert after.meta["patch_encoding"] == {"patch_size": [16, 16, 16], "overlap": 0.0, "mode": "constant"}
     b, a = vae.state_dict(), after.state_dict()
     assert all(torch.equal(b[k], a[k]) for k in b if k.startswith("encoder."))
     assert any(not torch.equal(b[k], a[k]) for k in b if k.startswith("decoder."))
@@ -123,16 +125,21 @@ def test_encode_caches_latents_with_affine(trained, tiny_data):
     assert lat.shape == tuple(s // 4 for s in item["image_shape"]) + (4,)
     assert np.allclose(np.linalg.norm(lat.affine[:3, :3], axis=0), 4 * np.array(item["spacing"]))
     assert item["domain"] in src["domains"]
-    # the cached latent is the VAE's posterior mean of the preprocessed image
+    # the cached latent is the VAE's posterior mean of the preprocessed image, encoded patch-wise exactly as the
+    # decoder was fine-tuned (the scheme in its record: 16^3 windows over the <=32^3 tiny volumes), not whole
     vae = records.load(trained / "models" / "model.pt", expect="vae")
     from meduet.data import get_load_transforms
+    from meduet.networks.vae import PatchEncoding
 
+    assert dl["patch_encoding"] == vae.meta["patch_encoding"]
     x = get_load_transforms(**vae.meta["preprocessing"])({"image": item["image"], "label": item["label"]})["image"]
+    x = x.as_tensor().unsqueeze(0)
     with torch.no_grad():
-        z = vae.encode_mean(x.as_tensor().unsqueeze(0))[0]
+        z = PatchEncoding.of(vae).encode(vae, x)[0]
+        whole = vae.encode_mean(x)[0]
     cached = torch.from_numpy(np.moveaxis(np.asarray(lat.dataobj), -1, 0))
-    assert max(item["image_shape"]) <= 32  # one 32^3 window (tiny preset) covers the volume: no blending
-    assert torch.allclose(cached, z, atol=1e-4)
+    assert max(item["image_shape"]) > 16  # several windows
+    assert torch.allclose(cached, z, atol=1e-4) and not torch.allclose(cached, whole, atol=1e-3)
 
 
 def test_inference_writes_nifti_on_the_input_grid(trained, tiny_data):

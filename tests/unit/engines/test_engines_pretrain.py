@@ -101,3 +101,29 @@ def test_mae_objective_and_bad_batches():
     odd.data_loader = _loader(n=3, batch=3)
     with pytest.raises(Exception, match="even"):
         odd.run()
+
+
+def test_content_eraser_is_an_option_off_unless_enabled_with_a_bool():
+    from meduet.engines.pretrain import content_eraser_fit
+    from meduet.errors import MeduetConfigError
+    from meduet.networks.meduet import build_meduet
+
+    net = build_meduet("tiny", num_domains=2)
+    assert content_eraser_fit(net, "dl.json", {"splits": ["training"]}) is None  # off by default (not in the paper)
+    assert content_eraser_fit(net, "dl.json", {"enabled": False, "splits": ["training"]}) is None
+    assert content_eraser_fit(net, "dl.json", {"enabled": True, "splits": []}) is None
+    assert content_eraser_fit(net, "dl.json", {"enabled": True, "splits": ["training"]}) is not None
+    with pytest.raises(MeduetConfigError, match="content_eraser#enabled must be True or False"):
+        content_eraser_fit(net, "dl.json", {"enabled": "false", "splits": ["training"]})
+
+
+@pytest.mark.parametrize("preset", [None, "tiny", "demo", "paper"])
+def test_no_preset_switches_the_eraser_on(preset):
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    cfg = Path(__file__).resolve().parents[3] / "bundles/meduet_pretrain/configs"
+    parser = ConfigParser()
+    parser.read_config([str(cfg / "train.yaml")] + ([str(cfg / "presets" / f"{preset}.yaml")] if preset else []))
+    assert parser["content_eraser"]["enabled"] is False

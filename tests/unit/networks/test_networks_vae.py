@@ -175,3 +175,35 @@ def test_ms_ssim_scales_fit_monai_size_check(side):
     x = torch.rand(1, 1, side, side, side)
     m = reconstruction_metrics((x * 0.9 + 0.05), x)
     assert 1 <= m["ms_ssim_scales"] <= 5 and 0 < m["ms_ssim"] <= 1
+
+
+@pytest.mark.parametrize("size,window,overlap", [(40, 16, 0.0), (56, 32, 0.0), (32, 16, 0.0), (44, 16, 0.25),
+                                                 (20, 32, 0.0)])
+def test_window_borders_are_where_monais_sliding_windows_meet(size, window, overlap):
+    """Each window writes its own random constant; MONAI averages where windows overlap, so the output changes value
+    exactly where a window begins or ends: those positions must be ``window_borders``."""
+    from monai.inferers import sliding_window_inference
+
+    from meduet.metrics.reconstruction import window_borders
+
+    g = torch.Generator().manual_seed(0)
+    out = sliding_window_inference(torch.zeros(1, 1, size, 8, 8), roi_size=(window, 8, 8), sw_batch_size=1,
+                                   predictor=lambda t: torch.full_like(t, float(torch.rand(1, generator=g))),
+                                   overlap=overlap, mode="constant")
+    line = out[0, 0, :, 0, 0]
+    changes = [i for i in range(1, size) if not torch.isclose(line[i], line[i - 1])]
+    assert changes == window_borders(size, window, overlap)
+    if size % window and size > window:  # the last window is shifted back: a border that is no multiple
+        assert any(b % window for b in changes)
+
+
+def test_patch_encoding_is_one_setting_read_from_the_record(vae):
+    from meduet.networks.vae import PatchEncoding
+
+    vae.meta["patch_encoding"] = PatchEncoding([16, 16, 16], 0.0, "constant").record()
+    assert PatchEncoding.of(vae) == PatchEncoding((16, 16, 16), 0.0, "constant")
+    assert PatchEncoding.of(vae, overlap=0.5).overlap == 0.5  # an explicit value replaces the stored one
+    vae.meta.pop("patch_encoding")
+    assert PatchEncoding.of(vae, default=PatchEncoding(64, 0.25, "gaussian")).mode == "gaussian"
+    with pytest.raises(MeduetConfigError, match="overlap"):
+        PatchEncoding(16, 1.0)

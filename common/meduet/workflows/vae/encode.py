@@ -4,6 +4,7 @@ its latent datalist (``meduet.latent``), which every later stage reads."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import zlib
 from collections.abc import Sequence
@@ -18,23 +19,31 @@ from meduet import records
 from meduet.data import SyntheticSiteAugment, case_name, get_appearance_augment, get_load_transforms, load_datalist
 from meduet.errors import MeduetConfigError
 from meduet.latent import LatentDatalist, LatentSpace, save_latent
-from meduet.networks.vae import encode_patchwise
+from meduet.networks.vae import PatchEncoding
 from meduet.workflows.config import WorkflowConfig
 from meduet.workflows.vae.common import load_case, preprocessing_for
+
+logger = logging.getLogger(__name__)
+
+#: The patch-wise encoding of a VAE whose record has none (its decoder was not fine-tuned on patch-wise latents,
+#: e.g. stage 1 or MAISI's weights): large windows, blended where they overlap.
+UNTUNED_ENCODING = PatchEncoding(64, 0.25, "gaussian")
 
 __all__ = ["Config", "run"]
 
 
 @dataclasses.dataclass
 class Config(WorkflowConfig):
-    """encode.yaml: the VAE checkpoint, the image datalist, where the latent cache goes and how it is made."""
+    """encode.yaml: the VAE checkpoint, the image datalist, where the latent cache goes and how it is made.
+    ``patch_size`` / ``overlap``: None (the default) takes the VAE's own ``PatchEncoding`` (the scheme its decoder
+    was fine-tuned with, from its record), so the cache holds the latents the decoder learned to decode."""
 
     vae_ckpt: str
     datalist: str
     output_dir: str
     splits: Sequence[str] = ("training", "validation", "test")
-    patch_size: Sequence[int] | int = 64
-    overlap: float = 0.25
+    patch_size: Sequence[int] | int | None = None
+    overlap: float | None = None
     device: str | torch.device = "cpu"
     augment_copies: int = 0
     augment_splits: Sequence[str] = ("training",)
@@ -65,11 +74,13 @@ def run(config: Config) -> str:
     """
     cfg = config
     vae_ckpt, datalist, output_dir = cfg.vae_ckpt, cfg.datalist, cfg.output_dir
-    patch_size, overlap = cfg.patch_size, cfg.overlap
     augment_copies, augment_splits, augment_strength = cfg.augment_copies, cfg.augment_splits, cfg.augment_strength
     augment_seed, augment_kind = cfg.augment_seed, cfg.augment_kind
     device = torch.device(cfg.device)
     vae = records.load(vae_ckpt, device, expect="vae")
+    scheme = PatchEncoding.of(vae, cfg.patch_size, cfg.overlap, default=UNTUNED_ENCODING)
+    if not vae.meta.get("patch_encoding"):
+        logger.info(f"'{vae_ckpt}' records no patch encoding (decoder not fine-tuned): encoding with {scheme.record()}")
     dl = load_datalist(datalist)
     splits = [s for s in cfg.splits if s in dl]
     prep = preprocessing_for(vae, dl)
@@ -90,6 +101,7 @@ def run(config: Config) -> str:
         "downsample_factor": f,
         "latent_scale_factor": LatentSpace.from_vae(vae).scale_factor,
         "preprocessing": prep,
+        "patch_encoding": scheme.record(),
     }
     if augment_copies < 0:
         raise MeduetConfigError(f"augment_copies must be >= 0, got {augment_copies}")
@@ -106,8 +118,7 @@ def run(config: Config) -> str:
         rows = []
         for item in tqdm(dl[split], desc=f"encode {split}", disable=os.environ.get("MEDUET_PROGRESS") == "0"):
             x, affine, _ = load_case(transform, item, device)
-            z = encode_patchwise(vae, x, patch_size=patch_size, overlap=overlap,
-                                 mode="gaussian" if overlap else "constant")
+            z = scheme.encode(vae, x)
             z_np = z[0].float().cpu().numpy()
             name = case_name(item)
             if name in seen:  # the same image listed in two splits is encoded once
@@ -133,8 +144,7 @@ def run(config: Config) -> str:
                 for k in range(int(augment_copies)):
                     augment.set_random_state(seed=(zlib.crc32(f"{name}:{k}".encode()) + int(augment_seed)) % 2**32)
                     xa = torch.as_tensor(augment(x[0].cpu())).float().unsqueeze(0).to(device)
-                    za = encode_patchwise(vae, xa, patch_size=patch_size, overlap=overlap,
-                                          mode="gaussian" if overlap else "constant")[0].float().cpu().numpy()
+                    za = scheme.encode(vae, xa)[0].float().cpu().numpy()
                     rel_aug = f"latents/{name}_aug{k}.nii.gz"
                     save_latent(out / rel_aug, za, affine, f)
                     row["latent_aug"].append(rel_aug)

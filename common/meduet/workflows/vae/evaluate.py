@@ -22,7 +22,7 @@ from meduet import records
 from meduet.data import case_name, get_load_transforms, load_datalist
 from meduet.io import save_nifti
 from meduet.metrics.reconstruction import reconstruction_metrics, seam_error
-from meduet.networks.vae import encode_patchwise
+from meduet.networks.vae import PatchEncoding
 from meduet.viz import save_orthoslices
 from meduet.workflows.config import WorkflowConfig
 from meduet.workflows.vae.common import load_case, preprocessing_for
@@ -40,7 +40,8 @@ class Config(WorkflowConfig):
     datalist: str
     output_dir: str
     split: str = "test"
-    patch_size: Sequence[int] | int = 32
+    patch_size: Sequence[int] | int | None = None
+    overlap: float | None = None
     compare_ckpt: str | None = None
     max_cases: int | None = None
     save_images: int = 4
@@ -51,8 +52,11 @@ class Config(WorkflowConfig):
 
 @torch.no_grad()
 def run(config: Config) -> dict[str, Any]:
-    """PSNR / SSIM / MS-SSIM of whole-volume reconstruction, and the seam error of patch-wise encoding
-    (``patch_size``, no overlap) followed by whole-volume decoding, per case, per domain and overall.
+    """PSNR / SSIM / MS-SSIM of whole-volume reconstruction, and the seam error of patch-wise encoding followed by
+    whole-volume decoding, per case, per domain and overall. The patch-wise encoding is the VAE's own
+    (``PatchEncoding.of``: the scheme its decoder was fine-tuned with, which encode.yaml also uses; 32^3 windows
+    without overlap for a VAE without one), ``patch_size`` / ``overlap`` override it; seams are measured at the
+    borders MONAI's sliding windows really have (``metrics.reconstruction.window_borders``).
 
     ``compare_ckpt`` (e.g. the checkpoint before decoder fine-tuning) gets the same seam measurement, so the
     report shows before/after. Writes ``metrics.json``, ``cases.csv``, a PNG per case (up to ``save_images``:
@@ -61,10 +65,12 @@ def run(config: Config) -> dict[str, Any]:
     """
     cfg = config
     vae_ckpt, datalist, split = cfg.vae_ckpt, cfg.datalist, cfg.split
-    output_dir, patch_size = cfg.output_dir, cfg.patch_size
+    output_dir = cfg.output_dir
     compare_ckpt, seam_width = cfg.compare_ckpt, cfg.seam_width
     device = torch.device(cfg.device)
     vae = records.load(vae_ckpt, device, expect="vae")
+    scheme = PatchEncoding.of(vae, cfg.patch_size, cfg.overlap, default=PatchEncoding(32))
+    patch_size = scheme.patch_size
     other = None
     if compare_ckpt and Path(compare_ckpt).is_file() and Path(compare_ckpt).resolve() != Path(vae_ckpt).resolve():
         other = records.load(compare_ckpt, device, expect="vae")
@@ -80,7 +86,7 @@ def run(config: Config) -> dict[str, Any]:
     for n, item in enumerate(tqdm(items, desc=f"evaluate {split}", disable=os.environ.get("MEDUET_PROGRESS") == "0")):
         x, affine, _ = load_case(transform, item, device)
         recon = vae.reconstruct(x).clamp(0, 1)
-        z_patch = encode_patchwise(vae, x, patch_size=patch_size, overlap=0.0)
+        z_patch = scheme.encode(vae, x)
         recon_patch = vae.decode(z_patch).clamp(0, 1)
         rec = {
             "case": case_name(item),
@@ -89,11 +95,12 @@ def run(config: Config) -> dict[str, Any]:
             "heldout": item.get("domain") in heldout,
             **reconstruction_metrics(recon, x),
             **{f"patchwise_{k}": v for k, v in reconstruction_metrics(recon_patch, x).items() if k == "psnr"},
-            **seam_error(recon_patch, x, patch_size, seam_width),
+            **seam_error(recon_patch, x, scheme.window(x.shape[2:]), seam_width, scheme.overlap),
         }
         if other is not None:
-            before = other.decode(encode_patchwise(other, x, patch_size=patch_size, overlap=0.0)).clamp(0, 1)
-            rec.update({f"before_{k}": v for k, v in seam_error(before, x, patch_size, seam_width).items()})
+            before = other.decode(scheme.encode(other, x)).clamp(0, 1)
+            rec.update({f"before_{k}": v for k, v in seam_error(before, x, scheme.window(x.shape[2:]), seam_width,
+                                                                scheme.overlap).items()})
             rec["before_patchwise_psnr"] = reconstruction_metrics(before, x)["psnr"]
         cases.append(rec)
         if n < cfg.save_images:
@@ -130,6 +137,7 @@ def run(config: Config) -> dict[str, Any]:
         "datalist": str(datalist),
         "split": split,
         "patch_size": patch_size,
+        "patch_encoding": scheme.record(),
         "overall": summary(cases),
         "seen_domains": summary([r for r in cases if not r["heldout"]]) if any(not r["heldout"] for r in cases) else {},
         "heldout_domains": summary([r for r in cases if r["heldout"]]) if any(r["heldout"] for r in cases) else {},
