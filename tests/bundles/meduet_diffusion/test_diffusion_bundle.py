@@ -4,12 +4,15 @@ phantoms' latent cache, with the tiny meduet_pretrain encoder for the factors co
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, bundle_run, torchrun_launcher
 from meduet.engines.checkpoint import load_checkpoint
@@ -24,6 +27,35 @@ from meduet.workflows.diffusion.common import conditioner_for
 def _train(root: Path, latents: Path, pretrain: Path, *extra: str, check: bool = True):
     return bundle_run("meduet_diffusion", "train", "--bundle_root", str(root), "--latent_datalist", str(latents),
                       "--pretrain_ckpt", str(pretrain / "models/model.pt"), *extra, run_id="training", check=check)
+
+
+def kill_at_save(tmp_path: Path, bundle: str, epoch: int) -> str:
+    """An extra config for ``bundle_run``: the run SIGKILLs itself right before it writes the checkpoint of ``epoch``
+    (that epoch trained and logged, ``checkpoint.pt`` still the previous epoch's; nothing of the run's own clean-up
+    runs), through the ``before_save`` hook of train.yaml's ``TrainingCheckpointer``."""
+    handlers = yaml.safe_load((REPO / "bundles" / bundle / "configs/train.yaml").read_text())["train"]["handlers"]
+    i = next(i for i, h in enumerate(handlers) if h["_target_"].endswith("TrainingCheckpointer"))
+    kill = tmp_path / "kill_at_save.yaml"
+    kill.write_text("+imports: ['$import signal']\n"
+                    f"train#handlers#{i}#before_save: \"$lambda engine: os.kill(os.getpid(), signal.SIGKILL) "
+                    f"if engine.state.epoch == {epoch} else None\"\n")
+    return os.path.relpath(kill.with_suffix(""), REPO / "bundles" / bundle / "configs")
+
+
+def assert_same(a, b, where: str) -> None:
+    """The same keys at every level, every tensor bit for bit (dtype included), every other value equal."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {list(a)} != {list(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{where}: {a!r} != {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def test_training_checkpoints_record_validation_and_prior(sit_factors, tiny_latents, tiny_pretrain):
@@ -71,6 +103,39 @@ def test_resume_continues_from_the_last_epoch(sit_factors, tiny_latents, tiny_pr
     assert ckpt["engine"]["epoch"] == 3 and ckpt["engine"]["iteration"] == first["engine"]["iteration"] * 3 // 2
     rows = [json.loads(x) for x in (root / "runs/val_loss.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # resumed runs append to the curve
+
+
+def test_kill_and_resume_gives_the_same_weights(sit_factors, tiny_latents, tiny_pretrain, tmp_path):
+    """Run sit_factors' training (its command less the MLflow tracking and the factor prior), SIGKILL it when it is
+    about to save epoch 2 of 2, its validation loss of epoch 2 already logged; resume it with the same command, and
+    get what sit_factors' uninterrupted run got, bit for bit: generator, EMA generator (checkpoint and model.pt),
+    optimiser, schedule, step counters, RNG states, and the validation-loss log (the killed run's row of epoch 2
+    replaced by the resumed run's)."""
+    root = tmp_path / "killed"
+    args = ["--prior#enabled", "False"]  # fitted after training, from the frozen conditioner alone
+    killed = bundle_run("meduet_diffusion", "train", "--bundle_root", str(root), "--latent_datalist",
+                        str(tiny_latents), "--pretrain_ckpt", str(tiny_pretrain / "models/model.pt"), *args,
+                        run_id="training", check=False,
+                        extra_configs=(kill_at_save(tmp_path, "meduet_diffusion", epoch=2),))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert load_checkpoint(root / "models/checkpoint.pt")["engine"]["epoch"] == 1
+    val_log = root / "runs/val_loss.jsonl"
+    assert [json.loads(x)["epoch"] for x in val_log.read_text().splitlines()] == [1, 2]
+    resumed = _train(root, tiny_latents, tiny_pretrain, *args)
+    assert f"resumed from {root / 'models/checkpoint.pt'} at epoch 1," in resumed.stdout + resumed.stderr
+    ref = sit_factors / "models"
+    ckpt, again = load_checkpoint(ref / "checkpoint.pt"), load_checkpoint(root / "models/checkpoint.pt")
+    assert {"model", "ema", "optimizer", "lr_scheduler", "engine", "rng"} <= set(ckpt)
+    assert ckpt["engine"]["epoch"] == 2
+    # Python's own RNG state is left out: training draws nothing from it, but the reference run (tracked with MLflow
+    # when installed, conftest.mlflow_args) may have: MLflow's file store draws from it when it creates an
+    # experiment whose random id has leading zeros, about one run in ten (mlflow.utils.name_utils)
+    del ckpt["rng"]["python"], again["rng"]["python"]
+    assert_same(ckpt, again, "checkpoint.pt")
+    assert_same(torch.load(ref / "model.pt", weights_only=True), torch.load(root / "models/model.pt",
+                                                                            weights_only=True), "model.pt")
+    rows = [json.loads(x) for x in val_log.read_text().splitlines()]
+    assert rows == [json.loads(x) for x in (sit_factors / "runs/val_loss.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("objective,condition", [("ddpm", "metadata")])  # rflow/none: tests/test_dit.py
