@@ -220,3 +220,36 @@ def write_ct_series(volume, folder: Path, spacing=(1.5, 1.5, 1.5)) -> Path:
         ds.PixelData = np.ascontiguousarray(volume[:, :, k].T.astype(np.int16)).tobytes()
         ds.save_as(folder / f"slice{k:03d}.dcm", enforce_file_format=True)
     return folder
+
+
+def kill_at_save(tmp_path: Path, bundle: str, epoch: int) -> str:
+    """An extra config for ``bundle_run``: the run SIGKILLs itself right before it writes the checkpoint of ``epoch``
+    (that epoch trained and logged, ``checkpoint.pt`` still the previous epoch's; nothing of the run's own clean-up
+    runs), through the ``before_save`` hook of train.yaml's ``TrainingCheckpointer``."""
+    import yaml
+
+    handlers = yaml.safe_load((REPO / "bundles" / bundle / "configs/train.yaml").read_text())["train"]["handlers"]
+    i = next(i for i, h in enumerate(handlers) if h["_target_"].endswith("TrainingCheckpointer"))
+    kill = tmp_path / "kill_at_save.yaml"
+    kill.write_text("+imports: ['$import signal']\n"
+                    f"train#handlers#{i}#before_save: \"$lambda engine: os.kill(os.getpid(), signal.SIGKILL) "
+                    f"if engine.state.epoch == {epoch} else None\"\n")
+    return os.path.relpath(kill.with_suffix(""), REPO / "bundles" / bundle / "configs")
+
+
+def assert_same(a, b, where: str) -> None:
+    """The same keys at every level, every tensor bit for bit (dtype included), every other value equal."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {list(a)} != {list(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{where}: {a!r} != {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"

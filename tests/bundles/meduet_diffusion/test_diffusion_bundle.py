@@ -12,9 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from conftest import REPO, bundle_run, torchrun_launcher
+from conftest import REPO, assert_same, bundle_run, kill_at_save, torchrun_launcher
 from meduet.engines.checkpoint import load_checkpoint
 from meduet.errors import MeduetConfigError
 from meduet import records
@@ -27,35 +26,6 @@ from meduet.workflows.diffusion.common import conditioner_for
 def _train(root: Path, latents: Path, pretrain: Path, *extra: str, check: bool = True):
     return bundle_run("meduet_diffusion", "train", "--bundle_root", str(root), "--latent_datalist", str(latents),
                       "--pretrain_ckpt", str(pretrain / "models/model.pt"), *extra, run_id="training", check=check)
-
-
-def kill_at_save(tmp_path: Path, bundle: str, epoch: int) -> str:
-    """An extra config for ``bundle_run``: the run SIGKILLs itself right before it writes the checkpoint of ``epoch``
-    (that epoch trained and logged, ``checkpoint.pt`` still the previous epoch's; nothing of the run's own clean-up
-    runs), through the ``before_save`` hook of train.yaml's ``TrainingCheckpointer``."""
-    handlers = yaml.safe_load((REPO / "bundles" / bundle / "configs/train.yaml").read_text())["train"]["handlers"]
-    i = next(i for i, h in enumerate(handlers) if h["_target_"].endswith("TrainingCheckpointer"))
-    kill = tmp_path / "kill_at_save.yaml"
-    kill.write_text("+imports: ['$import signal']\n"
-                    f"train#handlers#{i}#before_save: \"$lambda engine: os.kill(os.getpid(), signal.SIGKILL) "
-                    f"if engine.state.epoch == {epoch} else None\"\n")
-    return os.path.relpath(kill.with_suffix(""), REPO / "bundles" / bundle / "configs")
-
-
-def assert_same(a, b, where: str) -> None:
-    """The same keys at every level, every tensor bit for bit (dtype included), every other value equal."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {list(a)} != {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), f"{where}: {a!r} != {b!r}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def test_training_checkpoints_record_validation_and_prior(sit_factors, tiny_latents, tiny_pretrain):
@@ -258,7 +228,6 @@ def test_monai_bundle_load(sit_factors, tmp_path):
 
 def test_torchrun_two_processes_gloo(tiny_latents, tiny_pretrain, tmp_path, monkeypatch):
     """multi_gpu_train.yaml: 2 processes (gloo, CPU); the ranks end with identical weights and EMA."""
-    import os
 
     root = tmp_path / "ddp"
     dump = tmp_path / "dump_ranks.yaml"  # appended after the bundle's own `training` list: each rank saves its nets

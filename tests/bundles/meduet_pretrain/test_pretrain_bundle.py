@@ -11,9 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from conftest import REPO, bundle_run, torchrun_launcher
+from conftest import REPO, assert_same, bundle_run, kill_at_save, torchrun_launcher
 from meduet.data import write_datalist
 from meduet.engines.checkpoint import load_checkpoint
 from meduet.latent import read_datalist, read_items
@@ -61,35 +60,6 @@ def test_tiny_training_writes_resumable_checkpoints(latent_cache, tmp_path, obje
             assert torch.equal(v, full[k]), k
 
 
-def kill_at_save(tmp_path: Path, bundle: str, epoch: int) -> str:
-    """An extra config for ``bundle_run``: the run SIGKILLs itself right before it writes the checkpoint of ``epoch``
-    (that epoch trained and logged, ``checkpoint.pt`` still the previous epoch's; nothing of the run's own clean-up
-    runs), through the ``before_save`` hook of train.yaml's ``TrainingCheckpointer``."""
-    handlers = yaml.safe_load((REPO / "bundles" / bundle / "configs/train.yaml").read_text())["train"]["handlers"]
-    i = next(i for i, h in enumerate(handlers) if h["_target_"].endswith("TrainingCheckpointer"))
-    kill = tmp_path / "kill_at_save.yaml"
-    kill.write_text("+imports: ['$import signal']\n"
-                    f"train#handlers#{i}#before_save: \"$lambda engine: os.kill(os.getpid(), signal.SIGKILL) "
-                    f"if engine.state.epoch == {epoch} else None\"\n")
-    return os.path.relpath(kill.with_suffix(""), REPO / "bundles" / bundle / "configs")
-
-
-def assert_same(a, b, where: str) -> None:
-    """The same keys at every level, every tensor bit for bit (dtype included), every other value equal."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {list(a)} != {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), f"{where}: {a!r} != {b!r}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def test_kill_and_resume_gives_the_same_weights(tiny_latents, tiny_pretrain, tmp_path):
     """Run tiny_pretrain's training (its command less the MLflow tracking), SIGKILL it when it is about to save epoch
     2 of 2, resume it with the same command, and get what tiny_pretrain's uninterrupted run got, bit for bit: student
@@ -131,10 +101,6 @@ def test_latent_datalist_errors(latent_cache, tmp_path):
 
 def test_torchrun_two_processes_gloo(latent_cache, tmp_path, monkeypatch):
     """multi_gpu_train.yaml: 2 processes (gloo, CPU), DDP + DistributedSampler; the ranks end with the same weights."""
-    import os
-
-    from conftest import REPO
-
     root = tmp_path / "ddp"
     # appended after the bundle's own `training` list (after destroy_process_group): each rank saves its own
     # final student and EMA teacher weights

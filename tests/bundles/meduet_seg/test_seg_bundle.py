@@ -8,15 +8,13 @@ import math
 import os
 import shutil
 import signal
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from conftest import REPO, bundle_run, torchrun_launcher
+from conftest import REPO, assert_same, bundle_run, kill_at_save, torchrun_launcher
 from meduet.engines.checkpoint import load_checkpoint
 from meduet import records
 from meduet.engines.seg import build_seg, select_training_cases
@@ -29,35 +27,6 @@ from meduet.networks.seg import MeduetSegNet
 TINY_VAE = dict(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, num_channels=[8, 16, 16],
                 num_res_blocks=[1, 1, 1], norm_num_groups=4, norm_eps=1e-6, attention_levels=[False] * 3,
                 with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, use_convtranspose=False)
-
-
-def kill_at_save(tmp_path: Path, bundle: str, epoch: int) -> str:
-    """An extra config for ``bundle_run``: the run SIGKILLs itself right before it writes the checkpoint of ``epoch``
-    (that epoch trained and logged, ``checkpoint.pt`` still the previous epoch's; nothing of the run's own clean-up
-    runs), through the ``before_save`` hook of train.yaml's ``TrainingCheckpointer``."""
-    handlers = yaml.safe_load((REPO / "bundles" / bundle / "configs/train.yaml").read_text())["train"]["handlers"]
-    i = next(i for i, h in enumerate(handlers) if h["_target_"].endswith("TrainingCheckpointer"))
-    kill = tmp_path / "kill_at_save.yaml"
-    kill.write_text("+imports: ['$import signal']\n"
-                    f"train#handlers#{i}#before_save: \"$lambda engine: os.kill(os.getpid(), signal.SIGKILL) "
-                    f"if engine.state.epoch == {epoch} else None\"\n")
-    return os.path.relpath(kill.with_suffix(""), REPO / "bundles" / bundle / "configs")
-
-
-def assert_same(a, b, where: str) -> None:
-    """The same keys at every level, every tensor bit for bit (dtype included), every other value equal."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {list(a)} != {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), f"{where}: {a!r} != {b!r}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -226,8 +195,6 @@ def test_missing_upstream_checkpoint_is_one_line(tmp_path, tiny_data):
 
 def test_torchrun_two_processes_gloo(tiny_data, tiny_vae, tiny_pretrain, tmp_path, monkeypatch):
     """multi_gpu_train.yaml: 2 processes (gloo, CPU); the ranks end with identical weights."""
-    import os
-
     root = tmp_path / "ddp"
     dump = tmp_path / "dump_ranks.yaml"  # appended after the bundle's own `training` list: each rank saves its net
     dump.write_text("+training:\n  - \"$torch.save(meduet.engines.checkpoint.unwrap(@network).state_dict(), "
