@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -235,6 +236,17 @@ def kill_at_save(tmp_path: Path, bundle: str, epoch: int) -> str:
                     f"train#handlers#{i}#before_save: \"$lambda engine: os.kill(os.getpid(), signal.SIGKILL) "
                     f"if engine.state.epoch == {epoch} else None\"\n")
     return os.path.relpath(kill.with_suffix(""), REPO / "bundles" / bundle / "configs")
+
+
+def run_killed_at_save(bundle: str, root: Path, tmp_path: Path, *args: str) -> None:
+    """Run ``bundle``'s train.yaml (``args``, ``--bundle_root root``) so that it SIGKILLs itself before writing epoch
+    2's checkpoint (``kill_at_save``), and check it died that way with epoch 1's checkpoint left behind."""
+    from meduet.engines.checkpoint import load_checkpoint
+
+    killed = bundle_run(bundle, "train", "--bundle_root", str(root), *args, run_id="training", check=False,
+                        extra_configs=(kill_at_save(tmp_path, bundle, epoch=2),))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert load_checkpoint(root / "models/checkpoint.pt")["engine"]["epoch"] == 1
 
 
 def assert_same(a, b, where: str) -> None:
