@@ -387,8 +387,8 @@ def stage_package(d: Demo) -> None:
         from meduet.viz import save_orthoslices
 
         img, lab = (np.asarray(nib.load(p).dataobj) for p in (samples[0], seg[0]))
-        save_orthoslices(pic, {"generated (HU)": img, "labels": lab}, cmaps={"labels": "tab10"},
-                         ranges={"labels": (0, max(len(LABELS) - 1, int(lab.max())))},
+        names = [LABELS[str(k)] for k in range(len(LABELS))]
+        save_orthoslices(pic, {"generated (HU)": img, "labels": lab}, label_names={"labels": names},
                          title=f"{samples[0].name}: generated, segmented by the downloaded meduet_seg")
     sums = (dist / "SHA256SUMS").read_text().splitlines()
     lines = ["## Shipping — packaged, served, downloaded, run\n",

@@ -23,6 +23,14 @@ def _as_3d(v) -> np.ndarray:
     return a
 
 
+def _label_cmap(n: int):
+    """``n`` distinct colours, class 0 (background) black; the rest from matplotlib's tab10 (tab20 beyond 10)."""
+    from matplotlib.colors import ListedColormap
+
+    base = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return ListedColormap([(0.0, 0.0, 0.0, 1.0)] + [base(i % base.N) for i in range(n - 1)])
+
+
 def save_orthoslices(
     path: str | Path,
     volumes: Mapping[str, object],
@@ -30,31 +38,40 @@ def save_orthoslices(
     cmaps: Mapping[str, str] | None = None,
     ranges: Mapping[str, Sequence[float]] | None = None,
     center: Sequence[int] | None = None,
+    label_names: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """Write a PNG with one row per volume and the axial, coronal and sagittal slices through ``center``.
 
     ``volumes`` maps a row name to a 3D array/tensor (leading singleton dims are dropped). ``cmaps`` and
-    ``ranges`` set colour map and display range per row (default grey, the row's min/max).
+    ``ranges`` set colour map and display range per row (default grey, the row's min/max). ``label_names`` marks
+    rows that are label maps: class ``k`` is drawn in its own colour and the colour bar names the classes
+    (``label_names[row][k]``), one entry per class, whatever values the row holds.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cmaps = dict(cmaps or {})
     ranges = dict(ranges or {})
+    label_names = {k: list(v) for k, v in (label_names or {}).items()}
     rows = [(name, _as_3d(v)) for name, v in volumes.items()]
     fig, axes = plt.subplots(len(rows), 3, figsize=(8.5, 2.5 * len(rows)), squeeze=False, layout="constrained")
     for r, (name, vol) in enumerate(rows):
         c = [s // 2 for s in vol.shape] if center is None else list(center)
         lo, hi = ranges.get(name, (float(vol.min()), float(vol.max())))
+        cmap, names = cmaps.get(name, "gray"), label_names.get(name)
+        if names:
+            cmap, lo, hi = _label_cmap(len(names)), -0.5, len(names) - 0.5
         views = [vol[:, :, c[2]], vol[:, c[1], :], vol[c[0], :, :]]
         for k, (ax, view, label) in enumerate(zip(axes[r], views, ("axial", "coronal", "sagittal"))):
-            im = ax.imshow(np.rot90(view), cmap=cmaps.get(name, "gray"), vmin=lo, vmax=hi, interpolation="nearest")
+            im = ax.imshow(np.rot90(view), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(label, fontsize=9)
             if k == 0:
                 ax.set_ylabel(name, fontsize=9)
-        fig.colorbar(im, ax=axes[r].tolist(), shrink=0.9, pad=0.01)
+        bar = fig.colorbar(im, ax=axes[r].tolist(), shrink=0.9, pad=0.01)
+        if names:
+            bar.set_ticks(range(len(names)), labels=names, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=80)

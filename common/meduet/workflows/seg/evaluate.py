@@ -77,7 +77,8 @@ def run(config: Config) -> dict[str, Any]:
     roi = list(roi_size or net.meta.get("roi_size") or [net.image_per_token * 4] * 3)
     n_cls = int(net.arch["out_channels"])
     names = net.meta.get("labels") or label_names(dl, n_cls)
-    classes = [names[str(i)] for i in range(1, n_cls)]
+    all_names = [names[str(i)] for i in range(n_cls)]
+    classes = all_names[1:]
     heldout = set(dl.get("heldout_domains", []))
     trained_on = set(net.meta.get("training_domains", []))
     dice_m = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
@@ -109,8 +110,7 @@ def run(config: Config) -> dict[str, Any]:
             save_orthoslices(out / "images" / f"{row['case']}.png",
                              {"image": x[0, 0], "label": y[0, 0].float(), "prediction": pred[0, 0].float()},
                              title=f"{row['case']} ({dom}) mean Dice {row['mean_dice']:.3f}",
-                             cmaps={"label": "tab10", "prediction": "tab10"},
-                             ranges={"label": (0, 9), "prediction": (0, 9)})
+                             label_names={"label": all_names, "prediction": all_names})
     sites = sorted({str(r["domain"]) for r in rows})
     metrics = {
         "seg_ckpt": os.path.abspath(seg_ckpt), "datalist": os.path.abspath(datalist), "split": split,
