@@ -264,3 +264,31 @@ def test_input_the_network_cannot_take_is_one_line_and_writes_nothing(seg_traine
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("MeduetInputError: ") and "two_channels.nii.gz" in last and "Traceback" not in proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("flip,expect_flipped", [(None, False), (1.0, True)])
+def test_training_crops_keep_the_side_of_the_body_unless_flips_are_set(tmp_path, flip, expect_flipped):
+    """train.yaml's crops are not flipped or turned by default (labels told apart by their side would swap); with
+    flip_prob set they are. A ramp along x tells which way each crop faces."""
+    from monai.bundle import ConfigParser
+
+    ramp = np.broadcast_to(np.linspace(-150.0, 200.0, 24, dtype=np.float32)[:, None, None], (24, 20, 22)).copy()
+    lab = (ramp > 0).astype(np.uint8)
+    for name, arr in (("img", ramp), ("lab", lab)):
+        nib.save(nib.Nifti1Image(arr, np.diag([1.5, 1.5, 1.5, 1.0])), str(tmp_path / f"{name}.nii.gz"))
+    cfgs = REPO / "bundles" / "meduet_seg" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(cfgs / "train.yaml"), str(cfgs / "presets" / "tiny.yaml")])
+    parser["preprocessing"] = {"modality": "CT", "spacing": None, "crop_foreground": False, "pad_multiple": None}
+    parser["roi_size"], parser["crops_per_volume"] = [16, 16, 16], 4
+    if flip is not None:
+        parser["flip_prob"] = flip
+    chain = parser.get_parsed_content("train#preprocessing", instantiate=True)
+    chain.set_random_state(seed=0)
+    for _ in range(3):
+        for crop in chain({"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}):
+            x = crop["image"][0].numpy()
+            profile = x.mean(axis=(1, 2))
+            assert np.ptp(x.mean(axis=0)) < 1e-5, "the ramp must stay along x (no 90-degree turn)"
+            assert (np.diff(profile) < 0).all() == expect_flipped and (np.diff(profile) > 0).all() != expect_flipped
+            assert torch.equal(crop["label"][0] > 0, crop["image"][0] > (0 + 175) / 425)  # label moved with it
