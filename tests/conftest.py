@@ -188,38 +188,52 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def write_ct_series(volume, folder: Path, spacing=(1.5, 1.5, 1.5)) -> Path:
-    """Write ``volume`` (X, Y, Z in HU) as a CT DICOM series with pydicom: slice k holds ``volume[:, :, k]`` with
-    rows along Y and columns along X (ImageOrientationPatient 1,0,0 / 0,1,0), positions 0, dz, 2 dz, ..."""
+def write_ct_slice(path: Path, pixels, *, uids: tuple[str, str, str], position, row_dir, col_dir,
+                   pixel_spacing, thickness: float, instance: int) -> str:
+    """Write one CT slice with pydicom. ``pixels`` (rows, columns) int16-able; ``uids`` = (study, series, frame of
+    reference); ``row_dir`` / ``col_dir``: ImageOrientationPatient's two directions (of increasing column index, of
+    increasing row index); ``pixel_spacing`` = (between rows, between columns). Returns the SOP instance UID."""
     import numpy as np
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Test", "P1", "", "O"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = (
+        "20260101", "000000", "1", "", "")
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = "CT", 1, int(instance), "test"
+    ds.ImagePositionPatient = [float(v) for v in position]
+    ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
+    ds.PixelSpacing, ds.SliceThickness = [float(v) for v in pixel_spacing], float(thickness)
+    pixels = np.ascontiguousarray(np.asarray(pixels).astype(np.int16))
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return sop
+
+
+def write_ct_series(volume, folder: Path, spacing=(1.5, 1.5, 1.5)) -> Path:
+    """Write ``volume`` (X, Y, Z in HU) as a CT DICOM series with pydicom: slice k holds ``volume[:, :, k]`` with
+    rows along Y and columns along X (ImageOrientationPatient 1,0,0 / 0,1,0), positions 0, dz, 2 dz, ..."""
+    from pydicom.uid import generate_uid
+
     folder.mkdir(parents=True, exist_ok=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    nx, ny, nz = volume.shape
+    uids = (generate_uid(), generate_uid(), generate_uid())
+    nz = volume.shape[2]
     for k in range(nz):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Test", "P1", "", "O"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = (
-            "20260101", "000000", "1", "", "")
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = "CT", 1, nz - k, "test"
-        ds.ImagePositionPatient = [0.0, 0.0, float(k * spacing[2])]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing, ds.SliceThickness = [float(spacing[1]), float(spacing[0])], float(spacing[2])
-        ds.Rows, ds.Columns = ny, nx
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = np.ascontiguousarray(volume[:, :, k].T.astype(np.int16)).tobytes()
-        ds.save_as(folder / f"slice{k:03d}.dcm", enforce_file_format=True)
+        write_ct_slice(folder / f"slice{k:03d}.dcm", volume[:, :, k].T, uids=uids, position=(0.0, 0.0, k * spacing[2]),
+                       row_dir=(1.0, 0.0, 0.0), col_dir=(0.0, 1.0, 0.0), pixel_spacing=(spacing[1], spacing[0]),
+                       thickness=spacing[2], instance=nz - k)
     return folder
 
 

@@ -466,39 +466,22 @@ def _oriented_series(folder, orientation: str) -> tuple[list[str], np.ndarray]:
     """Write a CT series of ``SEG_SLICES`` slices (``SEG_ROWS`` x ``SEG_COLS``) in ``orientation``; slice k lies at
     ``SEG_ORIGIN + k * dz * normal``. Files are named and numbered in a shuffled order, so only the geometry tells
     the slices apart. Returns the SOP instance UID of every slice index and the slice normal (row x column)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
+
+    from conftest import write_ct_slice
 
     row_dir, col_dir = (np.asarray(v) for v in SEG_ORIENTATIONS[orientation])
     normal = np.cross(row_dir, col_dir)
     dr, dc, dz = SEG_SPACING
     folder.mkdir(parents=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    series_uids = (generate_uid(), generate_uid(), generate_uid())
     rng = np.random.default_rng(3)
     order = rng.permutation(SEG_SLICES)
     uids = []
     for k in range(SEG_SLICES):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Test", "P1", "", "O"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = (
-            "20260101", "000000", "1", "", "")
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = "CT", 1, int(order[k]) + 1, "test"
-        ds.ImagePositionPatient = [float(v) for v in np.asarray(SEG_ORIGIN) + k * dz * normal]
-        ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
-        ds.PixelSpacing, ds.SliceThickness = [dr, dc], dz
-        ds.Rows, ds.Columns = SEG_ROWS, SEG_COLS
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = rng.integers(-100, 100, (SEG_ROWS, SEG_COLS), dtype=np.int16).tobytes()
-        ds.save_as(folder / f"im{order[k]:03d}.dcm", enforce_file_format=True)
+        sop = write_ct_slice(folder / f"im{order[k]:03d}.dcm", rng.integers(-100, 100, (SEG_ROWS, SEG_COLS)),
+                             uids=series_uids, position=np.asarray(SEG_ORIGIN) + k * dz * normal, row_dir=row_dir,
+                             col_dir=col_dir, pixel_spacing=(dr, dc), thickness=dz, instance=int(order[k]) + 1)
         uids.append(sop)
     return uids, normal
 
