@@ -196,6 +196,12 @@ def _run_worker(spec: dict) -> dict:
         s = spec["size"]
         if s % f:
             raise ValueError(f"size {s} is not divisible by the downsampling factor {f}")
+        if spec["op"] == "roundtrip":
+            out.update(_roundtrip(net, enc, dec, s, spec))
+            out["peak_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            if "rss_before_kib" in out:
+                out["delta_kib"] = out["peak_kib"] - out["rss_before_kib"]
+            return out
         if spec["op"] == "profile":
             out.update(_profile(net, enc, dec, s, spec))
             out["peak_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -259,6 +265,53 @@ def _run_worker(spec: dict) -> dict:
     if "rss_before_kib" in out:
         out["delta_kib"] = out["peak_kib"] - out["rss_before_kib"]
     return out
+
+
+def _roundtrip(net, enc, dec, s: int, spec: dict) -> dict:
+    """One image -> latent -> image round trip of an ``s``^3 volume: ``method`` "whole" (one encoder and one decoder
+    call) or "tiled" (``PatchEncoding`` from ``spec["scheme"]``: its encoding windows, then its decoding windows or
+    one decoder call). Times encode and decode separately; counts the network calls of each."""
+    import gc
+    import resource
+
+    import torch
+
+    from meduet.networks.vae import PatchEncoding
+
+    calls = {"encode": 0, "decode": 0}
+
+    class Net:  # what PatchEncoding calls: counted passes of the real network
+        downsample_factor = net.downsample_factor
+
+        @staticmethod
+        def encode_mean(x):
+            calls["encode"] += x.shape[0]
+            return enc(x)
+
+        @staticmethod
+        def decode(z):
+            calls["decode"] += z.shape[0]
+            return dec(z)
+
+    x = torch.rand(1, 1, s, s, s)
+    gc.collect()
+    res = {"rss_before_kib": _proc_status_kib("VmRSS"), "hwm_before_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    scheme = PatchEncoding(**spec["scheme"]) if spec["method"] == "tiled" else None
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        z = Net.encode_mean(x) if scheme is None else scheme.encode(Net, x)
+        t_enc = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        y = Net.decode(z) if scheme is None else scheme.decode(Net, z)
+        t_dec = time.perf_counter() - t0
+    assert y.shape == x.shape, (y.shape, x.shape)
+    res.update(status="ok", encode_s=t_enc, decode_s=t_dec, time_s=t_enc + t_dec, encode_windows=calls["encode"],
+               decode_windows=calls["decode"])
+    if scheme is not None:
+        res["encode_roi"] = scheme.encode_tiling((s, s, s), net.downsample_factor)[0]
+        tiles = scheme.decode_tiling((s // net.downsample_factor,) * 3)
+        res["decode_roi"] = None if tiles is None else tiles[0]
+    return res
 
 
 def _profile(net, enc, dec, s: int, spec: dict) -> dict:
@@ -665,6 +718,75 @@ def run_main(args: argparse.Namespace) -> tuple[Runner, str, str]:
     return runner, title, f"{notes}\n\n{body}"
 
 
+def _scheme_of(args: argparse.Namespace) -> dict:
+    return {"patch_size": args.patch_size, "overlap": args.encode_overlap, "mode": "constant",
+            "tiling": args.encode_tiling, "min_overlap": args.encode_min_overlap,
+            "decode_window": args.decode_window, "decode_overlap": args.decode_min_overlap,
+            "sw_batch_size": args.encode_batch, "decode_batch_size": args.decode_batch}
+
+
+def run_roundtrip(args: argparse.Namespace) -> tuple[Runner, str, str]:
+    """``--roundtrip``: image -> latent -> image of one volume per child, whole (``--whole-sizes``) or through a
+    ``PatchEncoding`` (``--tiled-sizes``), the whole pass right before the tiled one of the same size; per-voxel
+    time ratios tiled / whole against the same size, or the largest whole size that ran when the whole pass of
+    that size is not run (does not fit)."""
+    runner = Runner(args)
+    scheme = _scheme_of(args)
+    tiled, whole = sorted(set(args.tiled_sizes)), sorted(set(args.whole_sizes))
+    for s in sorted(set(tiled) | set(whole)):
+        if s in whole:
+            runner.run(runner.spec("maisi", "whole", "roundtrip", s))
+        if s in tiled:
+            runner.run(runner.spec("maisi", "tiled", "roundtrip", s, scheme=scheme))
+    a = args
+    out = [_config_lines(args, runner).split("\n")[0],
+           f"- tiled: `PatchEncoding({', '.join(f'{k}={v!r}' for k, v in scheme.items())})`; whole: one "
+           f"`encode_mean` and one `decode` call; one round trip per child (no warm-up, one sample), memory cap "
+           f"(RLIMIT_AS) {a.mem_cap_gb:g} GiB per child",
+           f"- total wall time of this run {(time.time() - runner.started) / 60:.1f} min, finished "
+           f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}", "",
+           "| size | path | status | encode s | decode s | total s | total s per Mvoxel | encoder windows (roi) "
+           "| decoder windows (latent roi) | peak RSS GiB | delta RSS GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in sorted(set(tiled) | set(whole)):
+        for method in ("whole", "tiled"):
+            if s not in (whole if method == "whole" else tiled):
+                continue
+            r = runner.get("maisi", method, "roundtrip", s)
+            ok = r is not None and r.get("status") == "ok"
+            enc_roi = f" ({'x'.join(map(str, r['encode_roi']))})" if ok and r.get("encode_roi") else ""
+            dec_roi = (f" ({'x'.join(map(str, r['decode_roi']))})" if ok and r.get("decode_roi") else
+                       (" (whole latent)" if ok else ""))
+            out.append(
+                f"| {s}^3 | {method} | {_status_cell(r, a.mem_cap_gb)} | {_fmt(r, 'encode_s')} | {_fmt(r, 'decode_s')} "
+                f"| {_fmt(r, 'time_s')} | {_fmt(r, 'time_s', 1e6 / s**3, '{:.2f}')} "
+                f"| {r.get('encode_windows', '–') if ok else '–'}{enc_roi} "
+                f"| {r.get('decode_windows', '–') if ok else '–'}{dec_roi} | {_gib(_val(r, 'peak_kib'))} "
+                f"| {_gib(_val(r, 'delta_kib'))} |")
+    out += ["", "Per-voxel time ratios tiled / whole (same run; the whole pass of the same size, or of the largest "
+            "size whose whole pass ran when that one was not run):", "",
+            "| tiled size | compared with whole | encode | decode | encode + decode | peak RSS tiled / whole |",
+            "|---|---|---|---|---|---|"]
+    for s in tiled:
+        t = runner.get("maisi", "tiled", "roundtrip", s)
+        if _val(t, "time_s") is None:
+            continue
+        ran = [w for w in whole if _val(runner.get("maisi", "whole", "roundtrip", w), "time_s") is not None]
+        ref = s if s in ran else max([w for w in ran if w < s], default=None)
+        if ref is None:
+            continue
+        w = runner.get("maisi", "whole", "roundtrip", ref)
+        cells = [f"{(t[k] / s**3) / (w[k] / ref**3):.2f}" for k in ("encode_s", "decode_s", "time_s")]
+        out.append(f"| {s}^3 | {ref}^3 | {' | '.join(cells)} | {_ratio(t['peak_kib'], w['peak_kib'])} |")
+    title = (f"### Round trip through a fitted tiling vs whole volume, width `{args.width_preset}`, tiled "
+             f"{', '.join(f'{s}^3' for s in tiled)}, whole {', '.join(f'{s}^3' for s in whole)}")
+    return runner, title, "\n".join(out)
+
+
+def _fmt(r, key, scale=1.0, fmt="{:.1f}") -> str:
+    v = _val(r, key)
+    return "–" if v is None else fmt.format(v * scale)
+
+
 def run_find_max(args: argparse.Namespace) -> tuple[Runner, str, str]:
     runner = Runner(args)
     cands = list(range(32, args.find_max_limit + 1, 32))
@@ -822,6 +944,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--find-max-windows", type=int, default=2,
                    help="--find-max patch-wise probes: network windows run per pass (0: all)")
     p.add_argument("--find-max-budget-s", type=float, default=1800.0, help="stop the search after this many seconds")
+    p.add_argument("--roundtrip", action="store_true",
+                   help="instead of the throughput tables: whole-volume vs PatchEncoding round trips per voxel")
+    p.add_argument("--tiled-sizes", type=int, nargs="*", default=[128, 256], help="--roundtrip: tiled sides")
+    p.add_argument("--whole-sizes", type=int, nargs="*", default=[128, 192], help="--roundtrip: whole sides")
+    p.add_argument("--encode-tiling", choices=("fixed", "fit"), default="fixed",
+                   help="--roundtrip: PatchEncoding.tiling (fixed: --patch-size windows at --encode-overlap)")
+    p.add_argument("--encode-min-overlap", type=int, default=0, help="--roundtrip: PatchEncoding.min_overlap")
+    p.add_argument("--decode-window", type=int, default=40,
+                   help="--roundtrip: PatchEncoding.decode_window (largest latent window side; 0: whole latent)")
+    p.add_argument("--decode-min-overlap", type=int, default=2, help="--roundtrip: PatchEncoding.decode_overlap")
+    p.add_argument("--encode-batch", type=int, default=4, help="--roundtrip: PatchEncoding.sw_batch_size")
+    p.add_argument("--decode-batch", type=int, default=1, help="--roundtrip: PatchEncoding.decode_batch_size")
     p.add_argument("--write-md", action="store_true", help=f"write the tables into BENCHMARKS.md ({SECTION_TITLE!r})")
     p.add_argument("--md-path", type=Path, default=REPO / "BENCHMARKS.md")
     p.add_argument("--md-key", default=None,
@@ -840,7 +974,12 @@ def main(argv=None) -> int:
     for s in args.sizes:
         if s % 4:
             raise SystemExit(f"--sizes: {s} is not divisible by 4 (the VAE downsampling factor)")
-    if args.find_max:
+    if args.roundtrip:
+        if args.decode_window == 0:
+            args.decode_window = None
+        runner, title, body = run_roundtrip(args)
+        key = args.md_key or f"roundtrip-{args.width_preset}"
+    elif args.find_max:
         runner, title, body = run_find_max(args)
         key = args.md_key or "find-max"
     else:

@@ -343,7 +343,8 @@ class PatchEncoding:
         ``decode_window`` that overlap by at least ``decode_overlap`` latent voxels, blended with ``decode_mode``
         (memory bounded by one window), e.g. a 64^3 latent with ``decode_window=40, decode_overlap=2``: 2 x 2 x 2
         windows of 33^3 (1.10x the whole volume's decoder work, against 3.4x for 16^3 windows at overlap 0.25).
-    ``sw_batch_size``: windows per network call (memory: that many windows' activations).
+    ``sw_batch_size`` / ``decode_batch_size``: windows per encoder / decoder call (memory: that many windows'
+    activations; fitted decoding windows are large, so one at a time by default).
 
     One setting, shared: decoder fine-tuning (``DecoderFinetuneTrainer``) encodes its training volumes with it and
     stores it in the VAE's record (``meta["patch_encoding"]``), the latent cache (encode.yaml) and the seam metric
@@ -359,6 +360,7 @@ class PatchEncoding:
     decode_overlap: int = 2
     decode_mode: str = "gaussian"
     sw_batch_size: int = 4
+    decode_batch_size: int = 1
 
     def __post_init__(self) -> None:
         def norm(size):
@@ -378,8 +380,9 @@ class PatchEncoding:
         for key in ("min_overlap", "decode_overlap"):
             if int(getattr(self, key)) < 0:
                 raise MeduetConfigError(f"patch encoding {key} must be >= 0 voxels, got {getattr(self, key)}")
-        if int(self.sw_batch_size) < 1:
-            raise MeduetConfigError(f"patch encoding sw_batch_size must be >= 1, got {self.sw_batch_size}")
+        for key in ("sw_batch_size", "decode_batch_size"):
+            if int(getattr(self, key)) < 1:
+                raise MeduetConfigError(f"patch encoding {key} must be >= 1, got {getattr(self, key)}")
 
     # -- encoding ------------------------------------------------------------------------------------------------
     def encode_tiling(self, shape: Sequence[int], multiple: int = 1) -> tuple[list[int], list[float]]:
@@ -416,7 +419,7 @@ class PatchEncoding:
         tiles = self.decode_tiling(latent.shape[2:])
         if tiles is None:
             return vae.decode(latent)
-        return _sliding(vae.decode, latent, tiles[0], tiles[1], kwargs.get("sw_batch_size", int(self.sw_batch_size)),
+        return _sliding(vae.decode, latent, tiles[0], tiles[1], kwargs.get("sw_batch_size", int(self.decode_batch_size)),
                         self.decode_mode, kwargs.get("sw_device"), kwargs.get("device"))
 
     def reconstruct(self, vae: MeduetVAE, image: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -443,7 +446,8 @@ class PatchEncoding:
         return {"patch_size": plain(self.patch_size), "overlap": float(self.overlap), "mode": self.mode,
                 "tiling": self.tiling, "min_overlap": int(self.min_overlap),
                 "decode_window": plain(self.decode_window), "decode_overlap": int(self.decode_overlap),
-                "decode_mode": self.decode_mode, "sw_batch_size": int(self.sw_batch_size)}
+                "decode_mode": self.decode_mode, "sw_batch_size": int(self.sw_batch_size),
+                "decode_batch_size": int(self.decode_batch_size)}
 
     @classmethod
     def of(cls, vae: torch.nn.Module, patch_size: Sequence[int] | int | None = None, overlap: float | None = None,

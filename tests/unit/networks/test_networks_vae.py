@@ -256,7 +256,7 @@ def test_fit_tiling_equals_monai_sliding_windows_and_placement(vae):
 
     torch.manual_seed(1)
     scheme = PatchEncoding(patch_size=16, tiling="fit", min_overlap=4, decode_window=5, decode_overlap=1,
-                           sw_batch_size=2)
+                           sw_batch_size=2, decode_batch_size=2)
     x = torch.rand(1, 1, 36, 28, 16)
     with torch.no_grad():
         z = scheme.encode(vae, x)
