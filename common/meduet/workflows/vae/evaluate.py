@@ -53,7 +53,8 @@ class Config(WorkflowConfig):
 @torch.no_grad()
 def run(config: Config) -> dict[str, Any]:
     """PSNR / SSIM / MS-SSIM of whole-volume reconstruction, and the seam error of patch-wise encoding followed by
-    whole-volume decoding (the scheme's decoding windows when its ``decode_window`` is set), per case, per domain and overall. The patch-wise encoding is the VAE's own
+    whole-volume decoding (the scheme's decoding windows when its ``decode_window`` is set), per case, per domain
+    and overall. The patch-wise encoding is the VAE's own
     (``PatchEncoding.of``: the scheme its decoder was fine-tuned with, which encode.yaml also uses; 32^3 windows
     without overlap for a VAE without one), ``patch_size`` / ``overlap`` override it; seams are measured at the
     borders MONAI's sliding windows really have (``metrics.reconstruction.window_borders``).
