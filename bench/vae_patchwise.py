@@ -819,7 +819,7 @@ def run_seams(args: argparse.Namespace) -> tuple[None, str, str]:
 
     from meduet import records
     from meduet.data import get_load_transforms, load_datalist
-    from meduet.metrics.reconstruction import patch_border_mask
+    from meduet.metrics.reconstruction import patch_border_mask, window_borders
     from meduet.networks.vae import PatchEncoding
     from meduet.workflows.vae.common import load_case, preprocessing_for
 
@@ -832,7 +832,8 @@ def run_seams(args: argparse.Namespace) -> tuple[None, str, str]:
     dl = load_datalist(args.datalist, split=args.split)
     items = dl[args.split][: args.seam_cases]
     transform = get_load_transforms(**preprocessing_for(vae, dl), keys=("image",))
-    configs = [(o, m) for o in args.decode_overlaps for m in args.decode_modes]
+    configs = [(w, o, m) for w in (args.seam_decode_windows or [args.decode_window]) for o in args.decode_overlaps
+               for m in args.decode_modes]
     rows: dict[str, list[float]] = {}
     shapes = []
 
@@ -856,11 +857,11 @@ def run_seams(args: argparse.Namespace) -> tuple[None, str, str]:
             add("enc/paper", border_mae(err["paper"], enc_borders))
             add("all/whole", err["whole"].mean())
             add("all/paper", err["paper"].mean())
-            for o, m in configs:
-                dec = PatchEncoding(decode_window=args.decode_window, decode_overlap=o, decode_mode=m)
-                borders = [[b * f for b in axis] for axis in PatchEncoding(1, decode_window=args.decode_window,
-                                                                           decode_overlap=o, decode_mode=m)
-                           .borders([s // f for s in x.shape[2:]], 1)]
+            for w, o, m in configs:
+                dec = PatchEncoding(decode_window=w, decode_overlap=o, decode_mode=m)
+                roi, ov = dec.decode_tiling(z_whole.shape[2:])
+                borders = [[b * f for b in window_borders(n, r, v)] for n, r, v in zip(z_whole.shape[2:], roi, ov)]
+                o = f"{w}/{o}"
                 e_t = (dec.decode(vae, z_whole).clamp(0, 1) - x).abs()[0, 0]
                 e_pt = (dec.decode(vae, z_patch).clamp(0, 1) - x).abs()[0, 0]
                 add(f"dec{o}{m}/whole", border_mae(err["whole"], borders))
@@ -869,7 +870,10 @@ def run_seams(args: argparse.Namespace) -> tuple[None, str, str]:
                 add(f"dec{o}{m}/paper+tiled", border_mae(e_pt, borders))
                 add(f"dec{o}{m}/all_tiled", e_t.mean())
                 add(f"dec{o}{m}/all_paper+tiled", e_pt.mean())
-                add(f"dec{o}{m}/roi", float(np.prod(dec.decode_tiling(z_whole.shape[2:])[0])))
+                add(f"dec{o}{m}/windows", float(np.prod([len(window_borders(n, r, v)) // 2 + 1 for n, r, v in
+                                                         zip(z_whole.shape[2:], roi, ov)])))
+                add(f"dec{o}{m}/border_fraction", float(patch_border_mask(err["whole"].shape, borders=borders,
+                                                                          width=args.seam_width).float().mean()))
 
     def ci(values):
         v = np.asarray(values, dtype=float)
@@ -884,26 +888,28 @@ def run_seams(args: argparse.Namespace) -> tuple[None, str, str]:
            f"{vae.architecture['num_res_blocks']} res blocks; decoder fine-tuned: "
            f"{bool(vae.meta.get('decoder_finetuned'))}); {len(items)} cases of `{args.datalist}` split `{args.split}`, "
            f"image shapes {sorted(set(shapes))}, latent shapes {latent}",
-           f"- its patch-wise encoding: `{enc_scheme.record()}`; decoding windows: `decode_window={args.decode_window}` "
-           f"latent voxels; border band: {args.seam_width} voxel(s) each side of a border; values: mean over cases "
+           f"- its patch-wise encoding: `{enc_scheme.record()}`; decoding windows: fitted (`PatchEncoding."
+           f"decode_window` / `decode_overlap` latent voxels); border band: {args.seam_width} voxel(s) each side of a border; values: mean over cases "
            f"± 1.96 standard errors; errors are |reconstruction clamped to [0, 1] - input|",
            f"- total wall time {(time.time() - started) / 60:.1f} min, finished "
            f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}", "",
            "At the decoding windows' borders (the fitted latent tiling), whole-volume encoding:", "",
-           "| decode overlap (latent voxels) | blending | border MAE whole decode | border MAE tiled decode "
-           "| tiled / whole (per case) | MAE of the whole volume, tiled / whole |", "|---|---|---|---|---|---|"]
-    for o, m in configs:
-        k = f"dec{o}{m}"
-        out.append(f"| {o} | {m} | {ci(rows[k + '/whole'])} | {ci(rows[k + '/tiled'])} | {ratio(k + '/tiled', k + '/whole')} "
+           "| latent window max / overlap | blending | border voxels (fraction) | border MAE whole decode "
+           "| border MAE tiled decode | tiled / whole (per case) | MAE of the whole volume, tiled / whole |",
+           "|---|---|---|---|---|---|---|"]
+    for w, o, m in configs:
+        k = f"dec{w}/{o}{m}"
+        out.append(f"| {w} / {o} | {m} | {np.mean(rows[k + '/border_fraction']):.2f} | {ci(rows[k + '/whole'])} | {ci(rows[k + '/tiled'])} | {ratio(k + '/tiled', k + '/whole')} "
                    f"| {ci(np.asarray(rows[k + '/all_tiled']) / np.asarray(rows['all/whole']))} |")
     out += ["", "The VAE's own patch-wise encoding followed by the fitted decoding (the round trip of the bench above), "
             "at the decoding windows' borders, against patch-wise encoding + whole decode (3D MedDiffusion) at "
             "the same voxels:", "",
-            "| decode overlap | blending | border MAE patch enc + whole dec | border MAE patch enc + tiled dec "
-            "| ratio (per case) | MAE of the whole volume, ratio |", "|---|---|---|---|---|---|"]
-    for o, m in configs:
-        k = f"dec{o}{m}"
-        out.append(f"| {o} | {m} | {ci(rows[k + '/paper'])} | {ci(rows[k + '/paper+tiled'])} "
+            "| latent window max / overlap | blending | border MAE patch enc + whole dec "
+            "| border MAE patch enc + tiled dec | ratio (per case) | MAE of the whole volume, ratio |",
+            "|---|---|---|---|---|---|"]
+    for w, o, m in configs:
+        k = f"dec{w}/{o}{m}"
+        out.append(f"| {w} / {o} | {m} | {ci(rows[k + '/paper'])} | {ci(rows[k + '/paper+tiled'])} "
                    f"| {ratio(k + '/paper+tiled', k + '/paper')} "
                    f"| {ci(np.asarray(rows[k + '/all_paper+tiled']) / np.asarray(rows['all/paper']))} |")
     out += ["", "At the encoding windows' borders: patch-wise encoding + whole decode (3D MedDiffusion) vs whole "
@@ -1099,6 +1105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seam-width", type=int, default=2, help="--seams: voxels each side of a border")
     p.add_argument("--seam-patch-size", type=int, default=None,
                    help="--seams: encoding window (default: the VAE's PatchEncoding)")
+    p.add_argument("--seam-decode-windows", type=int, nargs="*", default=None,
+                   help="--seams: largest latent windows to compare (default: --decode-window)")
     p.add_argument("--decode-overlaps", type=int, nargs="+", default=[1, 2, 4], help="--seams: latent overlaps")
     p.add_argument("--decode-modes", nargs="+", default=["gaussian"], choices=("gaussian", "constant"),
                    help="--seams: blending of the decoding windows")
