@@ -376,7 +376,7 @@ class DecoderFinetuneTrainer(MeduetTrainer):
             z = self.patch_encoding.encode(vae, images)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            recon = vae.decode(z)
+            recon = self.patch_encoding.decode(vae, z)  # one decoder call unless the scheme has decode_window
             loss = torch.nn.functional.l1_loss(recon.float(), images)
         self.check_finite(engine, decoder=loss)
         self.optimizer_step(loss, decoder_parameters(vae))

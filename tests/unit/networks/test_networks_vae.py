@@ -298,3 +298,21 @@ def test_fit_decode_bounds_the_window_and_counts(vae):
     interval = [int(r * (1 - o)) for r, o in zip(roi, ov)]
     assert len(dense_patch_slices((64, 64, 64), roi, interval)) == 8
     assert scheme.decode_tiling((32, 32, 32))[0] == [32, 32, 32]  # fits: one window, the whole latent
+
+
+def test_windowed_decoding_passes_gradients_to_the_decoder(vae):
+    """Decoder fine-tuning with decode_window decodes through the windows: the loss reaches every decoder weight that
+    the whole decode reaches."""
+    from meduet.networks.vae import PatchEncoding
+
+    torch.manual_seed(2)
+    z = torch.randn(1, 4, 7, 5, 4)
+    scheme = PatchEncoding(decode_window=4, decode_overlap=1)
+    assert scheme.decode_tiling(z.shape[2:])[0] == [4, 3, 4]
+    vae.zero_grad(set_to_none=True)
+    y = scheme.decode(vae, z)
+    assert y.shape == (1, 1, 28, 20, 16) and y.requires_grad
+    y.abs().mean().backward()
+    grads = [p.grad for p in vae.decoder.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    vae.zero_grad(set_to_none=True)
