@@ -196,6 +196,12 @@ def _run_worker(spec: dict) -> dict:
         s = spec["size"]
         if s % f:
             raise ValueError(f"size {s} is not divisible by the downsampling factor {f}")
+        if spec["op"] == "roundtrip":
+            out.update(_roundtrip(net, enc, dec, s, spec))
+            out["peak_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            if "rss_before_kib" in out:
+                out["delta_kib"] = out["peak_kib"] - out["rss_before_kib"]
+            return out
         if spec["op"] == "profile":
             out.update(_profile(net, enc, dec, s, spec))
             out["peak_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -259,6 +265,73 @@ def _run_worker(spec: dict) -> dict:
     if "rss_before_kib" in out:
         out["delta_kib"] = out["peak_kib"] - out["rss_before_kib"]
     return out
+
+
+def _roundtrip(net, enc, dec, s: int, spec: dict) -> dict:
+    """One image -> latent -> image round trip of an ``s``^3 volume: ``method`` "whole" (one encoder and one decoder
+    call) or "tiled" (``PatchEncoding`` from ``spec["scheme"]``: its encoding windows, then its decoding windows or
+    one decoder call). Times encode and decode separately; counts the network calls of each."""
+    import gc
+    import resource
+
+    import torch
+
+    from meduet.networks.vae import PatchEncoding
+
+    calls = {"encode": 0, "decode": 0}  # windows
+    n_calls = {"encode": 0, "decode": 0}  # network calls (batches of windows)
+    runs: dict[str, list[float]] = {"encode": [], "decode": []}
+    last: dict = {}
+    cap = int(spec.get("max_windows") or 0)
+
+    def counted(op, fn, t):
+        # with --max-windows K: the network runs on the first K calls of each op; later calls reuse the last output
+        # (same shape: all windows of a fitted tiling have one shape) and are timed as the mean of the calls run
+        calls[op] += t.shape[0]
+        n_calls[op] += 1
+        if cap and len(runs[op]) >= cap and last.get(op) is not None and last[op].shape[0] == t.shape[0]:
+            return last[op].clone()
+        t0 = time.perf_counter()
+        y = fn(t)
+        runs[op].append(time.perf_counter() - t0)
+        last[op] = y
+        return y
+
+    class Net:  # what PatchEncoding calls: counted passes of the real network
+        downsample_factor = net.downsample_factor
+
+        @staticmethod
+        def encode_mean(x):
+            return counted("encode", enc, x)
+
+        @staticmethod
+        def decode(z):
+            return counted("decode", dec, z)
+
+    x = torch.rand(1, 1, s, s, s)
+    gc.collect()
+    res = {"rss_before_kib": _proc_status_kib("VmRSS"), "hwm_before_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    scheme = PatchEncoding(**spec["scheme"]) if spec["method"] == "tiled" else None
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        z = Net.encode_mean(x) if scheme is None else scheme.encode(Net, x)
+        t_enc = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        y = Net.decode(z) if scheme is None else scheme.decode(Net, z)
+        t_dec = time.perf_counter() - t0
+    assert y.shape == x.shape, (y.shape, x.shape)
+    est = {op: dt + (n_calls[op] - len(runs[op])) * (sum(runs[op]) / max(len(runs[op]), 1))
+           for op, dt in (("encode", t_enc), ("decode", t_dec))}
+    res.update(status="ok", encode_s=est["encode"], decode_s=est["decode"], time_s=est["encode"] + est["decode"],
+               measured_s=t_enc + t_dec, encode_windows=calls["encode"], decode_windows=calls["decode"],
+               encode_calls=n_calls["encode"], decode_calls=n_calls["decode"], encode_calls_run=len(runs["encode"]),
+               decode_calls_run=len(runs["decode"]),
+               estimated=any(n_calls[op] > len(runs[op]) for op in runs))
+    if scheme is not None:
+        res["encode_roi"] = scheme.encode_tiling((s, s, s), net.downsample_factor)[0]
+        tiles = scheme.decode_tiling((s // net.downsample_factor,) * 3)
+        res["decode_roi"] = None if tiles is None else tiles[0]
+    return res
 
 
 def _profile(net, enc, dec, s: int, spec: dict) -> dict:
@@ -360,7 +433,10 @@ class Runner:
         ]
 
     def predict_peak_kib(self, spec: dict) -> float | None:
-        """Peak RSS predicted from smaller sizes of the same configuration: delta linear in voxels."""
+        """Peak RSS predicted from smaller sizes of the same configuration: delta linear in voxels (not for tiled
+        round trips, whose memory is bounded by one window)."""
+        if spec["method"] == "tiled":
+            return None
         prev = sorted(self._same(spec), key=lambda r: r["spec"]["size"])
         if not prev:
             return None
@@ -665,6 +741,192 @@ def run_main(args: argparse.Namespace) -> tuple[Runner, str, str]:
     return runner, title, f"{notes}\n\n{body}"
 
 
+def _scheme_of(args: argparse.Namespace) -> dict:
+    return {"patch_size": args.patch_size, "overlap": args.encode_overlap, "mode": "constant",
+            "tiling": args.encode_tiling, "min_overlap": args.encode_min_overlap,
+            "decode_window": args.decode_window, "decode_overlap": args.decode_min_overlap,
+            "sw_batch_size": args.encode_batch, "decode_batch_size": args.decode_batch}
+
+
+def run_roundtrip(args: argparse.Namespace) -> tuple[Runner, str, str]:
+    """``--roundtrip``: image -> latent -> image of one volume per child, whole (``--whole-sizes``) or through a
+    ``PatchEncoding`` (``--tiled-sizes``), the whole pass right before the tiled one of the same size; per-voxel
+    time ratios tiled / whole against the same size, or the largest whole size that ran when the whole pass of
+    that size is not run (does not fit)."""
+    runner = Runner(args)
+    scheme = _scheme_of(args)
+    tiled, whole = sorted(set(args.tiled_sizes)), sorted(set(args.whole_sizes))
+    for s in sorted(set(tiled) | set(whole)):
+        if s in whole:
+            runner.run(runner.spec("maisi", "whole", "roundtrip", s))
+        if s in tiled:
+            runner.run(runner.spec("maisi", "tiled", "roundtrip", s, scheme=scheme))
+    a = args
+    out = [_config_lines(args, runner).split("\n")[0],
+           f"- tiled: `PatchEncoding({', '.join(f'{k}={v!r}' for k, v in scheme.items())})`; whole: one "
+           f"`encode_mean` and one `decode` call; one round trip per child (no warm-up, one sample), memory cap "
+           f"(RLIMIT_AS) {a.mem_cap_gb:g} GiB per child",
+           f"- total wall time of this run {(time.time() - runner.started) / 60:.1f} min, finished "
+           f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}", "",
+           "| size | path | status | encode s | decode s | total s | total s per Mvoxel | encoder windows (roi) "
+           "| decoder windows (latent roi) | peak RSS GiB | delta RSS GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in sorted(set(tiled) | set(whole)):
+        for method in ("whole", "tiled"):
+            if s not in (whole if method == "whole" else tiled):
+                continue
+            r = runner.get("maisi", method, "roundtrip", s)
+            ok = r is not None and r.get("status") == "ok"
+            enc_roi = f" ({'x'.join(map(str, r['encode_roi']))})" if ok and r.get("encode_roi") else ""
+            dec_roi = (f" ({'x'.join(map(str, r['decode_roi']))})" if ok and r.get("decode_roi") else
+                       (" (whole latent)" if ok else ""))
+            est = ""
+            if ok and r.get("estimated"):
+                est = (f" (est.: network run on {r['encode_calls_run']}/{r['encode_calls']} encoder and "
+                       f"{r['decode_calls_run']}/{r['decode_calls']} decoder calls)")
+            out.append(
+                f"| {s}^3 | {method} | {_status_cell(r, a.mem_cap_gb)}{est} | {_fmt(r, 'encode_s')} | {_fmt(r, 'decode_s')} "
+                f"| {_fmt(r, 'time_s')} | {_fmt(r, 'time_s', 1e6 / s**3, '{:.2f}')} "
+                f"| {r.get('encode_windows', '–') if ok else '–'}{enc_roi} "
+                f"| {r.get('decode_windows', '–') if ok else '–'}{dec_roi} | {_gib(_val(r, 'peak_kib'))} "
+                f"| {_gib(_val(r, 'delta_kib'))} |")
+    out += ["", "Per-voxel time ratios tiled / whole (same run; the whole pass of the same size, or of the largest "
+            "size whose whole pass ran when that one was not run):", "",
+            "| tiled size | compared with whole | encode | decode | encode + decode | peak RSS tiled / whole |",
+            "|---|---|---|---|---|---|"]
+    for s in tiled:
+        t = runner.get("maisi", "tiled", "roundtrip", s)
+        if _val(t, "time_s") is None:
+            continue
+        ran = [w for w in whole if _val(runner.get("maisi", "whole", "roundtrip", w), "time_s") is not None]
+        ref = s if s in ran else max([w for w in ran if w < s], default=None)
+        if ref is None:
+            continue
+        w = runner.get("maisi", "whole", "roundtrip", ref)
+        cells = [f"{(t[k] / s**3) / (w[k] / ref**3):.2f}" for k in ("encode_s", "decode_s", "time_s")]
+        out.append(f"| {s}^3 | {ref}^3 | {' | '.join(cells)} | {_ratio(t['peak_kib'], w['peak_kib'])} |")
+    title = (f"### Round trip through a fitted tiling vs whole volume, width `{args.width_preset}`, tiled "
+             f"{', '.join(f'{s}^3' for s in tiled)}, whole {', '.join(f'{s}^3' for s in whole)}")
+    return runner, title, "\n".join(out)
+
+
+def run_seams(args: argparse.Namespace) -> tuple[None, str, str]:
+    """``--seams``: seam error of a trained VAE (``--vae-ckpt``) on real volumes (``--datalist``, ``--split``): the
+    mean absolute error within ``--seam-width`` voxels of the decoding windows' borders of a fitted latent tiling
+    (``--decode-window`` / each of ``--decode-overlaps``), against the whole-volume decode's error at the same voxels;
+    and the same at the encoding windows' borders for the VAE's own patch-wise encoding (``PatchEncoding.of``)."""
+    import numpy as np
+    import torch
+
+    from meduet import records
+    from meduet.data import get_load_transforms, load_datalist
+    from meduet.metrics.reconstruction import patch_border_mask, window_borders
+    from meduet.networks.vae import PatchEncoding
+    from meduet.workflows.vae.common import load_case, preprocessing_for
+
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    vae = records.load(args.vae_ckpt, expect="vae").eval()
+    f = vae.downsample_factor
+    enc_scheme = PatchEncoding.of(vae, args.seam_patch_size, 0.0 if args.seam_patch_size else None,
+                                  default=PatchEncoding(32))
+    dl = load_datalist(args.datalist, split=args.split)
+    items = dl[args.split][: args.seam_cases]
+    transform = get_load_transforms(**preprocessing_for(vae, dl), keys=("image",))
+    configs = [(w, o, m) for w in (args.seam_decode_windows or [args.decode_window]) for o in args.decode_overlaps
+               for m in args.decode_modes]
+    rows: dict[str, list[float]] = {}
+    shapes = []
+
+    def add(key, v):
+        rows.setdefault(key, []).append(float(v))
+
+    def border_mae(err, borders):
+        mask = patch_border_mask(err.shape, borders=borders, width=args.seam_width)
+        return float(err[mask].mean()) if mask.any() else float("nan")
+
+    with torch.no_grad():
+        for item in items:
+            x, _, _ = load_case(transform, item, torch.device("cpu"))
+            shapes.append(tuple(x.shape[2:]))
+            z_whole = vae.encode_mean(x)
+            z_patch = enc_scheme.encode(vae, x)
+            err = {"whole": (vae.decode(z_whole).clamp(0, 1) - x).abs()[0, 0],
+                   "paper": (vae.decode(z_patch).clamp(0, 1) - x).abs()[0, 0]}
+            enc_borders = PatchEncoding(enc_scheme.patch_size, enc_scheme.overlap).borders(x.shape[2:], f)
+            add("enc/whole", border_mae(err["whole"], enc_borders))
+            add("enc/paper", border_mae(err["paper"], enc_borders))
+            add("all/whole", err["whole"].mean())
+            add("all/paper", err["paper"].mean())
+            for w, o, m in configs:
+                dec = PatchEncoding(decode_window=w, decode_overlap=o, decode_mode=m)
+                roi, ov = dec.decode_tiling(z_whole.shape[2:])
+                borders = [[b * f for b in window_borders(n, r, v)] for n, r, v in zip(z_whole.shape[2:], roi, ov)]
+                o = f"{w}/{o}"
+                e_t = (dec.decode(vae, z_whole).clamp(0, 1) - x).abs()[0, 0]
+                e_pt = (dec.decode(vae, z_patch).clamp(0, 1) - x).abs()[0, 0]
+                add(f"dec{o}{m}/whole", border_mae(err["whole"], borders))
+                add(f"dec{o}{m}/tiled", border_mae(e_t, borders))
+                add(f"dec{o}{m}/paper", border_mae(err["paper"], borders))
+                add(f"dec{o}{m}/paper+tiled", border_mae(e_pt, borders))
+                add(f"dec{o}{m}/all_tiled", e_t.mean())
+                add(f"dec{o}{m}/all_paper+tiled", e_pt.mean())
+                add(f"dec{o}{m}/windows", float(np.prod([len(window_borders(n, r, v)) // 2 + 1 for n, r, v in
+                                                         zip(z_whole.shape[2:], roi, ov)])))
+                add(f"dec{o}{m}/border_fraction", float(patch_border_mask(err["whole"].shape, borders=borders,
+                                                                          width=args.seam_width).float().mean()))
+
+    def ci(values):
+        v = np.asarray(values, dtype=float)
+        half = 1.96 * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+        return f"{v.mean():.3f} ± {half:.3f}"
+
+    def ratio(a, b):
+        return ci(np.asarray(rows[a]) / np.asarray(rows[b]))
+
+    latent = sorted({tuple(s // f for s in sh) for sh in shapes})
+    out = [f"- VAE `{args.vae_ckpt}` (architecture {vae.architecture['num_channels']}, "
+           f"{vae.architecture['num_res_blocks']} res blocks; decoder fine-tuned: "
+           f"{bool(vae.meta.get('decoder_finetuned'))}); {len(items)} cases of `{args.datalist}` split `{args.split}`, "
+           f"image shapes {sorted(set(shapes))}, latent shapes {latent}",
+           f"- its patch-wise encoding: `{enc_scheme.record()}`; decoding windows: fitted (`PatchEncoding."
+           f"decode_window` / `decode_overlap` latent voxels); border band: {args.seam_width} voxel(s) each side of a border; values: mean over cases "
+           f"± 1.96 standard errors; errors are |reconstruction clamped to [0, 1] - input|",
+           f"- total wall time {(time.time() - started) / 60:.1f} min, finished "
+           f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}", "",
+           "At the decoding windows' borders (the fitted latent tiling), whole-volume encoding:", "",
+           "| latent window max / overlap | blending | border voxels (fraction) | border MAE whole decode "
+           "| border MAE tiled decode | tiled / whole (per case) | MAE of the whole volume, tiled / whole |",
+           "|---|---|---|---|---|---|---|"]
+    for w, o, m in configs:
+        k = f"dec{w}/{o}{m}"
+        out.append(f"| {w} / {o} | {m} | {np.mean(rows[k + '/border_fraction']):.2f} | {ci(rows[k + '/whole'])} | {ci(rows[k + '/tiled'])} | {ratio(k + '/tiled', k + '/whole')} "
+                   f"| {ci(np.asarray(rows[k + '/all_tiled']) / np.asarray(rows['all/whole']))} |")
+    out += ["", "The VAE's own patch-wise encoding followed by the fitted decoding (the round trip of the bench above), "
+            "at the decoding windows' borders, against patch-wise encoding + whole decode (3D MedDiffusion) at "
+            "the same voxels:", "",
+            "| latent window max / overlap | blending | border MAE patch enc + whole dec "
+            "| border MAE patch enc + tiled dec | ratio (per case) | MAE of the whole volume, ratio |",
+            "|---|---|---|---|---|---|"]
+    for w, o, m in configs:
+        k = f"dec{w}/{o}{m}"
+        out.append(f"| {w} / {o} | {m} | {ci(rows[k + '/paper'])} | {ci(rows[k + '/paper+tiled'])} "
+                   f"| {ratio(k + '/paper+tiled', k + '/paper')} "
+                   f"| {ci(np.asarray(rows[k + '/all_paper+tiled']) / np.asarray(rows['all/paper']))} |")
+    out += ["", "At the encoding windows' borders: patch-wise encoding + whole decode (3D MedDiffusion) vs whole "
+            "encode + whole decode:", "",
+            "| border MAE whole | border MAE patch-wise encoding | ratio (per case) | MAE of the whole volume, ratio |",
+            "|---|---|---|---|",
+            f"| {ci(rows['enc/whole'])} | {ci(rows['enc/paper'])} | {ratio('enc/paper', 'enc/whole')} "
+            f"| {ratio('all/paper', 'all/whole')} |"]
+    title = "### Seam error of the fitted decoding tiling, trained VAE"
+    return None, title, "\n".join(out)
+
+
+def _fmt(r, key, scale=1.0, fmt="{:.1f}") -> str:
+    v = _val(r, key)
+    return "–" if v is None else fmt.format(v * scale)
+
+
 def run_find_max(args: argparse.Namespace) -> tuple[Runner, str, str]:
     runner = Runner(args)
     cands = list(range(32, args.find_max_limit + 1, 32))
@@ -822,6 +1084,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--find-max-windows", type=int, default=2,
                    help="--find-max patch-wise probes: network windows run per pass (0: all)")
     p.add_argument("--find-max-budget-s", type=float, default=1800.0, help="stop the search after this many seconds")
+    p.add_argument("--roundtrip", action="store_true",
+                   help="instead of the throughput tables: whole-volume vs PatchEncoding round trips per voxel")
+    p.add_argument("--tiled-sizes", type=int, nargs="*", default=[128, 256], help="--roundtrip: tiled sides")
+    p.add_argument("--whole-sizes", type=int, nargs="*", default=[128, 192], help="--roundtrip: whole sides")
+    p.add_argument("--encode-tiling", choices=("fixed", "fit"), default="fixed",
+                   help="--roundtrip: PatchEncoding.tiling (fixed: --patch-size windows at --encode-overlap)")
+    p.add_argument("--encode-min-overlap", type=int, default=0, help="--roundtrip: PatchEncoding.min_overlap")
+    p.add_argument("--decode-window", type=int, default=40,
+                   help="--roundtrip: PatchEncoding.decode_window (largest latent window side; 0: whole latent)")
+    p.add_argument("--decode-min-overlap", type=int, default=2, help="--roundtrip: PatchEncoding.decode_overlap")
+    p.add_argument("--encode-batch", type=int, default=4, help="--roundtrip: PatchEncoding.sw_batch_size")
+    p.add_argument("--decode-batch", type=int, default=1, help="--roundtrip: PatchEncoding.decode_batch_size")
+    p.add_argument("--seams", action="store_true",
+                   help="instead of timing: seam error of a trained VAE (--vae-ckpt) for --decode-window tilings")
+    p.add_argument("--vae-ckpt", default="bundles/meduet_vae/models/model.pt", help="--seams: trained VAE")
+    p.add_argument("--datalist", default="data/sample/phantoms/datalist.json", help="--seams: volumes")
+    p.add_argument("--split", default="test", help="--seams: datalist split")
+    p.add_argument("--seam-cases", type=int, default=12, help="--seams: first N cases of the split")
+    p.add_argument("--seam-width", type=int, default=2, help="--seams: voxels each side of a border")
+    p.add_argument("--seam-patch-size", type=int, default=None,
+                   help="--seams: encoding window (default: the VAE's PatchEncoding)")
+    p.add_argument("--seam-decode-windows", type=int, nargs="*", default=None,
+                   help="--seams: largest latent windows to compare (default: --decode-window)")
+    p.add_argument("--decode-overlaps", type=int, nargs="+", default=[1, 2, 4], help="--seams: latent overlaps")
+    p.add_argument("--decode-modes", nargs="+", default=["gaussian"], choices=("gaussian", "constant"),
+                   help="--seams: blending of the decoding windows")
     p.add_argument("--write-md", action="store_true", help=f"write the tables into BENCHMARKS.md ({SECTION_TITLE!r})")
     p.add_argument("--md-path", type=Path, default=REPO / "BENCHMARKS.md")
     p.add_argument("--md-key", default=None,
@@ -840,7 +1128,15 @@ def main(argv=None) -> int:
     for s in args.sizes:
         if s % 4:
             raise SystemExit(f"--sizes: {s} is not divisible by 4 (the VAE downsampling factor)")
-    if args.find_max:
+    if args.seams:
+        runner, title, body = run_seams(args)
+        key = args.md_key or "seams"
+    elif args.roundtrip:
+        if args.decode_window == 0:
+            args.decode_window = None
+        runner, title, body = run_roundtrip(args)
+        key = args.md_key or f"roundtrip-{args.width_preset}"
+    elif args.find_max:
         runner, title, body = run_find_max(args)
         key = args.md_key or "find-max"
     else:
@@ -849,7 +1145,7 @@ def main(argv=None) -> int:
     argv_shown = sys.argv[1:] if argv is None else argv
     command = ".venv/bin/python bench/vae_patchwise.py " + " ".join(shlex.quote(x) for x in argv_shown)
     print(f"{title}\n\nCommand: `{command.strip()}`\n\n{body}\n")
-    if args.json_out:
+    if args.json_out and runner is not None:
         args.json_out.write_text(json.dumps(runner.results, indent=1))
     if args.write_md:
         write_md(args.md_path, key, title, command.strip(), body)

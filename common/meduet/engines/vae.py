@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +26,7 @@ from monai.losses import PatchAdversarialLoss
 from torch.utils.data import DataLoader
 
 from meduet.engines.checkpoint import unwrap
+from meduet.errors import MeduetConfigError
 from meduet.engines.trainer import MeduetTrainer, NonFiniteLossError
 from meduet.latent import LatentSpace
 from meduet.networks.vae import MeduetVAE, PatchEncoding, reconstruct_patchwise
@@ -37,7 +40,106 @@ __all__ = [
     "refresh_vae_meta",
     "DecoderFinetuneTrainer",
     "decoder_parameters",
+    "MedicalNetPerceptualLoss",
+    "build_perceptual_loss",
+    "check_paper_weights",
+    "PERCEPTUAL_DOC",
+    "MAISI_WEIGHTS_DOC",
 ]
+
+logger = logging.getLogger(__name__)
+
+#: where the docs say to get the weights (one-line errors point here)
+MAISI_WEIGHTS_DOC = "bundles/meduet_vae/docs/README.md, 'Using MAISI's pretrained CT autoencoder'"
+PERCEPTUAL_DOC = "bundles/meduet_vae/docs/README.md, 'The perceptual term from local weights'"
+
+
+class MedicalNetPerceptualLoss(torch.nn.Module):
+    """A 3D perceptual distance from a local MedicalNet ResNet file (never downloaded), as MONAI's
+    ``PerceptualLoss(network_type="medicalnet_resnet10_23datasets", is_fake_3d=False)`` computes it: each volume
+    z-scored, the ResNet's last feature map, unit-normalised over channels, squared difference averaged over space
+    and summed over channels, averaged over the batch. Not MAISI's network (MAISI's recipe uses LPIPS SqueezeNet on
+    2D slices, ``network: squeeze``); an option for hosts without torchvision/lpips.
+
+    ``weights_path``: a MedicalNet ``.pth`` (``meduet.metrics.features.MedicalNetFeatures``); ``depth``: its ResNet.
+    """
+
+    def __init__(self, weights_path: str, depth: int = 10) -> None:
+        super().__init__()
+        from meduet.metrics.features import MedicalNetFeatures
+
+        self.net = MedicalNetFeatures(weights_path, depth=depth).net.requires_grad_(False).eval()
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        mean = x.mean(dim=(2, 3, 4), keepdim=True)
+        x = (x - mean) / x.std(dim=(2, 3, 4), keepdim=True).clamp_min(1e-6)
+        x = n.act(n.bn1(n.conv1(x)))
+        if not n.no_max_pool:
+            x = n.maxpool(x)
+        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        return x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.net.eval()
+        diff = (self._features(input.float()) - self._features(target.float())).pow(2)
+        return diff.mean(dim=(2, 3, 4)).sum(dim=1).mean()
+
+
+def build_perceptual_loss(weights: str | None, network: str = "squeeze", fake_3d_ratio: float = 0.2,
+                          depth: int = 10) -> torch.nn.Module | None:
+    """The perceptual term from local weights, or None (no term) when ``weights`` is None. Nothing is downloaded.
+
+    ``network="squeeze"`` (MAISI's recipe): MONAI's ``PerceptualLoss(network_type="squeeze", is_fake_3d=True,
+    fake_3d_ratio)`` (LPIPS on 2D slices); ``weights`` is a local torch hub directory holding torchvision's
+    SqueezeNet 1.1 file under ``checkpoints/`` (needs the ``lpips`` and ``torchvision`` packages).
+    ``network="medicalnet"`` (not MAISI's): ``MedicalNetPerceptualLoss(weights, depth)``, ``weights`` a MedicalNet
+    ``.pth`` file.
+    """
+    if weights is None or str(weights) == "":
+        return None
+    path = Path(str(weights))
+    if network == "medicalnet":
+        return MedicalNetPerceptualLoss(str(path), depth)
+    if network != "squeeze":
+        raise MeduetConfigError(f"perceptual_network must be 'squeeze' (MAISI's) or 'medicalnet', got {network!r}")
+    found = sorted(path.glob("checkpoints/squeezenet1_1-*.pth")) if path.is_dir() else []
+    if not found:
+        raise MeduetConfigError(f"perceptual_weights '{path}' is not a torch hub directory with "
+                                f"checkpoints/squeezenet1_1-*.pth; see {PERCEPTUAL_DOC}")
+    import importlib.util
+
+    missing = [m for m in ("lpips", "torchvision") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MeduetConfigError(f"perceptual_network 'squeeze' needs the packages {missing} (pip install "
+                                f"{' '.join(missing)}), or set perceptual_network: medicalnet; see {PERCEPTUAL_DOC}")
+    from monai.losses import PerceptualLoss
+
+    return PerceptualLoss(spatial_dims=3, network_type="squeeze", is_fake_3d=True, fake_3d_ratio=fake_3d_ratio,
+                          cache_dir=str(path)).eval()
+
+
+def check_paper_weights(required: bool, allow_missing: bool, pretrained_ckpt: str | None,
+                        perceptual_weights: str | None, perceptual_loss: Any = None) -> bool:
+    """The paper preset trains from MAISI's published weights with a perceptual term; both need local files.
+    With ``required`` (paper.yaml) and either missing: a one-line ``MeduetConfigError`` naming the keys, unless
+    ``allow_missing`` (``allow_missing_paper_weights: True``), which logs one warning naming what is not the paper.
+    Returns True when the run is the paper's in these two respects."""
+    missing = []
+    if not pretrained_ckpt:
+        missing.append(f"pretrained_ckpt (MAISI's CT autoencoder file; {MAISI_WEIGHTS_DOC})")
+    if not perceptual_weights and perceptual_loss is None:
+        missing.append(f"perceptual_weights (the perceptual network's local weights; {PERCEPTUAL_DOC})")
+    if not required or not missing:
+        return not missing
+    if not allow_missing:
+        raise MeduetConfigError("the paper preset needs local weights: set " + " and ".join(missing)
+                                + ", or set allow_missing_paper_weights: True to train without them (not the paper)")
+    what = [m.split(" ", 1)[0] for m in missing]
+    notpaper = {"pretrained_ckpt": "random initial weights instead of MAISI's",
+                "perceptual_weights": "no perceptual term (perceptual_weight has no effect)"}
+    logger.warning("allow_missing_paper_weights: not the paper: %s", "; ".join(notpaper[w] for w in what))
+    return False
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -274,7 +376,7 @@ class DecoderFinetuneTrainer(MeduetTrainer):
             z = self.patch_encoding.encode(vae, images)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            recon = vae.decode(z)
+            recon = self.patch_encoding.decode(vae, z)  # one decoder call unless the scheme has decode_window
             loss = torch.nn.functional.l1_loss(recon.float(), images)
         self.check_finite(engine, decoder=loss)
         self.optimizer_step(loss, decoder_parameters(vae))

@@ -51,15 +51,21 @@ def window_borders(size: int, window: int, overlap: float = 0.0) -> list[int]:
     return sorted({int(sl[0].start) for sl in slices if sl[0].start > 0} | {int(sl[0].stop) for sl in slices if sl[0].stop < size})
 
 
-def patch_border_mask(shape: Sequence[int], patch_size: Sequence[int] | int, width: int = 1,
-                      overlap: float = 0.0) -> torch.Tensor:
+def patch_border_mask(shape: Sequence[int], patch_size: Sequence[int] | int | None = None, width: int = 1,
+                      overlap: Sequence[float] | float = 0.0,
+                      borders: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Boolean mask of voxels within ``width`` voxels of an interior window border of patch-wise coding with MONAI
-    sliding windows of ``patch_size`` and ``overlap`` (``window_borders``; the volume's own faces are not
-    borders)."""
-    ps = [patch_size] * len(shape) if isinstance(patch_size, int) else list(patch_size)
+    sliding windows of ``patch_size`` and ``overlap`` (a fraction, or one per axis; ``window_borders``; the volume's
+    own faces are not borders), or of the given per-axis ``borders`` (e.g. ``PatchEncoding.borders``)."""
+    if borders is None:
+        if patch_size is None:
+            raise ValueError("patch_border_mask needs patch_size or borders")
+        ps = [patch_size] * len(shape) if isinstance(patch_size, int) else list(patch_size)
+        ov = [overlap] * len(shape) if isinstance(overlap, (int, float)) else list(overlap)
+        borders = [window_borders(n, p, o) for n, p, o in zip(shape, ps, ov)]
     mask = torch.zeros(tuple(shape), dtype=torch.bool)
-    for axis, (n, p) in enumerate(zip(shape, ps)):
-        for b in window_borders(n, p, overlap):
+    for axis, (n, axis_borders) in enumerate(zip(shape, borders)):
+        for b in axis_borders:
             lo, hi = max(0, b - width), min(n, b + width)
             index = [slice(None)] * len(shape)
             index[axis] = slice(lo, hi)
@@ -68,15 +74,17 @@ def patch_border_mask(shape: Sequence[int], patch_size: Sequence[int] | int, wid
 
 
 def seam_error(
-    pred: torch.Tensor, target: torch.Tensor, patch_size: Sequence[int] | int, width: int = 1, overlap: float = 0.0
+    pred: torch.Tensor, target: torch.Tensor, patch_size: Sequence[int] | int | None = None, width: int = 1,
+    overlap: Sequence[float] | float = 0.0, borders: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, float]:
     """Mean absolute error on voxels at window borders vs elsewhere, and their ratio (1.0 = no visible seam).
 
     ``pred``/``target``: ``(B, C, H, W, D)``; ``patch_size`` and ``overlap``: the image-space windows of the
-    patch-wise encoding (``patch_border_mask``: the borders MONAI's sliding windows really have).
+    patch-wise encoding (``patch_border_mask``: the borders MONAI's sliding windows really have), or ``borders``
+    per axis (``PatchEncoding.borders``: encoding and decoding windows).
     """
     err = (pred.float() - target.float()).abs().mean(dim=(0, 1))
-    mask = patch_border_mask(err.shape, patch_size, width, overlap)
+    mask = patch_border_mask(err.shape, patch_size, width, overlap, borders)
     if not mask.any() or mask.all():
         return {"seam_border_mae": float("nan"), "seam_interior_mae": float(err.mean()), "seam_ratio": float("nan")}
     border = float(err[mask].mean())

@@ -54,7 +54,10 @@ def test_training_writes_what_the_next_stage_needs(trained, tiny_data):
     after = records.load(models / "model.pt", expect="vae")
     assert after.meta.get("decoder_finetuned") is True
     # the patch-wise encoding the decoder was fine-tuned with travels in its record (tiny: 16^3, no overlap)
-    assert after.meta["patch_encoding"] == {"patch_size": [16, 16, 16], "overlap": 0.0, "mode": "constant"}
+    # and volume-wise decoding (3D MedDiffusion's; decode_window None)
+    stored = after.meta["patch_encoding"]
+    assert {k: stored[k] for k in ("patch_size", "overlap", "mode", "tiling", "decode_window")} == {
+        "patch_size": [16, 16, 16], "overlap": 0.0, "mode": "constant", "tiling": "fixed", "decode_window": None}
     b, a = vae.state_dict(), after.state_dict()
     assert all(torch.equal(b[k], a[k]) for k in b if k.startswith("encoder."))
     assert any(not torch.equal(b[k], a[k]) for k in b if k.startswith("decoder."))

@@ -103,7 +103,7 @@ def test_paper_preset_is_maisi_ct_autoencoder():
     assert paper.get("vae") == WEIGHTS_DEF  # every argument that shapes the parameters, as the zoo has it
     # the zoo splits 8-fold for 512^3 inference; the paper preset trains on 64^3 crops, which 8 splits cannot take
     assert {k: paper.get("vae_runtime")[k] for k in ("num_splits", "dim_split")} == {"num_splits": 4, "dim_split": 1}
-    assert paper.get("pretrained_ckpt") is None  # starting from MAISI's weights is opt-in
+    assert paper.get("pretrained_ckpt") is None  # no file is shipped; the preset requires one (test_vae_paper_weights.py)
     assert _vae_config().get("vae") == WEIGHTS_DEF  # the base config is the same size
     for small in ("tiny", "demo"):  # the CPU presets shrink the network: MAISI's file does not fit them
         assert _vae_config(small).get("vae")["num_channels"] != WEIGHTS_DEF["num_channels"]

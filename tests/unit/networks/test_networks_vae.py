@@ -207,3 +207,112 @@ def test_patch_encoding_is_one_setting_read_from_the_record(vae):
     assert PatchEncoding.of(vae, default=PatchEncoding(64, 0.25, "gaussian")).mode == "gaussian"
     with pytest.raises(MeduetConfigError, match="overlap"):
         PatchEncoding(16, 1.0)
+
+
+@pytest.mark.parametrize("size,most,over,multiple", [(64, 40, 2, 1), (256, 128, 8, 4), (100, 40, 4, 4), (48, 40, 2, 1),
+                                                     (37, 10, 3, 1), (30, 40, 2, 1), (200, 64, 0, 4)])
+def test_fit_windows_cover_the_axis_with_the_fewest_windows_and_the_minimum_overlap(size, most, over, multiple):
+    from monai.data.utils import dense_patch_slices
+
+    from meduet.networks.vae import fit_overlap, fit_windows
+
+    window, count = fit_windows(size, most, over, multiple)
+    assert window <= most and window % multiple == 0
+    interval = window if window == size else int(window * (1 - fit_overlap(window, size, over)))
+    starts = [int(sl[0].start) for sl in dense_patch_slices((size,), (window,), (interval,))]
+    assert len(starts) == count  # MONAI places exactly the windows counted
+    covered = torch.zeros(size, dtype=torch.bool)
+    for s in starts:
+        assert s % multiple == 0  # aligned with the latent grid
+        covered[s : s + window] = True
+    assert covered.all() and starts[0] == 0 and starts[-1] + window == size
+    for a, b in zip(starts, starts[1:]):
+        assert a + window - b >= over  # neighbours overlap by at least the minimum
+    # fewest: one window less cannot cover the axis with that overlap
+    fewer = count - 1
+    assert fewer == 0 or fewer * most - (fewer - 1) * over < size
+
+
+def test_fit_windows_errors():
+    from meduet.networks.vae import fit_windows
+
+    with pytest.raises(MeduetConfigError, match="multiples of 4"):
+        fit_windows(100, 40, 2, 4)
+    with pytest.raises(MeduetConfigError, match="minimum overlap"):
+        fit_windows(100, 8, 8)
+    with pytest.raises(MeduetConfigError, match="tiling"):
+        from meduet.networks.vae import PatchEncoding
+
+        PatchEncoding(tiling="any")
+
+
+def test_fit_tiling_equals_monai_sliding_windows_and_placement(vae):
+    """PatchEncoding with tiling='fit' / decode_window is MONAI's sliding_window_inference with the fitted roi and
+    overlap; every window is no larger than the maximum and the stitched volume is the whole one where windows do
+    not interact (a per-voxel predictor)."""
+    from monai.inferers import sliding_window_inference
+
+    from meduet.networks.vae import PatchEncoding
+
+    torch.manual_seed(1)
+    scheme = PatchEncoding(patch_size=16, tiling="fit", min_overlap=4, decode_window=5, decode_overlap=1,
+                           sw_batch_size=2, decode_batch_size=2)
+    x = torch.rand(1, 1, 36, 28, 16)
+    with torch.no_grad():
+        z = scheme.encode(vae, x)
+        roi, ov = scheme.encode_tiling(x.shape[2:], 4)
+        assert roi == [16, 16, 16]  # 36 -> 3 windows of 16 at 0, 12, 20 (overlaps 4 and 8); 28 -> 2 of 16; 16 -> 1
+        ref = sliding_window_inference(x, roi, 2, vae.encode_mean, overlap=ov, mode="constant")
+        assert torch.equal(z, ref)
+        y = scheme.decode(vae, z)
+        droi, dov = scheme.decode_tiling(z.shape[2:])
+        assert droi == [5, 4, 4]  # latent 9 -> 2 windows of 5 (overlap 1); 7 -> 2 of 4; 4 -> 1
+        assert torch.equal(y, sliding_window_inference(z, droi, 2, vae.decode, overlap=dov, mode="gaussian"))
+        assert y.shape == x.shape
+        # windows that do not interact: a per-voxel predictor is reproduced exactly by the fitted tiling
+        per_voxel = lambda t: 2 * t + 1  # noqa: E731
+        assert torch.allclose(sliding_window_inference(x, roi, 2, per_voxel, overlap=ov, mode="constant"),
+                              per_voxel(x), atol=1e-6)
+    # seam borders: the encode windows' starts/ends and the decode windows' (x f) ones
+    b = scheme.borders(x.shape[2:], 4)
+    assert b[0] == [12, 16, 20, 28]  # encode windows [0, 16), [12, 28), [20, 36); decode [0, 5), [4, 9) x 4
+    assert b[1] == [12, 16]  # encode [0, 16), [12, 28); decode latent [0, 4), [3, 7) x 4
+    assert b[2] == []  # one window along the last axis (16 voxels / latent 4)
+    # the paper's default stays: fixed windows, volume-wise decoding
+    paper = PatchEncoding(64)
+    assert paper.decode_window is None and paper.tiling == "fixed"
+    with torch.no_grad():
+        assert torch.equal(paper.decode(vae, z), vae.decode(z))
+
+
+def test_fit_decode_bounds_the_window_and_counts(vae):
+    """The issue's example: a 64^3 latent (256^3 image) with decode_window 40 and overlap 2 -> 2 windows per axis
+    of 33^3, 8 in all (MONAI's placement counted), against 27 of 16^3 at 0.25 overlap for a 128^3 image."""
+    from monai.data.utils import dense_patch_slices
+
+    from meduet.networks.vae import PatchEncoding
+
+    scheme = PatchEncoding(decode_window=40, decode_overlap=2)
+    roi, ov = scheme.decode_tiling((64, 64, 64))
+    assert roi == [33, 33, 33]
+    interval = [int(r * (1 - o)) for r, o in zip(roi, ov)]
+    assert len(dense_patch_slices((64, 64, 64), roi, interval)) == 8
+    assert scheme.decode_tiling((32, 32, 32))[0] == [32, 32, 32]  # fits: one window, the whole latent
+
+
+def test_windowed_decoding_passes_gradients_to_the_decoder(vae):
+    """Decoder fine-tuning with decode_window decodes through the windows: the loss reaches every decoder weight that
+    the whole decode reaches."""
+    from meduet.networks.vae import PatchEncoding
+
+    torch.manual_seed(2)
+    z = torch.randn(1, 4, 7, 5, 4)
+    scheme = PatchEncoding(decode_window=4, decode_overlap=1)
+    assert scheme.decode_tiling(z.shape[2:])[0] == [4, 3, 4]
+    vae.zero_grad(set_to_none=True)
+    y = scheme.decode(vae, z)
+    assert y.shape == (1, 1, 28, 20, 16) and y.requires_grad
+    y.abs().mean().backward()
+    grads = [p.grad for p in vae.decoder.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    vae.zero_grad(set_to_none=True)

@@ -53,7 +53,8 @@ class Config(WorkflowConfig):
 @torch.no_grad()
 def run(config: Config) -> dict[str, Any]:
     """PSNR / SSIM / MS-SSIM of whole-volume reconstruction, and the seam error of patch-wise encoding followed by
-    whole-volume decoding, per case, per domain and overall. The patch-wise encoding is the VAE's own
+    whole-volume decoding (the scheme's decoding windows when its ``decode_window`` is set), per case, per domain
+    and overall. The patch-wise encoding is the VAE's own
     (``PatchEncoding.of``: the scheme its decoder was fine-tuned with, which encode.yaml also uses; 32^3 windows
     without overlap for a VAE without one), ``patch_size`` / ``overlap`` override it; seams are measured at the
     borders MONAI's sliding windows really have (``metrics.reconstruction.window_borders``).
@@ -87,7 +88,8 @@ def run(config: Config) -> dict[str, Any]:
         x, affine, _ = load_case(transform, item, device)
         recon = vae.reconstruct(x).clamp(0, 1)
         z_patch = scheme.encode(vae, x)
-        recon_patch = vae.decode(z_patch).clamp(0, 1)
+        recon_patch = scheme.decode(vae, z_patch).clamp(0, 1)  # one decoder call unless decode_window is set
+        borders = scheme.borders(x.shape[2:], vae.downsample_factor)
         rec = {
             "case": case_name(item),
             "domain": item.get("domain", ""),
@@ -95,12 +97,11 @@ def run(config: Config) -> dict[str, Any]:
             "heldout": item.get("domain") in heldout,
             **reconstruction_metrics(recon, x),
             **{f"patchwise_{k}": v for k, v in reconstruction_metrics(recon_patch, x).items() if k == "psnr"},
-            **seam_error(recon_patch, x, scheme.window(x.shape[2:]), seam_width, scheme.overlap),
+            **seam_error(recon_patch, x, width=seam_width, borders=borders),
         }
         if other is not None:
-            before = other.decode(scheme.encode(other, x)).clamp(0, 1)
-            rec.update({f"before_{k}": v for k, v in seam_error(before, x, scheme.window(x.shape[2:]), seam_width,
-                                                                scheme.overlap).items()})
+            before = scheme.decode(other, scheme.encode(other, x)).clamp(0, 1)
+            rec.update({f"before_{k}": v for k, v in seam_error(before, x, width=seam_width, borders=borders).items()})
             rec["before_patchwise_psnr"] = reconstruction_metrics(before, x)["psnr"]
         cases.append(rec)
         if n < cfg.save_images:
