@@ -18,7 +18,7 @@ from meduet.losses.meduet_config import MAELossConfig, MeDUETLossConfig
 from meduet.networks.masks import masked_mean
 from meduet.networks.meduet_extras import MeduetExtras
 
-__all__ = ["meduet_step_losses", "mae_step_losses"]
+__all__ = ["meduet_step_losses", "mae_step_losses", "pairing_source"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -37,6 +37,21 @@ def _teacher_encode(teacher: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
     fn = teacher.encode if hasattr(teacher, "encode") else teacher.module.encode
     with torch.no_grad():
         return fn(x)
+
+
+def pairing_source(batch: int, pairing: str = "one_way", device=None) -> torch.Tensor | None:
+    """The sample behind each source row ``[A rows; B rows]`` of the mixed sequences of a batch of ``2K``.
+
+    ``"one_way"``: None (the rows are the batch: ``K`` sequences, A = sample ``k``, B = sample ``k + K``).
+    ``"both_ways"``: ``(4K,)`` indices for ``2K`` sequences: sequence ``j`` has A = sample ``j`` and B = sample
+    ``(j + K) mod 2K``, so each pair is mixed once each way (the public code's ``x`` with ``x.flip(0)``).
+    """
+    if pairing == "one_way":
+        return None
+    if pairing != "both_ways":
+        raise MeduetConfigError(f"loss#pairing must be 'one_way' or 'both_ways', got {pairing!r}")
+    samples = torch.arange(batch, device=device)
+    return torch.cat([samples, samples.roll(batch // 2)])
 
 
 def _siqc_features(content_tokens: torch.Tensor, style_tokens: torch.Tensor, visible: torch.Tensor | None,
@@ -108,9 +123,8 @@ def meduet_step_losses(model: nn.Module, teacher: Any, batch_latents: torch.Tens
 
     # the source rows the network sees: [A rows; B rows] of Q mixed sequences, and the sample each row is
     n_real = x.shape[0]
-    if cfg.pairing == "both_ways":  # sequence j: A = sample j, B = sample (j + K) mod 2K
-        half = n_real // 2
-        source = torch.cat([torch.arange(n_real), torch.arange(n_real).roll(half)]).to(x.device)
+    source = pairing_source(n_real, cfg.pairing, x.device)
+    if source is not None:
         x_rows = x[source]
         x_aug_rows = x_aug[source] if x_aug is not None else None
     else:
