@@ -24,6 +24,10 @@ Terms (paper weights as defaults, see ``MeDUETLossConfig``)::
   once per step). Content positives = the key of the same source sample; style positives = every key of the
   same domain (labels ``[dom A, dom B, dom B, dom A]``: a swapped view carries the other source's style).
   Queries and keys are L2-normalised; temperature from ``model.temperature()`` (fixed 0.07 or learnable).
+  The public code's forms (``paper`` preset; ``MeDUETLossConfig``): queries = the sources' factors of the mixed
+  forward and the re-encoded swapped views, keys = the same four views from the teacher's own mixed forward with
+  the complementary mask (each query's own key excluded: ``supcon_loss(exclude_self=True)``), style positives = the
+  same sample (``siqc_view_labels``).
 
 A switched-off term (``use_* = False``) is absent from the returned dict and its modules are not run; before
 ``mftd_start_step`` the ``mftd`` entry is an exact 0.

@@ -38,7 +38,8 @@ Design decisions not fixed by the paper (documented here once):
 * Pooled factors are plain means over the source's own tokens (over all tokens for unmixed inputs).
 * The style swap uses the other source's *pooled* style vector broadcast over this source's content tokens,
   because the two sources occupy different positions (and, for ``mix_ratio != 0.5``, different numbers of
-  positions); this is what makes any mixing ratio work.
+  positions); this is what makes any mixing ratio work. ``style_swap="tokens"`` is the public code's form instead:
+  the other source's style tokens paired by rank (``swapped_style_tokens``; mixing ratio 0.5 only).
 * The domain heads are linear by default (``domain_hidden=0``); ``domain_hidden > 0`` gives a one-hidden-layer
   MLP.
 * The SiQC temperatures (content, style) are ``exp(log_tau)``; with ``learn_temperature=True`` ``log_tau`` is
