@@ -78,7 +78,7 @@ PAPER_LOSS = {"pairing": "both_ways", "mftd_distance": "mse", "mftd_content_weig
               "siqc_style_labels": "sample", "style_swap": "tokens"}
 ABLATIONS["meduet_paper"] = PAPER_LOSS
 #: mixed sequences per step as a multiple of the batch (one-way pairing: batch / 2)
-SEQUENCES = {"meduet_2x": 1.0, "meduet_paper": 1.0, "reference": 1.0}
+SEQUENCES = {"meduet_paper": 1.0, "reference": 1.0}
 #: (slower row, faster row, what the pair compares): reported when both rows ran
 SPEEDUPS = [
     ("reference", "meduet_paper", "equal batch and equal work: the public code's semantics"),
@@ -141,7 +141,7 @@ class _Runner:
         else:
             self.model = MeDUET(**arch, num_domains=spec["domains"], learn_temperature=paper)
             self.teacher = EMATeacher(self.model, scope="student" if paper else "backbone")
-        if spec.get("compile"):
+        if spec.get("compile") in ("ours", "all"):
             _compile_blocks(self.model)
             if self.teacher is not None:
                 _compile_blocks(self.teacher.module)
@@ -198,9 +198,10 @@ class _Runner:
 
 
 def _compile_blocks(model) -> None:
-    """``torch.compile`` every transformer block in place (``--compile``): the same computation, fused kernels."""
+    """``torch.compile`` every transformer block in place (``--compile``; MONAI's ``TransformerBlock`` here, timm's
+    ``Block`` in the reference): the same computation with fused elementwise kernels."""
     for module in model.modules():
-        if type(module).__name__.endswith("Block"):
+        if type(module).__name__ in ("TransformerBlock", "Block"):
             module.compile()
 
 
@@ -293,7 +294,7 @@ class _ReferenceRunner:
             p.requires_grad = False
         self.model.train()
         self.teacher.eval()
-        if spec.get("compile"):
+        if spec.get("compile") == "all":
             _compile_blocks(self.model)
             _compile_blocks(self.teacher)
         self.siqc, self.mftd = SiQC(self.args), MFTD(self.args)
@@ -423,7 +424,9 @@ def _config_line(a: argparse.Namespace) -> str:
     return (f"latent {a.latent_channels}x{a.latent_size}^3 ({n} tokens), batch {a.batch}, encoder dim {a.dim} depth "
             f"{a.depth} heads {a.heads}, latent patch {a.patch}, decoder dim {a.dec_dim} depth {a.dec_depth}, mlp ratio "
             f"{a.mlp_ratio:g}, {a.domains} domains, {a.dtype}, {a.threads} threads; {a.iters} timed steps per model "
-            f"after {a.warmup} warm-up, interleaved")
+            f"after {a.warmup} warm-up, interleaved" + ("" if a.compile == "none" else
+            f"; transformer blocks torch.compile'd ({a.compile}: "
+            f"{'this project' if a.compile == 'ours' else 'every row'}; GFLOP and memory of the eager step)"))
 
 
 def run(a: argparse.Namespace) -> tuple[str, str]:
@@ -431,7 +434,8 @@ def run(a: argparse.Namespace) -> tuple[str, str]:
     mem = {}
     for m in models:
         print(f"[memory] {m} ...", file=sys.stderr, flush=True)
-        mem[m] = _spawn(_spec(a, "memory", model=m), a.max_seconds)
+        # memory and GFLOP of the eager step (a compiled step does the same arithmetic)
+        mem[m] = _spawn(_spec(a, "memory", model=m, compile="none"), a.max_seconds)
         print(f"  peak {mem[m]['peak_kib'] / 1024:.0f} MiB, {mem[m]['gflop']:.1f} GFLOP/step", file=sys.stderr)
     print(f"[timing] {' '.join(models)} interleaved ...", file=sys.stderr, flush=True)
     timing = _spawn(_spec(a, "timing", models=models), a.max_seconds)
@@ -489,7 +493,13 @@ at the same width and batch. Random weights and latents. Times: all models in on
 rotated each round); the ratio is the median over rounds of the paired step-time ratio. Memory and GFLOP: each model
 alone in a fresh child process; "peak RSS" is its `ru_maxrss`, "RSS increase" that minus its RSS before the first
 step; GFLOP counted by `torch.utils.flop_counter.FlopCounterMode` (forward + backward of one step). The machine is
-shared with other work, so absolute times are noisy; the ratios come from this one run.
+shared with other work, so absolute times are noisy; the ratios come from this one run. `meduet_paper` runs the
+`paper` preset's forms (the public code's, where the paper's text is silent: both-way pairing, so a batch of B gives
+B mixed sequences; MSE MFTD; SiQC keys from the teacher's own style swap; whole-student EMA; no decay on biases and
+norms; learnable temperature); `meduet_2x` the default forms at twice the batch (one-way pairing: as many mixed
+sequences as `meduet_paper`); `reference` the public MeDUET code's step (`--reference`, a local checkout) in the same
+process. The speed-up table pairs rows at equal batch and at equal mixed sequences (median and interquartile range over
+rounds of the paired step-time ratio).
 """
 
 
@@ -529,7 +539,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask-ratio", type=float, default=0.5, help="MAE mask ratio")
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mae", "meduet"])
     p.add_argument("--profile", action="store_true", help="phase split of the full MeDUET step")
-    p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (all rows)")
+    p.add_argument("--compile", choices=("none", "ours", "all"), default="none",
+                   help="torch.compile every transformer block: of no row, of this project's rows, or of all rows "
+                        "(the reference too)")
     p.add_argument("--reference", type=Path, default=None,
                    help="a local checkout of the public MeDUET code (its pretrain/ folder is imported; needs timm "
                         "importable, e.g. PYTHONPATH with `pip install --no-deps --target DIR timm`): adds the "
