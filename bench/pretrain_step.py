@@ -53,6 +53,9 @@ RESULT_TAG = "@@PRETRAIN_BENCH_RESULT "
 MODELS = {
     "mae": "masked autoencoder (baseline)",
     "meduet": "MeDUET, all four objectives",
+    "meduet_2x": "MeDUET, all four objectives, 2x batch (one-way pairing: as many mixed sequences as both-way)",
+    "meduet_paper": "MeDUET, the public code's forms (paper preset: both-way pairing, swapped SiQC keys, ...)",
+    "reference": "the public MeDUET code (--reference checkout)",
     "meduet_rec_dom": "MeDUET, rec + domain only",
     "meduet_no_siqc": "MeDUET, rec + domain + MFTD",
     "meduet_no_mftd": "MeDUET, rec + domain + SiQC",
@@ -61,12 +64,29 @@ MODELS = {
 }
 ABLATIONS = {
     "meduet": {},
+    "meduet_2x": {},
     "meduet_rec_dom": {"use_mftd": False, "use_siqc": False},
     "meduet_no_siqc": {"use_siqc": False},
     "meduet_no_mftd": {"use_mftd": False},
     "meduet_pairs_half": {"aux_pair_fraction": 0.5},
     "meduet_pairs_quarter": {"aux_pair_fraction": 0.25},
 }
+#: the paper preset's options (presets/paper.yaml): loss forms, whole-student EMA, no decay on biases and norms,
+#: learnable SiQC temperature
+PAPER_LOSS = {"pairing": "both_ways", "mftd_distance": "mse", "mftd_content_weight": 0.5, "mftd_reduction": "sum",
+              "siqc_keys": "swapped", "siqc_queries": "mixed", "siqc_pool": "layer_norm_mean",
+              "siqc_style_labels": "sample", "style_swap": "tokens"}
+ABLATIONS["meduet_paper"] = PAPER_LOSS
+#: mixed sequences per step as a multiple of the batch (one-way pairing: batch / 2)
+SEQUENCES = {"meduet_paper": 1.0, "reference": 1.0}
+#: (slower row, faster row, what the pair compares): reported when both rows ran
+SPEEDUPS = [
+    ("reference", "meduet_paper", "equal batch and equal work: the public code's semantics"),
+    ("reference", "meduet", "equal batch (one-way pairing: half the mixed sequences)"),
+    ("reference", "meduet_2x", "equal mixed sequences, this project's default forms"),
+    ("meduet_paper", "meduet_2x", "equal mixed sequences: default forms vs the paper preset's"),
+]
+BATCH_SCALE = {"meduet_2x": 2}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -103,11 +123,14 @@ class _Runner:
         from meduet.networks.mae import MaskedAutoencoder
         from meduet.networks.meduet import MeDUET
 
+        from meduet.engines.pretrain import optimizer_param_groups
+
         torch.manual_seed(0)
         arch = dict(in_channels=spec["channels"], input_size=spec["size"], patch_size=spec["patch"],
                     dim=spec["dim"], depth=spec["depth"], num_heads=spec["heads"], mlp_ratio=spec["mlp_ratio"],
                     dec_dim=spec["dec_dim"], dec_depth=spec["dec_depth"], dec_heads=spec["dec_heads"])
-        b, s = spec["batch"], spec["size"]
+        b, s = spec["batch"] * BATCH_SCALE.get(name, 1), spec["size"]
+        paper = name == "meduet_paper"
         self.name = name
         self.x = torch.randn(b, spec["channels"], s, s, s)
         self.dom = torch.arange(b) % spec["domains"]
@@ -116,11 +139,16 @@ class _Runner:
             self.model = MaskedAutoencoder(**arch, mask_ratio=spec["mask_ratio"])
             self.teacher = None
         else:
-            self.model = MeDUET(**arch, num_domains=spec["domains"])
-            self.teacher = EMATeacher(self.model)
+            self.model = MeDUET(**arch, num_domains=spec["domains"], learn_temperature=paper)
+            self.teacher = EMATeacher(self.model, scope="student" if paper else "backbone")
+        if spec.get("compile") in ("ours", "all"):
+            _compile_blocks(self.model)
+            if self.teacher is not None:
+                _compile_blocks(self.teacher.module)
         # every objective active from step 0: MFTD's warm-up is over
         self.cfg = dict(ABLATIONS.get(name, {}), mix_ratio=spec["mix_ratio"], mftd_start_step=0)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+        groups = optimizer_param_groups(self.model, 0.01, decay_bias_and_norm=not paper)
+        self.opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
         self.total_steps = 10_000
         self.step_index = 0
 
@@ -169,6 +197,162 @@ class _Runner:
         return counter.get_total_flops() / 1e9
 
 
+def _compile_blocks(model) -> None:
+    """``torch.compile`` every transformer block in place (``--compile``; MONAI's ``TransformerBlock`` here, timm's
+    ``Block`` in the reference): the same computation with fused elementwise kernels."""
+    for module in model.modules():
+        if type(module).__name__ in ("TransformerBlock", "Block"):
+            module.compile()
+
+
+def _torchvision_placeholder() -> None:
+    """timm imports torchvision at import time for helpers the reference's ViT blocks never call (data transforms,
+    FrozenBatchNorm2d); where torchvision cannot be imported (no build matches this CPU torch), register
+    placeholder modules so that ``import timm`` succeeds. A placeholder that is *used* fails loudly."""
+    import importlib.abc
+    import importlib.machinery
+    import types
+
+    try:
+        import torchvision  # noqa: F401
+        return
+    except Exception:  # not installed, or its compiled ops do not match this torch
+        for key in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+            del sys.modules[key]
+
+    class _Placeholder(type):
+        def __getattr__(cls, attr):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            return _Placeholder(attr, (), {})
+
+        def __call__(cls, *args, **kwargs):
+            raise RuntimeError(f"torchvision placeholder {cls.__name__} called: install a torchvision that matches torch")
+
+    class _Module(types.ModuleType):
+        def __getattr__(self, attr):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            return _Placeholder(attr, (), {})
+
+    class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, fullname, path, target=None):
+            if fullname == "torchvision" or fullname.startswith("torchvision."):
+                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+            return None
+
+        def create_module(self, spec):
+            module = _Module(spec.name)
+            module.__path__ = []
+            return module
+
+        def exec_module(self, module):
+            return None
+
+    sys.meta_path.insert(0, _Finder())
+
+
+class _ReferenceRunner:
+    """The public MeDUET code's training step, imported from a local checkout (``--reference``; never vendored or
+    downloaded here), at the bench's configuration: its ``MeDUET`` network (timm ViT blocks) with ``SiQC`` and
+    ``MFTD`` modules, teacher = deep copy of the whole student, AdamW on timm's weight-decay groups, the loss
+    ``rec + 0.2 (domain_c + domain_s) + 0.5 MFTD + 0.3 SiQC`` with MFTD active, backward, clip 1.0, optimiser step
+    and its ``update_ema``: the body of its ``train_one_epoch`` for one batch, fp32, no AMP, one process."""
+
+    def __init__(self, spec: dict) -> None:
+        import argparse
+        import copy
+        from functools import partial
+
+        import torch
+
+        root = Path(spec["reference"]).resolve()
+        code = root / "pretrain" if (root / "pretrain" / "models_MeDUET.py").exists() else root
+        if not (code / "models_MeDUET.py").exists():
+            raise SystemExit(f"--reference {root}: no models_MeDUET.py there or in pretrain/ (give a checkout of the "
+                             "public MeDUET repository)")
+        _torchvision_placeholder()
+        sys.path.insert(0, str(code))
+        import models_MeDUET
+        from MFTD import MFTD
+        from SiQC import SiQC
+        from timm.optim import param_groups_weight_decay
+        from util.utils import update_ema
+
+        torch.manual_seed(0)
+        self.name = "reference"
+        b, s = spec["batch"], spec["size"]
+        self.args = argparse.Namespace(s_ratio=0.25, num_domain=spec["domains"], distributed=False, lambda_c=0.5,
+                                       tau_c=0.1, tau_s=0.1, lambda1=0.2, lambda2=0.5, lambda3=0.3)
+        self.model = models_MeDUET.MeDUET(
+            self.args, img_size=s, patch_size=spec["patch"], in_chans=spec["channels"], embed_dim=spec["dim"],
+            depth=spec["depth"], num_heads=spec["heads"], decoder_embed_dim=spec["dec_dim"],
+            decoder_depth=spec["dec_depth"], decoder_num_heads=spec["dec_heads"], mlp_ratio=spec["mlp_ratio"],
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+        self.teacher = copy.deepcopy(self.model)
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        self.model.train()
+        self.teacher.eval()
+        if spec.get("compile") == "all":
+            _compile_blocks(self.model)
+            _compile_blocks(self.teacher)
+        self.siqc, self.mftd = SiQC(self.args), MFTD(self.args)
+        self.update_ema = update_ema
+        self.opt = torch.optim.AdamW(param_groups_weight_decay(self.model, 0.01), lr=1e-4, betas=(0.9, 0.95))
+        self.x = torch.randn(b, spec["channels"], s, s, s)
+        dom = torch.arange(b) % spec["domains"]
+        self.parameter = [dom, torch.zeros(b), torch.zeros(b)]
+        self.mix_ratio = spec["mix_ratio"]
+        self.step_index = 0
+
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def losses(self):
+        _, status, z_s, mask = self.model(self.x, self.parameter, self.mix_ratio)
+        sc = self.siqc(self.x, z_s, self.model, self.teacher, mask)
+        fd = self.mftd(self.x, z_s, self.model, self.teacher, mask)
+        a = self.args
+        total = (status["rec_loss"] + a.lambda1 * (status["domain_loss_c"] + status["domain_loss_s"])
+                 + a.lambda2 * fd + a.lambda3 * sc)
+        return {"loss": total}
+
+    def step(self, split: dict | None = None) -> float:
+        import torch
+
+        t0 = time.perf_counter()
+        out = self.losses()
+        t1 = time.perf_counter()
+        out["loss"].backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        self.update_ema(self.teacher, self.model, 0.997)
+        t4 = time.perf_counter()
+        self.step_index += 1
+        if split is not None:
+            for key, dt in (("forward", t1 - t0), ("backward", t2 - t1), ("clip+optimizer", t3 - t2), ("ema", t4 - t3)):
+                split.setdefault(key, []).append(dt)
+        return t4 - t0
+
+    def gflop(self) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        _register_cpu_sdpa_flops()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.losses()["loss"].backward()
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / 1e9
+
+
+def _runner(name: str, spec: dict):
+    return _ReferenceRunner(spec) if name == "reference" else _Runner(name, spec)
+
+
 def _memory_worker(spec: dict) -> dict:
     """Fresh process, one model: peak RSS over warm-up + 2 steps, parameter count, GFLOP of one step."""
     import resource
@@ -176,7 +360,7 @@ def _memory_worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    runner = _Runner(spec["model"], spec)
+    runner = _runner(spec["model"], spec)
     rss_before = rss_kib()
     for _ in range(spec["warmup"] + 2):
         runner.step()
@@ -191,7 +375,7 @@ def _timing_worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    runners = [_Runner(name, spec) for name in spec["models"]]
+    runners = [_runner(name, spec) for name in spec["models"]]
     times: dict[str, list[float]] = {r.name: [] for r in runners}
     for i in range(spec["warmup"] + spec["iters"]):
         order = runners[i % len(runners):] + runners[: i % len(runners)]
@@ -230,7 +414,8 @@ def _spec(a: argparse.Namespace, mode: str, **extra) -> dict:
         "depth": a.depth, "heads": a.heads, "patch": a.patch, "dec_dim": a.dec_dim, "dec_depth": a.dec_depth,
         "dec_heads": a.dec_heads, "mlp_ratio": a.mlp_ratio, "domains": a.domains, "dtype": a.dtype,
         "threads": a.threads, "iters": a.iters, "warmup": a.warmup, "mix_ratio": a.mix_ratio,
-        "mask_ratio": a.mask_ratio, "profile": a.profile, **extra,
+        "mask_ratio": a.mask_ratio, "profile": a.profile, "compile": a.compile,
+        "reference": str(a.reference) if a.reference else None, **extra,
     }
 
 
@@ -239,7 +424,9 @@ def _config_line(a: argparse.Namespace) -> str:
     return (f"latent {a.latent_channels}x{a.latent_size}^3 ({n} tokens), batch {a.batch}, encoder dim {a.dim} depth "
             f"{a.depth} heads {a.heads}, latent patch {a.patch}, decoder dim {a.dec_dim} depth {a.dec_depth}, mlp ratio "
             f"{a.mlp_ratio:g}, {a.domains} domains, {a.dtype}, {a.threads} threads; {a.iters} timed steps per model "
-            f"after {a.warmup} warm-up, interleaved")
+            f"after {a.warmup} warm-up, interleaved" + ("" if a.compile == "none" else
+            f"; transformer blocks torch.compile'd ({a.compile}: "
+            f"{'this project' if a.compile == 'ours' else 'every row'}; GFLOP and memory of the eager step)"))
 
 
 def run(a: argparse.Namespace) -> tuple[str, str]:
@@ -247,26 +434,39 @@ def run(a: argparse.Namespace) -> tuple[str, str]:
     mem = {}
     for m in models:
         print(f"[memory] {m} ...", file=sys.stderr, flush=True)
-        mem[m] = _spawn(_spec(a, "memory", model=m), a.max_seconds)
+        # memory and GFLOP of the eager step (a compiled step does the same arithmetic)
+        mem[m] = _spawn(_spec(a, "memory", model=m, compile="none"), a.max_seconds)
         print(f"  peak {mem[m]['peak_kib'] / 1024:.0f} MiB, {mem[m]['gflop']:.1f} GFLOP/step", file=sys.stderr)
     print(f"[timing] {' '.join(models)} interleaved ...", file=sys.stderr, flush=True)
     timing = _spawn(_spec(a, "timing", models=models), a.max_seconds)
     times = timing["times"]
     base = times["mae"]
     lines = [
-        "| step | params (M) | median s/step | min s/step | ratio vs MAE (median of paired steps) | GFLOP/step "
-        "(fwd+bwd) | FLOP ratio vs MAE | peak RSS (MiB) | RSS increase (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| step | batch | mixed sequences | params (M) | median s/step | min s/step | ratio vs MAE (median of paired "
+        "steps) | GFLOP/step (fwd+bwd) | FLOP ratio vs MAE | peak RSS (MiB) | RSS increase (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in models:
         t = times[m]
         ratio = statistics.median(x / y for x, y in zip(t, base))
         info = mem[m]
+        batch = a.batch * BATCH_SCALE.get(m, 1)
+        seqs = "-" if m == "mae" else str(int(batch * SEQUENCES.get(m, 0.5)))
         lines.append(
-            f"| {MODELS[m]} (`{m}`) | {info['params'] / 1e6:.2f} | {statistics.median(t):.3f} | {min(t):.3f} | "
-            f"{ratio:.2f}x | {info['gflop']:.1f} | {info['gflop'] / mem['mae']['gflop']:.2f}x | "
+            f"| {MODELS[m]} (`{m}`) | {batch} | {seqs} | {info['params'] / 1e6:.2f} | {statistics.median(t):.3f} | "
+            f"{min(t):.3f} | {ratio:.2f}x | {info['gflop']:.1f} | {info['gflop'] / mem['mae']['gflop']:.2f}x | "
             f"{info['peak_kib'] / 1024:.0f} | {(info['peak_kib'] - info['rss_before_kib']) / 1024:.0f} |")
     extra = []
+    speed = []
+    for slow, fast, what in SPEEDUPS:
+        if slow in times and fast in times:
+            r = [x / y for x, y in zip(times[slow], times[fast])]
+            q = statistics.quantiles(r, n=4) if len(r) >= 4 else [min(r), 0, max(r)]
+            speed.append(f"| {what} | `{fast}` vs `{slow}` | {statistics.median(r):.2f}x | "
+                         f"[{q[0]:.2f}, {q[2]:.2f}] | {mem[slow]['gflop'] / mem[fast]['gflop']:.2f}x |")
+    if speed:
+        extra.append("| comparison | rows | speed-up (median over rounds of the paired step-time ratio) | "
+                     "interquartile range | GFLOP ratio |\n|---|---|---|---|---|\n" + "\n".join(speed))
     if "split" in timing:
         sp = timing["split"]
         tot = sum(sp.values())
@@ -293,7 +493,13 @@ at the same width and batch. Random weights and latents. Times: all models in on
 rotated each round); the ratio is the median over rounds of the paired step-time ratio. Memory and GFLOP: each model
 alone in a fresh child process; "peak RSS" is its `ru_maxrss`, "RSS increase" that minus its RSS before the first
 step; GFLOP counted by `torch.utils.flop_counter.FlopCounterMode` (forward + backward of one step). The machine is
-shared with other work, so absolute times are noisy; the ratios come from this one run.
+shared with other work, so absolute times are noisy; the ratios come from this one run. `meduet_paper` runs the
+`paper` preset's forms (the public code's, where the paper's text is silent: both-way pairing, so a batch of B gives
+B mixed sequences; MSE MFTD; SiQC keys from the teacher's own style swap; whole-student EMA; no decay on biases and
+norms; learnable temperature); `meduet_2x` the default forms at twice the batch (one-way pairing: as many mixed
+sequences as `meduet_paper`); `reference` the public MeDUET code's step (`--reference`, a local checkout) in the same
+process. The speed-up table pairs rows at equal batch and at equal mixed sequences (median and interquartile range over
+rounds of the paired step-time ratio).
 """
 
 
@@ -333,6 +539,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask-ratio", type=float, default=0.5, help="MAE mask ratio")
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mae", "meduet"])
     p.add_argument("--profile", action="store_true", help="phase split of the full MeDUET step")
+    p.add_argument("--compile", choices=("none", "ours", "all"), default="none",
+                   help="torch.compile every transformer block: of no row, of this project's rows, or of all rows "
+                        "(the reference too)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="a local checkout of the public MeDUET code (its pretrain/ folder is imported; needs timm "
+                        "importable, e.g. PYTHONPATH with `pip install --no-deps --target DIR timm`): adds the "
+                        "`reference` row, its step timed in the same process")
     p.add_argument("--max-seconds", type=float, default=3600.0, help="timeout per child")
     p.add_argument("--write-md", action="store_true", help=f"write the table into BENCHMARKS.md ({SECTION_TITLE!r})")
     p.add_argument("--md-path", type=Path, default=REPO / "BENCHMARKS.md")
@@ -350,6 +563,12 @@ def main(argv=None) -> int:
         return 0
     if "mae" not in a.models:
         a.models = ["mae", *a.models]
+    if a.reference and "reference" not in a.models:
+        a.models.append("reference")
+    if "reference" in a.models and not a.reference:
+        raise SystemExit("--models reference needs --reference PATH (a local checkout of the public MeDUET code)")
+    if a.dec_heads is None:
+        a.dec_heads = a.heads if a.dec_dim % a.heads == 0 else 1
     config, body = run(a)
     command = ".venv/bin/python bench/pretrain_step.py " + " ".join(shlex.quote(s) for s in (argv or sys.argv[1:]))
     print(f"\n{SECTION_TITLE}\n\n{config}\n\n{body}")

@@ -34,7 +34,24 @@ from meduet.networks.windows import encode_latents
 from meduet.records import with_meta
 
 __all__ = ["PretrainTrainer", "ContentEraserFit", "content_eraser_fit", "meduet_network", "mae_network",
-           "deployable_encoder"]
+           "deployable_encoder", "optimizer_param_groups"]
+
+
+def optimizer_param_groups(network: torch.nn.Module, weight_decay: float,
+                           decay_bias_and_norm: bool = True) -> list[dict[str, Any]]:
+    """train.yaml's optimiser parameter groups. ``decay_bias_and_norm=True`` (this project's default): one group,
+    every parameter decayed by ``weight_decay``. ``False`` (the public MeDUET code's groups, timm's
+    ``param_groups_weight_decay``): parameters with one dimension or less (biases, norm weights, the SiQC
+    temperatures) and every ``*.bias`` get no weight decay; the rest get ``weight_decay``. Only parameters that
+    require gradients enter the two groups."""
+    if decay_bias_and_norm:
+        return [{"params": list(unwrap(network).parameters()), "weight_decay": float(weight_decay)}]
+    decay, no_decay = [], []
+    for name, param in unwrap(network).named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def deployable_encoder(network: torch.nn.Module) -> PretrainedEncoder:

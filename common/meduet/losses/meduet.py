@@ -24,6 +24,10 @@ Terms (paper weights as defaults, see ``MeDUETLossConfig``)::
   once per step). Content positives = the key of the same source sample; style positives = every key of the
   same domain (labels ``[dom A, dom B, dom B, dom A]``: a swapped view carries the other source's style).
   Queries and keys are L2-normalised; temperature from ``model.temperature()`` (fixed 0.07 or learnable).
+  The public code's forms (``paper`` preset; ``MeDUETLossConfig``): queries = the sources' factors of the mixed
+  forward and the re-encoded swapped views, keys = the same four views from the teacher's own mixed forward with
+  the complementary mask (each query's own key excluded: ``supcon_loss(exclude_self=True)``), style positives = the
+  same sample (``siqc_view_labels``).
 
 A switched-off term (``use_* = False``) is absent from the returned dict and its modules are not run; before
 ``mftd_start_step`` the ``mftd`` entry is an exact 0.
@@ -49,6 +53,7 @@ __all__ = [
     "mftd_loss",
     "supcon_loss",
     "siqc_labels",
+    "siqc_view_labels",
     "siqc_loss",
     "aug_content_loss",
 ]
@@ -138,7 +143,7 @@ def token_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str = "co
 
 def mftd_loss(student_content: torch.Tensor, student_style: torch.Tensor, teacher_content: torch.Tensor,
               teacher_style: torch.Tensor, hidden: torch.Tensor, distance: str = "cosine",
-              content_weight: float = 1.0, style_weight: float = 1.0) -> torch.Tensor:
+              content_weight: float = 1.0, style_weight: float = 1.0, reduction: str = "mean") -> torch.Tensor:
     """Mixed-Factor Token Distillation (MFTD).
 
     Args:
@@ -147,9 +152,13 @@ def mftd_loss(student_content: torch.Tensor, student_style: torch.Tensor, teache
         teacher_content, teacher_style: the teacher's tokens of the unmixed inputs [A; B] (no gradient).
         hidden: ``(2K, N)`` bool, positions each source did not see (``cat([~M, M])``).
 
-    Returns ``content_weight * d_content + style_weight * d_style``, each the mean over the two sources of the
-    per-source mean distance on hidden positions.
+    Returns ``content_weight * d_content + style_weight * d_style``, each the mean (``reduction="mean"``) or the
+    sum (``"sum"``, the public code's form) over the two sources of the per-source mean distance on hidden
+    positions (the mean over every hidden token of the source's rows, all rows pooled).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    per_source = 0.5 if reduction == "mean" else 1.0
     k = hidden.shape[0] // 2
     total = student_content.new_zeros(())
     pairs = ((content_weight, student_content, teacher_content), (style_weight, student_style, teacher_style))
@@ -157,7 +166,8 @@ def mftd_loss(student_content: torch.Tensor, student_style: torch.Tensor, teache
         if weight == 0:
             continue
         d = token_distance(s, t.detach(), distance)
-        total = total + weight * 0.5 * (masked_token_mean(d[:k], hidden[:k]) + masked_token_mean(d[k:], hidden[k:]))
+        total = total + weight * per_source * (masked_token_mean(d[:k], hidden[:k])
+                                               + masked_token_mean(d[k:], hidden[k:]))
     return total
 
 
@@ -165,18 +175,28 @@ def mftd_loss(student_content: torch.Tensor, student_style: torch.Tensor, teache
 # SiQC
 # ----------------------------------------------------------------------------------------------------------------
 def supcon_loss(queries: torch.Tensor, keys: torch.Tensor, query_labels: torch.Tensor, key_labels: torch.Tensor,
-                temperature: torch.Tensor | float) -> torch.Tensor:
+                temperature: torch.Tensor | float, exclude_self: bool = False) -> torch.Tensor:
     """Supervised contrastive loss of queries against keys.
 
     ``queries (Q, F)`` and ``keys (R, F)`` are L2-normalised; logits = ``q @ k.T / temperature``; for each query
     the loss is minus the mean log-softmax (over all keys) of its positive keys (same label); queries without a
-    positive key are skipped. Keys get no gradient.
+    positive key are skipped. Keys get no gradient. ``exclude_self`` (``Q == R``, keys in the queries' layout, as
+    the public code's SiQC has them): key ``i`` is neither a positive of query ``i`` nor in its softmax.
     """
     q = F.normalize(queries, dim=-1)
     k = F.normalize(keys.detach(), dim=-1)
     logits = q @ k.t() / temperature
+    if exclude_self:
+        if logits.shape[0] != logits.shape[1]:
+            raise ValueError(f"exclude_self needs as many keys as queries, got {tuple(logits.shape)}")
+        eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(eye, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    pos = (query_labels.view(-1, 1) == key_labels.view(1, -1)).to(log_prob.dtype)
+    pos = (query_labels.view(-1, 1) == key_labels.view(1, -1))
+    if exclude_self:
+        pos = pos & ~eye
+        log_prob = log_prob.masked_fill(eye, 0.0)  # -inf * 0 would be nan
+    pos = pos.to(log_prob.dtype)
     count = pos.sum(dim=1)
     per_query = -(log_prob * pos).sum(dim=1) / count.clamp_min(1.0)
     valid = count > 0
@@ -202,10 +222,29 @@ def siqc_labels(domain_index: torch.Tensor, pairs: int | None = None
     return content_q, sample, style_q, domain_index
 
 
+def siqc_view_labels(source: torch.Tensor, domain_index: torch.Tensor, pairs: int | None = None,
+                     style_labels: str = "domain") -> tuple[torch.Tensor, torch.Tensor]:
+    """Content and style labels of the four views ``[A, B, A<-sB, B<-sA]`` of the first ``pairs`` of ``K`` pairs.
+
+    ``source (2K,)``: the sample index of each source row (``[A rows; B rows]``; with both-way pairing a sample is
+    source A of one sequence and source B of another, so labels are sample indices, not row indices);
+    ``domain_index``: the site of each sample (indexed by ``source``). Content label = the sample whose content a
+    view shows ``[A, B, A, B]``; style label = the site (``"domain"``) or the sample (``"sample"``) whose style it
+    shows ``[A, B, B, A]``.
+    """
+    k = source.shape[0] // 2
+    p = k if pairs is None else int(pairs)
+    a, b = source[:p], source[k: k + p]
+    style_src = torch.cat([a, b, b, a])
+    style = domain_index[style_src] if style_labels == "domain" else style_src
+    return torch.cat([a, b, a, b]), style
+
+
 def siqc_loss(view_content: torch.Tensor, view_style: torch.Tensor, key_content: torch.Tensor,
               key_style: torch.Tensor, domain_index: torch.Tensor,
               temperature: torch.Tensor | tuple[float, float] | float = 0.07,
-              pairs: int | None = None) -> dict[str, torch.Tensor]:
+              pairs: int | None = None, *, source: torch.Tensor | None = None, keys: str = "unmixed",
+              style_labels: str = "domain") -> dict[str, torch.Tensor]:
     """SiQC on pooled features (of the first ``pairs`` pairs' views, default all; see ``siqc_labels``).
 
     Args:
@@ -216,6 +255,11 @@ def siqc_loss(view_content: torch.Tensor, view_style: torch.Tensor, key_content:
         domain_index: ``(2K,)``.
         temperature: scalar or ``(content, style)`` (``MeDUET.temperature()``).
         pairs: ``P`` (default all ``K``).
+        source: ``(2K,)`` sample index of each source row (default ``arange(2K)``: one-way pairing); keys of
+            ``keys="unmixed"`` are indexed by sample.
+        keys: ``"unmixed"`` (one key per sample, ``(S, F)`` for ``S`` samples) or ``"swapped"`` (the public
+            code: ``(4P, F)`` keys in the queries' four-view layout; key ``i`` is excluded for query ``i``).
+        style_labels: ``"domain"`` or ``"sample"`` (``siqc_view_labels``).
 
     Returns ``siqc`` (content + style), ``siqc_content``, ``siqc_style``.
     """
@@ -223,9 +267,20 @@ def siqc_loss(view_content: torch.Tensor, view_style: torch.Tensor, key_content:
         tau_c = tau_s = float(temperature)
     else:
         tau_c, tau_s = temperature[0], temperature[1]
-    cq, ck, sq, sk = siqc_labels(domain_index, pairs)
-    lc = supcon_loss(view_content, key_content, cq, ck, tau_c)
-    ls = supcon_loss(view_style, key_style, sq, sk, tau_s)
+    if source is None and keys == "unmixed" and style_labels == "domain":
+        cq, ck, sq, sk = siqc_labels(domain_index, pairs)  # this project's default form
+    else:
+        if source is None:
+            source = torch.arange(domain_index.shape[0], device=domain_index.device)
+        cq, sq = siqc_view_labels(source, domain_index, pairs, style_labels)
+        if keys == "swapped":
+            ck, sk = cq, sq
+        else:
+            ck = torch.arange(key_content.shape[0], device=cq.device)
+            sk = domain_index[ck] if style_labels == "domain" else ck
+    self_out = keys == "swapped"
+    lc = supcon_loss(view_content, key_content, cq, ck, tau_c, exclude_self=self_out)
+    ls = supcon_loss(view_style, key_style, sq, sk, tau_s, exclude_self=self_out)
     return {"siqc": lc + ls, "siqc_content": lc, "siqc_style": ls}
 
 

@@ -47,6 +47,33 @@ class MeDUETLossConfig(_FromMapping):
         siqc_start_step: same for SiQC (on from the start, as in the public code).
         mftd_distance: ``"cosine"`` (1 - cos), ``"smooth_l1"`` or ``"mse"``.
         mftd_content_weight, mftd_style_weight: weights of the content and style token terms inside MFTD.
+        mftd_reduction: how MFTD combines its two sources: ``"mean"`` (this project's default: the mean of the two
+            per-source distances) or ``"sum"`` (the public code's ``loss_c1 + loss_c2``, ``loss_s1 + loss_s2``).
+
+    Where the paper's text is silent, the public MeDUET code (JK-Liu7/MeDUET, ``pretrain/``) decides for the
+    ``paper`` preset; these options name each form (default = this project's, second = the public code's):
+
+        pairing: ``"one_way"`` (a batch of ``2K`` gives ``K`` mixed sequences: sample ``k`` with ``k + K``) or
+            ``"both_ways"`` (the public code mixes ``x`` with ``x.flip(0)``: every pair is mixed both ways, each
+            way with its own independent mask, so ``2K`` samples give ``2K`` mixed sequences; here sequence ``j``
+            has source A = sample ``j`` and source B = sample ``(j + K) mod 2K``). Every term then runs on the
+            ``2K`` sequences (twice the student work of ``one_way`` at the same batch).
+        siqc_keys: ``"unmixed"`` (one teacher pass over the unmixed samples, shared with MFTD: keys = their pooled
+            factors, ``2K`` keys) or ``"swapped"`` (the public code: the teacher mixes each pair with the
+            *complementary* mask, demixes, decodes the style-swapped streams and re-encodes them: keys in the
+            same four-view layout as the queries, each query compared with every key but its own counterpart).
+            Needs a teacher of the whole student (``EMATeacher(scope="student")``) for the decoder.
+        siqc_queries: ``"reencoded"`` (the four re-encoded views ``[x_hat_A, x_hat_B, x_hat_A<-sB, x_hat_B<-sA]``)
+            or ``"mixed"`` (the public code: the first two views are the sources' factors from the mixed forward,
+            the swapped two are re-encoded).
+        siqc_pool: ``"factor"`` (the model's pooled factors: mean content, ``pool_style`` style) or
+            ``"layer_norm_mean"`` (the public code's ``token_pool``: layer norm without affine per token, then
+            the mean over the view's tokens).
+        siqc_style_labels: ``"domain"`` (style positives = every view with the same site's style) or
+            ``"sample"`` (the public code: the same sample's style).
+        style_swap: ``"pooled"`` (a swapped stream gets the other source's pooled style vector on every token;
+            any ``mix_ratio``) or ``"tokens"`` (the public code: the other source's style *tokens*, paired by
+            rank: A's ``r``-th own position gets B's ``r``-th style token; needs equal shares, ``mix_ratio`` 0.5).
         w_*: weights of the terms in the total.
         use_*: ablation switches; a switched-off term is not computed at all.
         aux_pair_fraction: share of each batch's pairs that get MFTD and SiQC (not in the paper, which uses all:
@@ -94,6 +121,18 @@ class MeDUETLossConfig(_FromMapping):
     w_aug_content: float = 0.0
     w_cross_appearance: float = 0.0
     aug_start_step: int = 0
+    mftd_reduction: str = "mean"
+    pairing: str = "one_way"
+    siqc_keys: str = "unmixed"
+    siqc_queries: str = "reencoded"
+    siqc_pool: str = "factor"
+    siqc_style_labels: str = "domain"
+    style_swap: str = "pooled"
+
+    #: the values of the public code's forms (``paper`` preset), by option
+    PAPER_CODE_FORMS = {"pairing": "both_ways", "mftd_distance": "mse", "mftd_content_weight": 0.5,
+                        "mftd_reduction": "sum", "siqc_keys": "swapped", "siqc_queries": "mixed",
+                        "siqc_pool": "layer_norm_mean", "siqc_style_labels": "sample", "style_swap": "tokens"}
 
     @property
     def needs_augmented_copies(self) -> bool:
@@ -115,6 +154,20 @@ class MeDUETLossConfig(_FromMapping):
             raise MeduetConfigError(f"aux_pair_fraction must be in (0, 1], got {self.aux_pair_fraction}")
         if not 0.0 < self.mix_ratio < 1.0:
             raise MeduetConfigError(f"mix_ratio must be in (0, 1), got {self.mix_ratio}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise MeduetConfigError(f"loss#{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.style_swap == "tokens" and self.mix_ratio != 0.5:
+            raise MeduetConfigError(f"loss#style_swap 'tokens' pairs the two sources' tokens by rank and needs "
+                                    f"loss#mix_ratio 0.5, got {self.mix_ratio}; use style_swap 'pooled' for other "
+                                    "ratios")
+
+
+#: the allowed values of the string options of ``MeDUETLossConfig`` (first = default)
+CHOICES = {"mftd_reduction": ("mean", "sum"), "pairing": ("one_way", "both_ways"),
+           "siqc_keys": ("unmixed", "swapped"), "siqc_queries": ("reencoded", "mixed"),
+           "siqc_pool": ("factor", "layer_norm_mean"), "siqc_style_labels": ("domain", "sample"),
+           "style_swap": ("pooled", "tokens")}
 
 
 @dataclasses.dataclass

@@ -38,7 +38,8 @@ Design decisions not fixed by the paper (documented here once):
 * Pooled factors are plain means over the source's own tokens (over all tokens for unmixed inputs).
 * The style swap uses the other source's *pooled* style vector broadcast over this source's content tokens,
   because the two sources occupy different positions (and, for ``mix_ratio != 0.5``, different numbers of
-  positions); this is what makes any mixing ratio work.
+  positions); this is what makes any mixing ratio work. ``style_swap="tokens"`` is the public code's form instead:
+  the other source's style tokens paired by rank (``swapped_style_tokens``; mixing ratio 0.5 only).
 * The domain heads are linear by default (``domain_hidden=0``); ``domain_hidden > 0`` gives a one-hidden-layer
   MLP.
 * The SiQC temperatures (content, style) are ``exp(log_tau)``; with ``learn_temperature=True`` ``log_tau`` is
@@ -61,7 +62,8 @@ from meduet.networks.masks import masked_mean, sample_mix_mask
 from meduet.networks.meduet_extras import MeduetExtras
 from meduet.records import RecordMixin, register
 
-__all__ = ["MEDUET_PRESETS", "NON_WEIGHT_ARGS", "TAU_RANGE", "MeDUET", "build_meduet", "preset_args"]
+__all__ = ["MEDUET_PRESETS", "NON_WEIGHT_ARGS", "TAU_RANGE", "MeDUET", "build_meduet", "preset_args",
+           "swapped_style_tokens"]
 
 #: Network sizes, DiT-style. ``tiny``: tests (seconds on CPU); ``demo``: minutes on 2 CPU cores; ``paper``:
 #: the seed paper's ViT-B on 4x24^3 MAISI latents (216 tokens). ``style_dim`` defaults to ``dim // 4``.
@@ -226,6 +228,7 @@ class MeDUET(RecordMixin, nn.Module):
         grl_lambda: float = 1.0,
         generator: torch.Generator | None = None,
         extras: MeduetExtras | None = None,
+        style_swap: str = "pooled",
     ) -> dict[str, torch.Tensor]:
         """Student side of one MeDUET step on a batch of ``K`` pairs: the paper's steps 1-6 of the module docstring.
 
@@ -241,6 +244,9 @@ class MeDUET(RecordMixin, nn.Module):
             extras: options that are not in the paper (``meduet.networks.meduet_extras.MeduetExtras``: another
                 content adversary, MFTD/SiQC on a subset of the pairs, the cross-appearance stream); None = the
                 paper.
+            style_swap: what a swapped stream gets of the other source's style: ``"pooled"`` (its pooled style
+                vector on every token) or ``"tokens"`` (the public code's form: its style tokens, paired by rank;
+                see ``swapped_style_tokens``).
 
         Returns a dict (``V = reencode``, ``P`` = the pairs that get MFTD/SiQC, ``K`` unless ``extras.aux_pairs``):
             ``mix_mask (K, N)``, ``visible (2K, N)`` (each source's own positions, A rows then B rows),
@@ -272,7 +278,7 @@ class MeDUET(RecordMixin, nn.Module):
         if domain_style:
             out["domain_style_logits"] = self.domain_style_head(out["style"])
         if streams:  # steps 3-4
-            out["pred"] = self.decode_streams(out, streams, p, grid)
+            out["pred"] = self.decode_streams(out, streams, p, grid, style_swap)
             if reencode:  # step 6
                 out.update(self.reencode_views(out["pred"], reencode, k, p, grid))
         out.update(extras.cross_appearance(self, x, out, grid))
@@ -308,23 +314,61 @@ class MeDUET(RecordMixin, nn.Module):
         """Step 5 (content side): the domain head on the pooled content through gradient reversal."""
         return self.domain_content_head(grad_reverse(content_pooled, grl_lambda))  # (2K, num_domains)
 
-    def decode_streams(self, out: Mapping[str, torch.Tensor], streams: int, pairs: int, grid: Grid) -> torch.Tensor:
+    def decode_streams(self, out: Mapping[str, torch.Tensor], streams: int, pairs: int, grid: Grid,
+                       style_swap: str = "pooled", swapped_only: bool = False) -> torch.Tensor:
         """Steps 3-4: recombine each source's content and style at its own positions (A, B: the dual
         reconstruction), and with ``streams=4`` also the first ``pairs`` pairs' content with the other source's
-        pooled style (A<-sB at A's positions, B<-sA at B's); one decoder call -> ``(2K [+ 2P], N, C p^3)``."""
+        style (A<-sB at A's positions, B<-sA at B's; ``style_swap`` ``"pooled"``: the other source's pooled style
+        vector, ``"tokens"``: its rank-paired style tokens, ``swapped_style_tokens``); one decoder call ->
+        ``(2K [+ 2P], N, C p^3)`` (``swapped_only``: only the ``2P`` swapped streams)."""
         mix_mask, content, style = out["mix_mask"], out["content_tokens"], out["style_tokens"]
-        style_pooled = out["style"]
         k, p = mix_mask.shape[0], pairs
         with torch.profiler.record_function("meduet/decode"):
             c_part = self.recombine.content_part(content)  # (K, N, D)
-            rec = c_part + self.recombine.style_part(style)
-            dec_tokens, dec_visible = [rec, rec], [mix_mask, ~mix_mask]
+            dec_tokens, dec_visible = [], []
+            if not swapped_only:
+                rec = c_part + self.recombine.style_part(style)
+                dec_tokens, dec_visible = [rec, rec], [mix_mask, ~mix_mask]
             if streams == 4:
-                # A's content with B's pooled style (A positions) and B's content with A's pooled style
-                s_part = self.recombine.style_part(style_pooled[:, None, : self.style_dim])  # (2K, 1, D)
-                dec_tokens += [c_part[:p] + s_part[k: k + p], c_part[:p] + s_part[:p]]
+                if style_swap == "tokens":
+                    # every position gets the other source's style token of the same rank: one token tensor
+                    # serves A<-sB (read at A's positions) and B<-sA (read at B's)
+                    swapped = c_part[:p] + self.recombine.style_part(swapped_style_tokens(style[:p], mix_mask[:p]))
+                    dec_tokens += [swapped, swapped]
+                elif style_swap == "pooled":
+                    # A's content with B's pooled style (A positions) and B's content with A's pooled style
+                    s_part = self.recombine.style_part(out["style"][:, None, : self.style_dim])  # (2K, 1, D)
+                    dec_tokens += [c_part[:p] + s_part[k: k + p], c_part[:p] + s_part[:p]]
+                else:
+                    raise ValueError(f"style_swap must be 'pooled' or 'tokens', got {style_swap!r}")
                 dec_visible += [mix_mask[:p], ~mix_mask[:p]]
             return self.decoder(torch.cat(dec_tokens), torch.cat(dec_visible), grid)
+
+    @torch.no_grad()
+    def swapped_keys(self, x: torch.Tensor, mix_mask: torch.Tensor, style_swap: str = "pooled",
+                     extra: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The public code's SiQC keys, computed by this network as the teacher (no gradients): mix the pairs of
+        ``x`` with ``mix_mask`` (the student's complement), demix, decode the two style-swapped streams of every
+        pair and re-encode them. Returns ``mix_and_factor``'s entries (``content_tokens``, ``style_tokens``,
+        ``visible``, pooled ``content``/``style``, ...) and ``view_content_tokens``, ``view_style_tokens``
+        ``(2K, N, .)``, ``view_content``, ``view_style`` (pooled) of the re-encoded views
+        ``[x_hat_A<-sB; x_hat_B<-sA]``. ``extra`` (e.g. the unmixed batch MFTD needs) is encoded in the
+        same encoder call as the views; its encoding is ``extra_encoding`` (the same numbers as a separate
+        ``backbone.encode``, up to floating-point summation order of the larger batch)."""
+        k = mix_mask.shape[0]
+        out, grid = self.mix_and_factor(x, mix_mask, 0.5, None)
+        pred = self.decode_streams(out, 4, k, grid, style_swap, swapped_only=True)  # (2K, N, P)
+        views = unpatchify(pred, self.patch_size, grid, self.in_channels)
+        if extra is not None:
+            views = torch.cat([views.to(extra.dtype), extra])
+        with torch.profiler.record_function("meduet/teacher_reencode"):
+            enc = self.backbone.encode(views)
+        n = pred.shape[0]
+        out.update(view_content_tokens=enc["content_tokens"][:n], view_style_tokens=enc["style_tokens"][:n],
+                   view_content=enc["content"][:n], view_style=enc["style"][:n])
+        if extra is not None:
+            out["extra_encoding"] = {key: v[n:] for key, v in enc.items() if v is not None}
+        return out
 
     def reencode_views(self, pred: torch.Tensor, reencode: int, k: int, p: int, grid: Grid) -> dict[str, torch.Tensor]:
         """Step 6: the student re-encodes the first ``reencode`` reconstructed views of the first ``p`` pairs
@@ -338,6 +382,23 @@ class MeDUET(RecordMixin, nn.Module):
             enc = self.backbone.encode(views)
         return {"view_content_tokens": enc["content_tokens"], "view_style_tokens": enc["style_tokens"],
                 "view_content": enc["content"], "view_style": enc["style"]}
+
+
+def swapped_style_tokens(style: torch.Tensor, mix_mask: torch.Tensor) -> torch.Tensor:
+    """The public code's token-wise style swap: ``style (K, N, Ds)`` holds at each position its own source's style
+    token, ``mix_mask (K, N)`` (True = A) has as many True as False entries per row. The ``r``-th of A's
+    positions (in token order) gets B's ``r``-th style token and vice versa -> ``(K, N, Ds)``."""
+    k, n = mix_mask.shape
+    half = n // 2
+    if n % 2 or bool((mix_mask.sum(dim=1) != half).any()):
+        raise ValueError("the token-wise style swap pairs A's and B's tokens by rank and needs a mix mask with "
+                         "as many A as B positions (mix_ratio 0.5, an even number of tokens)")
+    order = torch.argsort((~mix_mask).to(torch.int8), dim=1, stable=True)  # A's positions, then B's, each sorted
+    pos_a, pos_b = order[:, :half], order[:, half:]
+    partner = torch.empty_like(order)
+    partner.scatter_(1, pos_a, pos_b)
+    partner.scatter_(1, pos_b, pos_a)
+    return torch.gather(style, 1, partner.unsqueeze(-1).expand_as(style))
 
 
 # ----------------------------------------------------------------------------------------------------------------
