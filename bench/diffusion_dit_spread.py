@@ -89,7 +89,12 @@ def main() -> int:
     p.add_argument("--root", default="bench/results/diffusion_dit_spread")
     p.add_argument("--out", default="bench/results/diffusion_dit_spread.json")
     p.add_argument("--reuse", action="store_true", help="skip training where <root>/<variant>/models/model.pt exists")
+    p.add_argument("--mem-gb", type=float, default=8.0, help="address-space cap of this process (RLIMIT_AS)")
     args = p.parse_args()
+    import resource
+
+    cap = int(args.mem_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     import torch
     from monai.utils import set_determinism
