@@ -163,7 +163,8 @@ class DiffusionObjective:
         self.num_train_timesteps = int(num_train_timesteps)
         self.num_val_timesteps = int(num_val_timesteps)
         self.ddpm_args = dict(num_train_timesteps=self.num_train_timesteps, schedule=schedule, beta_start=beta_start,
-                              beta_end=beta_end, clip_sample=clip_sample)
+                              beta_end=beta_end, clip_sample=clip_sample,
+                              clip_sample_min=-float(clip_sample_value), clip_sample_max=float(clip_sample_value))
         self.rflow_args = dict(num_train_timesteps=self.num_train_timesteps, sample_method=sample_method,
                                use_discrete_timesteps=use_discrete_timesteps, loc=loc, scale=scale,
                                use_timestep_transform=use_timestep_transform, base_img_size_numel=base_img_size_numel)

@@ -161,3 +161,14 @@ def test_sampling_builds_no_autograd_graph():
     x = sample_latents(Scaled(), (2, 1, 2, 2, 2), None, DiffusionObjective("ddpm"), sampler="ddim", num_steps=3,
                        generator=torch.Generator().manual_seed(0))
     assert not x.requires_grad and x.grad_fn is None
+
+
+def test_clip_sample_value_bounds_the_x0_estimate():
+    obj = DiffusionObjective("ddpm", clip_sample=True, clip_sample_value=2.5)
+    for sampler in ("ddim", "ddpm"):
+        sched = obj.make_scheduler(sampler)
+        sched.set_timesteps(T)
+        x = torch.full((1, 1, 2, 2, 2), 3.0)
+        _, x0 = sched.step(torch.full_like(x, -1.0), 999, x)  # unclipped: (3 + sqrt(1 - a)) / sqrt(a) ~ 336
+        assert float(x0.max()) == 2.5 and float(x0.min()) == 2.5
+    assert DiffusionObjective.from_config(obj.config()).config()["clip_sample_value"] == 2.5
