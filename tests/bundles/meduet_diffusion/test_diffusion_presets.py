@@ -39,8 +39,11 @@ def test_presets_and_what_the_paper_preset_switches_off(preset):
     train = _parser("train.yaml", preset)
     assert train["cond_dropout"] == (0.0 if paper else 0.1)
     assert train["prior"]["enabled"] is (not paper)
-    # no preset switches on the options that are not in the DiT paper
-    assert train["prediction_type"] == "epsilon" and train["zero_terminal_snr"] is False
+    # v-prediction (not in the DiT paper) only in demo, where its header lists it; zero terminal SNR nowhere
+    assert train["prediction_type"] == ("v_prediction" if preset == "demo" else "epsilon")
+    assert train["zero_terminal_snr"] is False
+    if preset == "demo":
+        assert "prediction_type v_prediction" in (CFG / "presets/demo.yaml").read_text().split("model_preset:")[0]
 
 
 @pytest.mark.filterwarnings("ignore:Can't merge entry")
