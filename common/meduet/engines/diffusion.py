@@ -38,7 +38,7 @@ from meduet.engines.factor_prior import train_factor_prior
 from meduet.engines.trainer import MeduetTrainer
 from meduet.errors import MeduetConfigError
 from meduet.latent import LatentDatalist, LatentSpace, latent_record, load_latent
-from meduet.losses.diffusion import DiffusionObjective
+from meduet.losses.diffusion import DiffusionObjective, require_bool
 from meduet.networks.dit import build_dit
 from meduet.networks.encoder import PretrainedEncoder
 from meduet.networks.factors import pool_style
@@ -147,6 +147,7 @@ def build_conditioner(condition: str, pretrain_ckpt: str | None = None, latents:
                       device: str | torch.device = "cpu") -> Conditioner:
     """A ``Conditioner``; for ``factors`` the encoder is loaded from ``pretrain_ckpt`` and checked against the
     latent cache (same VAE)."""
+    require_bool(content_map, "content_map")
     encoder = None
     if condition == "factors":
         if not pretrain_ckpt:
@@ -191,6 +192,7 @@ def build_diffusion_network(preset: str, latents: Mapping[str, Any], conditioner
                             **overrides: Any) -> nn.Module:
     """``LatentDiT`` sized by ``preset`` (+ ``overrides``) for the latent cache and the conditioner, with its
     record in ``.meta``; ``init_from_pretrained`` copies the pretrained latent ViT's blocks into the DiT."""
+    require_bool(init_from_pretrained, "init_from_pretrained")
     kw: dict[str, Any] = dict(in_channels=int(latents["latent_channels"]), input_size=list(crop_size),
                               condition=conditioner.condition, cond_dropout=float(cond_dropout),
                               num_train_timesteps=objective.num_train_timesteps)
@@ -238,6 +240,7 @@ class DiffusionTrainer(MeduetTrainer):
                  conditioner: Conditioner, ema: EMATeacher | None = None, latent_space: LatentSpace | None = None,
                  lr_scheduler: Any = None, grad_clip: float | None = 1.0, epoch_length: int | None = None,
                  amp: bool = False, train_handlers: Sequence | None = None, inferer: Inferer | None = None) -> None:
+        require_bool(amp, "amp")
         super().__init__(device, max_epochs, train_data_loader, network, optimizer, lr_scheduler=lr_scheduler,
                          grad_clip=grad_clip, epoch_length=epoch_length, amp=amp, train_handlers=train_handlers,
                          inferer=inferer)
@@ -379,6 +382,8 @@ class FactorPriorFit:
     def __init__(self, conditioner: Conditioner, items: Sequence[Mapping[str, Any]], latent_space: LatentSpace,
                  crop_size: Sequence[int], path: str, crops_per_latent: int = 8, steps: int = 500,
                  per_site: bool = True, num_domains: int | None = None, seed: int = 0, enabled: bool = True) -> None:
+        require_bool(enabled, "prior#enabled")
+        require_bool(per_site, "prior#per_site")
         self.args = (conditioner, items, latent_space, crop_size, path)
         self.kwargs = dict(crops_per_latent=crops_per_latent, steps=steps, per_site=per_site,
                            num_domains=num_domains, seed=seed, enabled=enabled)

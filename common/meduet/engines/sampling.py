@@ -73,7 +73,6 @@ def _objective(objective: DiffusionObjective | Mapping[str, Any] | str) -> Diffu
         raise MeduetConfigError(f"bad diffusion objective config {objective!r}: {e}") from None
 
 
-@torch.no_grad()
 class LatentSampler:
     """The sampling settings of an inference config as a component (meduet_diffusion ``inference.json``'s
     ``inferer``): ``sampler`` / ``num_steps`` (None: the defaults of ``sample_latents``) and the classifier-free
@@ -90,6 +89,7 @@ class LatentSampler:
                               progress=progress)
 
 
+@torch.no_grad()
 def sample_latents(
     model: nn.Module,
     shape: Sequence[int],

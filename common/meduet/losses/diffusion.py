@@ -14,6 +14,18 @@ Defaults (latent diffusion, as MONAI's MAISI / LDM bundles): ``T = 1000``, the `
 with betas 0.0015 -> 0.0195, and no clipping of the predicted ``x0`` (scaled latents are not confined to [-1, 1];
 MONAI's schedulers clip by default).
 
+Options of ``"ddpm"`` that are **not in the DiT paper** (which predicts the noise, with a learned variance), off by
+default (see BENCHMARKS.md, "meduet_diffusion: why DiT samples were 5x too wide"):
+
+* ``prediction_type="v_prediction"``: the network predicts ``v = sqrt(a_t) eps - sqrt(1 - a_t) x0`` (MONAI's
+  ``get_velocity``; Salimans & Ho 2022) and MONAI's DDPM/DDIM ``step`` recover ``x0 = sqrt(a_t) x_t - sqrt(1 - a_t)
+  v``, so an error in the prediction is not multiplied by ``1 / sqrt(a_t)`` (84 at ``t = T - 1`` with the default
+  schedule) when ``x0`` is estimated from it.
+* ``zero_terminal_snr=True``: the betas rescaled so that ``a_{T-1} = 0`` exactly (Lin et al. 2024, "Common
+  diffusion noise schedules and sample steps are flawed", Algorithm 1: shift and scale ``sqrt(a_t)`` so that its
+  last value is 0 and its first unchanged), so training sees pure noise at the last timestep, which is what
+  sampling starts from. Needs ``v_prediction`` (the noise cannot be told from ``x_t`` there).
+
 ``DiffusionObjective.loss`` returns ``DiffusionLoss(loss, noisy, timesteps, pred, target)``;
 ``validation_loss`` is deterministic for a given generator (fixed timesteps spread over the range and noise from
 the generator), so validation curves are comparable across runs and objectives of the same kind.
@@ -31,12 +43,36 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 
 from meduet.errors import MeduetConfigError
 
-__all__ = ["OBJECTIVES", "SAMPLERS", "DiffusionLoss", "DiffusionObjective", "call_model"]
+__all__ = ["OBJECTIVES", "SAMPLERS", "PREDICTION_TYPES", "DiffusionLoss", "DiffusionObjective", "call_model",
+           "rescale_zero_terminal_snr", "require_bool"]
 
 #: Training objectives.
 OBJECTIVES = ("ddpm", "rflow")
 #: Samplers allowed for each objective (the first is the default).
 SAMPLERS = {"ddpm": ("ddim", "ddpm"), "rflow": ("rflow",)}
+#: What a ``"ddpm"`` network predicts: the noise (DiT, the default) or the velocity ``v`` (not in the DiT paper).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def require_bool(value: Any, key: str) -> bool:
+    """``value`` if it is a bool, else a one-line ``MeduetConfigError`` naming ``key`` (python-fire passes
+    ``--key false`` as the string 'false', which is truthy)."""
+    if not isinstance(value, bool):
+        raise MeduetConfigError(f"{key} must be True or False, got {value!r} (on the command line: --{key} True or "
+                                f"--{key} False, capitalised, so that python-fire passes a bool)")
+    return value
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose ``sqrt(alpha_bar)`` is shifted and scaled to end at exactly 0 and start where it started (Lin et
+    al. 2024, Algorithm 1): the last training timestep is then pure noise (zero signal-to-noise ratio)."""
+    b = betas.double()
+    s = torch.cumprod(1.0 - b, 0).sqrt()
+    first, last = s[0].clone(), s[-1].clone()
+    s = (s - last) * first / (first - last)
+    abar = s**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return (1.0 - alphas).to(betas.dtype)
 
 
 class DiffusionLoss(NamedTuple):
@@ -79,6 +115,11 @@ class DiffusionObjective:
             ``RFlowScheduler`` options (timestep distribution ``"uniform"`` or ``"logit-normal"``, integer or float
             timesteps, resolution-dependent timestep shift).
         num_val_timesteps: number of fixed timesteps ``(k + 0.5) T / K`` used by ``validation_loss``.
+        prediction_type: ``"ddpm"`` only (``"rflow"`` ignores it, as it ignores the betas): ``"epsilon"`` (noise,
+            DiT) or ``"v_prediction"`` (not in the paper).
+        zero_terminal_snr: ``"ddpm"`` only: rescale the betas to zero terminal SNR (not in the paper; needs
+            ``v_prediction``).
+        clip_sample_value: with ``clip_sample``, the predicted ``x0`` is clipped to ``[-v, v]`` (scaled latent units).
     """
 
     def __init__(
@@ -96,17 +137,34 @@ class DiffusionObjective:
         use_timestep_transform: bool = False,
         base_img_size_numel: int = 32 * 32 * 32,
         num_val_timesteps: int = 10,
+        prediction_type: str = "epsilon",
+        zero_terminal_snr: bool = False,
+        clip_sample_value: float = 1.0,
     ) -> None:
         if objective not in OBJECTIVES:
             raise MeduetConfigError(f"objective must be one of {list(OBJECTIVES)} (DiT = 'ddpm', SiT = 'rflow'), "
                                     f"got {objective!r}")
         if num_val_timesteps < 1:
             raise MeduetConfigError("num_val_timesteps must be >= 1")
+        for key, value in (("clip_sample", clip_sample), ("zero_terminal_snr", zero_terminal_snr),
+                           ("use_discrete_timesteps", use_discrete_timesteps),
+                           ("use_timestep_transform", use_timestep_transform)):
+            require_bool(value, key)
+        if prediction_type not in PREDICTION_TYPES:
+            raise MeduetConfigError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
+        if objective == "ddpm" and zero_terminal_snr and prediction_type != "v_prediction":
+            raise MeduetConfigError("zero_terminal_snr needs prediction_type v_prediction (at zero SNR the noise cannot "
+                                    "be predicted from x_t); set both")
+        if float(clip_sample_value) <= 0:
+            raise MeduetConfigError(f"clip_sample_value must be > 0, got {clip_sample_value!r}")
+        self.prediction_type = prediction_type
+        self.zero_terminal_snr = bool(zero_terminal_snr)
         self.objective = objective
         self.num_train_timesteps = int(num_train_timesteps)
         self.num_val_timesteps = int(num_val_timesteps)
         self.ddpm_args = dict(num_train_timesteps=self.num_train_timesteps, schedule=schedule, beta_start=beta_start,
-                              beta_end=beta_end, clip_sample=clip_sample)
+                              beta_end=beta_end, clip_sample=clip_sample,
+                              clip_sample_min=-float(clip_sample_value), clip_sample_max=float(clip_sample_value))
         self.rflow_args = dict(num_train_timesteps=self.num_train_timesteps, sample_method=sample_method,
                                use_discrete_timesteps=use_discrete_timesteps, loc=loc, scale=scale,
                                use_timestep_transform=use_timestep_transform, base_img_size_numel=base_img_size_numel)
@@ -114,7 +172,9 @@ class DiffusionObjective:
                             beta_start=beta_start, beta_end=beta_end, clip_sample=clip_sample,
                             sample_method=sample_method, use_discrete_timesteps=use_discrete_timesteps, loc=loc,
                             scale=scale, use_timestep_transform=use_timestep_transform,
-                            base_img_size_numel=base_img_size_numel, num_val_timesteps=self.num_val_timesteps)
+                            base_img_size_numel=base_img_size_numel, num_val_timesteps=self.num_val_timesteps,
+                            prediction_type=prediction_type, zero_terminal_snr=self.zero_terminal_snr,
+                            clip_sample_value=float(clip_sample_value))
         self.scheduler = self.make_scheduler("ddpm" if objective == "ddpm" else "rflow")
 
     # ------------------------------------------------------------------ config
@@ -139,11 +199,15 @@ class DiffusionObjective:
         if sampler not in SAMPLERS[self.objective]:
             raise MeduetConfigError(f"sampler {sampler!r} does not fit objective '{self.objective}'; use one of "
                                     f"{list(SAMPLERS[self.objective])}")
-        if sampler == "ddpm":
-            return DDPMScheduler(prediction_type="epsilon", **self.ddpm_args)
-        if sampler == "ddim":
-            return DDIMScheduler(prediction_type="epsilon", **self.ddpm_args)
-        return RFlowScheduler(**self.rflow_args)
+        if sampler == "rflow":
+            return RFlowScheduler(**self.rflow_args)
+        cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
+        sched = cls(prediction_type=self.prediction_type, **self.ddpm_args)
+        if self.zero_terminal_snr:
+            sched.betas = rescale_zero_terminal_snr(sched.betas)
+            sched.alphas = 1.0 - sched.betas
+            sched.alphas_cumprod = torch.cumprod(sched.alphas, dim=0)
+        return sched
 
     def check_model(self, model: nn.Module) -> None:
         """A network that records its timestep range (``arch["num_train_timesteps"]``) must share ``T``."""
@@ -168,9 +232,16 @@ class DiffusionObjective:
         """``x_t`` of the forward process (MONAI's ``add_noise``)."""
         return self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """What the network predicts: ``noise`` (DDPM) or ``x0 - noise`` (RFlow velocity)."""
-        return noise if self.objective == "ddpm" else x0 - noise
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """What the network predicts: ``noise`` (DDPM), ``sqrt(a_t) noise - sqrt(1 - a_t) x0`` (DDPM
+        ``v_prediction``, MONAI's ``get_velocity``; needs ``timesteps``) or ``x0 - noise`` (RFlow velocity)."""
+        if self.objective == "rflow":
+            return x0 - noise
+        if self.prediction_type == "v_prediction":
+            if timesteps is None:
+                raise MeduetConfigError("the v_prediction target needs the timesteps")
+            return self.scheduler.get_velocity(x0, noise, timesteps)
+        return noise
 
     # ------------------------------------------------------------------ losses
     def loss(self, model: nn.Module, x0: torch.Tensor, cond: Mapping[str, Any] | None = None,
@@ -185,7 +256,7 @@ class DiffusionObjective:
         noise = _randn(tuple(x0.shape), generator, x0)
         noisy = self.add_noise(x0, noise, t)
         pred = call_model(model, noisy, t, cond, force_drop)
-        target = self.target(x0, noise)
+        target = self.target(x0, noise, t)
         loss = F.mse_loss(pred.float(), target.float())
         return DiffusionLoss(loss, noisy, t, pred, target)
 
@@ -212,5 +283,5 @@ class DiffusionObjective:
             t = torch.full((x0.shape[0],), int(t_val), dtype=torch.long, device=x0.device)
             noise = _randn(tuple(x0.shape), generator, x0)
             pred = call_model(model, self.add_noise(x0, noise, t), t, cond, force)
-            total += F.mse_loss(pred.float(), self.target(x0, noise).float()).double()
+            total += F.mse_loss(pred.float(), self.target(x0, noise, t).float()).double()
         return (total / self.num_val_timesteps).float()

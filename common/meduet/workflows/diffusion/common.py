@@ -110,8 +110,10 @@ def factors_of(conditioner: Conditioner, items: Sequence[Mapping[str, Any]], rec
 
 def generate(net, objective: DiffusionObjective, rec: Mapping[str, Any], group: str, n: int,
               conditioner: Conditioner | None, prior, reference_items, sampler, num_steps, guidance_scale: float,
-              gen: torch.Generator, batch_size: int, device) -> torch.Tensor:
-    """``n`` scaled latents of ``group`` (a site, or ``"all"`` for an unconditional generator)."""
+              gen: torch.Generator, batch_size: int, device, cycle_references: bool = False) -> torch.Tensor:
+    """``n`` scaled latents of ``group`` (a site, or ``"all"`` for an unconditional generator). Factors from
+    reference scans: the first ``n`` of the site (fewer when it has fewer), or with ``cycle_references`` its scans
+    cycled to ``n`` (each with its own noise)."""
     condition = rec.get("condition", "none")
     domains = list(rec.get("domains") or [])
     cond: dict[str, torch.Tensor] | None = None
@@ -128,9 +130,10 @@ def generate(net, objective: DiffusionObjective, rec: Mapping[str, Any], group: 
             if style is not None and net.arch.get("style_dim"):
                 cond["style"] = style.to(device)
         else:
-            refs = [it for it in (reference_items or []) if it.get("domain") == group][:n]
+            refs = [it for it in (reference_items or []) if it.get("domain") == group]
             if not refs:
                 raise MeduetConfigError(f"no reference scans of site {group!r} among the reference items")
+            refs = [refs[i % len(refs)] for i in range(n)] if cycle_references else refs[:n]
             n = len(refs)
             cond = factors_of(conditioner, refs, rec, device)
     chunks = []

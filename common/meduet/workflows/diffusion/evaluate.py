@@ -36,6 +36,11 @@ class Config(WorkflowConfig):
     output_dir: str
     pretrain_ckpt: str | None = None
     prior_ckpt: str | None = None
+    #: factors condition: (content, style) of the generated latents from the factor prior (``prior``) or from the
+    #: reference scans of ``reference_split`` (``reference``: each site's scans there, cycled to ``num_per_site``;
+    #: use another split than ``real_split``, or the generator is handed the factors of the latents it is scored on)
+    source: str = "prior"
+    reference_split: str = "training"
     real_split: str = "test"
     val_split: str = "validation"
     features: str = "auto"
@@ -54,7 +59,8 @@ def run(config: Config) -> dict[str, Any]:
     """Generation quality of the EMA generator -> ``<output_dir>/metrics.json`` and ``real_vs_generated.png``.
 
     * FID and MMD between features of real latents (``real_items``, centre crops of the training crop size) and
-      generated ones (``num_per_site`` per site, or in total without a condition; factors from the prior). Features:
+      generated ones (``num_per_site`` per site, or in total without a condition; factors from the prior or from
+      the reference scans of ``reference_split``, see ``source``). Features:
       MedicalNet on decoded images when ``medicalnet_weights`` is a local file (never downloaded), otherwise the
       pooled factors of meduet_pretrain's encoder, reported as a *proxy* (``fid_features`` names which).
     * MS-SSIM diversity of decoded generated and real volumes (mean over pairs; lower = more diverse).
@@ -74,9 +80,16 @@ def run(config: Config) -> dict[str, Any]:
     space = LatentSpace.from_record(rec, model_ckpt)
     crop = [int(c) for c in rec["crop_size"]]
     conditioner = conditioner_for(rec, pretrain_ckpt, device) if condition == "factors" else None
-    prior = None
-    if condition == "factors":
-        prior = load_prior(cfg.prior_ckpt, device)
+    prior, reference_items = None, None
+    if condition == "factors" and cfg.source == "prior":
+        prior = load_prior(cfg.prior_ckpt, device, " or use source 'reference'")
+    elif condition == "factors" and cfg.source == "reference":
+        reference_items = cache.items(cfg.reference_split)
+        if not reference_items:
+            raise MeduetConfigError(f"source 'reference' needs reference scans: the '{cfg.reference_split}' split of "
+                                    f"'{cfg.latent_datalist}' is empty (key reference_split)")
+    elif condition == "factors":
+        raise MeduetConfigError(f"source must be 'prior' or 'reference', got {cfg.source!r}")
     if not real_items:
         raise MeduetConfigError("evaluate needs real latents (the `real_split` of the latent datalist is empty)")
     if cfg.max_real:  # an even spread over the split (items are usually ordered by subject and site)
@@ -84,9 +97,15 @@ def run(config: Config) -> dict[str, Any]:
         real_items = [real_items[i] for i in sorted(set(idx.tolist()))]
     real = torch.stack([center_crop_or_pad(load_latent(it["latent"]), crop) for it in real_items]).float()
     groups = ["all"] if condition == "none" else list(rec["domains"])
+    if reference_items is not None:  # the sites that have reference scans
+        groups = [g for g in groups if any(it.get("domain") == g for it in reference_items)]
+        if not groups:
+            raise MeduetConfigError(f"no site of the generator ({rec['domains']}) has a scan in the "
+                                    f"'{cfg.reference_split}' split (key reference_split)")
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    fake = space.unscale(torch.cat([generate(net, objective, rec, g, int(num_per_site), conditioner, prior, None,
-                                             sampler, num_steps, guidance_scale, gen, 8, device)
+    fake = space.unscale(torch.cat([generate(net, objective, rec, g, int(num_per_site), conditioner, prior,
+                                             reference_items,
+                                             sampler, num_steps, guidance_scale, gen, 8, device, cycle_references=True)
                                     for g in groups]).cpu())
     real_img = torch.from_numpy(decode(vae, space.scale(real.to(device)), space))[:, None]
     fake_img = torch.from_numpy(decode(vae, space.scale(fake.to(device)), space))[:, None]
@@ -103,6 +122,7 @@ def run(config: Config) -> dict[str, Any]:
     val = ValidationLoss(net, objective, conditioner or conditioner_for(rec, None, device),
                          list(val_items) or list(real_items), space, crop, seed=seed)
     report.update({"val_loss": val.compute(), "objective": objective.objective, "condition": condition,
+                   "source": cfg.source if condition == "factors" else None,
                    "sampler": sampler, "num_steps": num_steps, "guidance_scale": guidance_scale,
                    "num_per_site": int(num_per_site)})
     out = Path(cfg.output_dir)
