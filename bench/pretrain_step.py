@@ -113,7 +113,46 @@ def _register_cpu_sdpa_flops() -> None:
         pass
 
 
-class _Runner:
+class _TimedStep:
+    """What both runners share: a complete training step timed by phase (forward, backward, clip + optimiser with
+    zero_grad, EMA teacher), its parameter count and its GFLOP. Subclasses set ``model``, ``opt`` and
+    ``step_index`` and define ``losses()`` and ``update_teacher()``."""
+
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def step(self, split: dict | None = None) -> float:
+        import torch
+
+        t0 = time.perf_counter()
+        out = self.losses()
+        t1 = time.perf_counter()
+        out["loss"].backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        self.update_teacher()
+        t4 = time.perf_counter()
+        self.step_index += 1
+        if split is not None:
+            for key, dt in (("forward", t1 - t0), ("backward", t2 - t1), ("clip+optimizer", t3 - t2), ("ema", t4 - t3)):
+                split.setdefault(key, []).append(dt)
+        return t4 - t0
+
+    def gflop(self) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        _register_cpu_sdpa_flops()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.losses()["loss"].backward()
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / 1e9
+
+
+class _Runner(_TimedStep):
     """One model with its optimiser (and EMA teacher) doing complete training steps on a fixed random batch."""
 
     def __init__(self, name: str, spec: dict) -> None:
@@ -152,9 +191,6 @@ class _Runner:
         self.total_steps = 10_000
         self.step_index = 0
 
-    def params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
     def losses(self):
         import torch
 
@@ -165,36 +201,9 @@ class _Runner:
                 return mae_step_losses(self.model, self.x)
             return meduet_step_losses(self.model, self.teacher, self.x, self.dom, self.step_index, self.cfg)
 
-    def step(self, split: dict | None = None) -> float:
-        import torch
-
-        t0 = time.perf_counter()
-        out = self.losses()
-        t1 = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
-        t3 = time.perf_counter()
+    def update_teacher(self) -> None:
         if self.teacher is not None:
             self.teacher.update(self.model, self.step_index, self.total_steps)
-        t4 = time.perf_counter()
-        self.step_index += 1
-        if split is not None:
-            for key, dt in (("forward", t1 - t0), ("backward", t2 - t1), ("clip+optimizer", t3 - t2), ("ema", t4 - t3)):
-                split.setdefault(key, []).append(dt)
-        return t4 - t0
-
-    def gflop(self) -> float:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        _register_cpu_sdpa_flops()
-        counter = FlopCounterMode(display=False)
-        with counter:
-            self.losses()["loss"].backward()
-        self.opt.zero_grad(set_to_none=True)
-        return counter.get_total_flops() / 1e9
 
 
 def _compile_blocks(model) -> None:
@@ -252,7 +261,7 @@ def _torchvision_placeholder() -> None:
     sys.meta_path.insert(0, _Finder())
 
 
-class _ReferenceRunner:
+class _ReferenceRunner(_TimedStep):
     """The public MeDUET code's training step, imported from a local checkout (``--reference``; never vendored or
     downloaded here), at the bench's configuration: its ``MeDUET`` network (timm ViT blocks) with ``SiQC`` and
     ``MFTD`` modules, teacher = deep copy of the whole student, AdamW on timm's weight-decay groups, the loss
@@ -306,9 +315,6 @@ class _ReferenceRunner:
         self.mix_ratio = spec["mix_ratio"]
         self.step_index = 0
 
-    def params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
     def losses(self):
         _, status, z_s, mask = self.model(self.x, self.parameter, self.mix_ratio)
         sc = self.siqc(self.x, z_s, self.model, self.teacher, mask)
@@ -318,35 +324,8 @@ class _ReferenceRunner:
                  + a.lambda2 * fd + a.lambda3 * sc)
         return {"loss": total}
 
-    def step(self, split: dict | None = None) -> float:
-        import torch
-
-        t0 = time.perf_counter()
-        out = self.losses()
-        t1 = time.perf_counter()
-        out["loss"].backward()
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
+    def update_teacher(self) -> None:
         self.update_ema(self.teacher, self.model, 0.997)
-        t4 = time.perf_counter()
-        self.step_index += 1
-        if split is not None:
-            for key, dt in (("forward", t1 - t0), ("backward", t2 - t1), ("clip+optimizer", t3 - t2), ("ema", t4 - t3)):
-                split.setdefault(key, []).append(dt)
-        return t4 - t0
-
-    def gflop(self) -> float:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        _register_cpu_sdpa_flops()
-        counter = FlopCounterMode(display=False)
-        with counter:
-            self.losses()["loss"].backward()
-        self.opt.zero_grad(set_to_none=True)
-        return counter.get_total_flops() / 1e9
 
 
 def _runner(name: str, spec: dict):
