@@ -29,6 +29,7 @@ from meduet.engines.checkpoint import unwrap
 from meduet.errors import MeduetConfigError
 from meduet.engines.trainer import MeduetTrainer, NonFiniteLossError
 from meduet.latent import LatentSpace
+from meduet.metrics.features import MedicalNetFeatures
 from meduet.networks.vae import MeduetVAE, PatchEncoding, reconstruct_patchwise
 
 __all__ = [
@@ -50,8 +51,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: where the docs say to get the weights (one-line errors point here)
-MAISI_WEIGHTS_DOC = "bundles/meduet_vae/docs/README.md, 'Using MAISI's pretrained CT autoencoder'"
-PERCEPTUAL_DOC = "bundles/meduet_vae/docs/README.md, 'The perceptual term from local weights'"
+MAISI_WEIGHTS_DOC = "meduet_vae's docs/README.md, 'Using MAISI's pretrained CT autoencoder'"
+PERCEPTUAL_DOC = "meduet_vae's docs/README.md, 'The perceptual term from local weights'"
 
 
 class MedicalNetPerceptualLoss(torch.nn.Module):
@@ -66,8 +67,6 @@ class MedicalNetPerceptualLoss(torch.nn.Module):
 
     def __init__(self, weights_path: str, depth: int = 10) -> None:
         super().__init__()
-        from meduet.metrics.features import MedicalNetFeatures
-
         self.net = MedicalNetFeatures(weights_path, depth=depth).net.requires_grad_(False).eval()
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.data.utils import dense_patch_slices
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
+
+from meduet.networks.vae import tile_borders as window_borders  # where MONAI's windows begin and end
 
 __all__ = ["reconstruction_metrics", "window_borders", "patch_border_mask", "seam_error"]
 
@@ -38,17 +39,6 @@ def reconstruction_metrics(pred: torch.Tensor, target: torch.Tensor, data_range:
         pred, target
     ).mean().item()
     return {"psnr": psnr, "ssim": ssim, "ms_ssim": msssim, "ms_ssim_scales": scales}
-
-
-def window_borders(size: int, window: int, overlap: float = 0.0) -> list[int]:
-    """Interior positions along one axis of ``size`` voxels where MONAI's sliding windows (``window`` voxels,
-    ``overlap``) begin or end, i.e. where patch-wise coding can leave a seam. MONAI steps windows by
-    ``int(window * (1 - overlap))`` and shifts the last one back to end at the face (``dense_patch_slices``), so
-    borders are not at multiples of the window when the size is not one."""
-    window = min(int(window), int(size))
-    interval = window if window == size else max(int(window * (1 - overlap)), 1)
-    slices = dense_patch_slices((int(size),), (window,), (interval,))
-    return sorted({int(sl[0].start) for sl in slices if sl[0].start > 0} | {int(sl[0].stop) for sl in slices if sl[0].stop < size})
 
 
 def patch_border_mask(shape: Sequence[int], patch_size: Sequence[int] | int | None = None, width: int = 1,

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from monai.data.utils import dense_patch_slices
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiGroupNorm3D
 from monai.inferers import sliding_window_inference
 
@@ -318,12 +319,16 @@ def fit_tiling(shape: Sequence[int], max_window: Sequence[int] | int, min_overla
     return roi, [fit_overlap(r, s, min_overlap) for r, s in zip(roi, shape)]
 
 
-def tile_borders(size: int, window: int, overlap: float) -> list[int]:
-    """Interior positions along one axis where MONAI's sliding windows (``window``, ``overlap`` fraction) begin or
-    end (``metrics.reconstruction.window_borders``)."""
-    from meduet.metrics.reconstruction import window_borders
+def tile_borders(size: int, window: int, overlap: float = 0.0) -> list[int]:
+    """Interior positions along one axis of ``size`` voxels where MONAI's sliding windows (``window`` voxels,
+    ``overlap``) begin or end, i.e. where patch-wise coding can leave a seam. MONAI steps windows by
+    ``int(window * (1 - overlap))`` and shifts the last one back to end at the face (``dense_patch_slices``), so
+    borders are not at multiples of the window when the size is not one."""
+    window = min(int(window), int(size))
+    interval = window if window == size else max(int(window * (1 - overlap)), 1)
+    slices = dense_patch_slices((int(size),), (window,), (interval,))
+    return sorted({int(sl[0].start) for sl in slices if sl[0].start > 0} | {int(sl[0].stop) for sl in slices if sl[0].stop < size})
 
-    return window_borders(size, window, overlap)
 
 
 @dataclasses.dataclass(frozen=True)
