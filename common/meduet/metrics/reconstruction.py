@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 
-from meduet.networks.vae import tile_borders as window_borders  # where MONAI's windows begin and end
+from meduet.networks.patchwise import tile_borders as window_borders  # where MONAI's windows begin and end
 
 __all__ = ["reconstruction_metrics", "window_borders", "patch_border_mask", "seam_error"]
 
