@@ -6,7 +6,10 @@ import math
 
 import torch
 
-__all__ = ["warmup_cosine_schedule"]
+__all__ = ["LR_SCHEDULES", "warmup_cosine_schedule", "build_lr_schedule"]
+
+#: the names ``build_lr_schedule`` takes
+LR_SCHEDULES = ("constant", "warmup_cosine")
 
 
 def warmup_cosine_schedule(
@@ -24,3 +27,15 @@ def warmup_cosine_schedule(
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int,
+                      min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """A config's ``lr_schedule`` by name: ``constant`` (no scheduler, ``None``) or ``warmup_cosine``."""
+    if kind == "constant":
+        return None
+    if kind == "warmup_cosine":
+        return warmup_cosine_schedule(optimizer, int(warmup_steps), int(total_steps), min_ratio)
+    from meduet.errors import MeduetConfigError
+
+    raise MeduetConfigError(f"lr_schedule {kind!r} is not one of {', '.join(LR_SCHEDULES)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -9,7 +10,7 @@ from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 
 from meduet.networks.patchwise import tile_borders as window_borders  # where MONAI's windows begin and end
 
-__all__ = ["reconstruction_metrics", "window_borders", "patch_border_mask", "seam_error"]
+__all__ = ["reconstruction_metrics", "anatomy_fidelity", "window_borders", "patch_border_mask", "seam_error"]
 
 
 def reconstruction_metrics(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> dict[str, float]:
@@ -39,6 +40,47 @@ def reconstruction_metrics(pred: torch.Tensor, target: torch.Tensor, data_range:
         pred, target
     ).mean().item()
     return {"psnr": psnr, "ssim": ssim, "ms_ssim": msssim, "ms_ssim_scales": scales}
+
+
+def anatomy_fidelity(recon: torch.Tensor, image: torch.Tensor, noise_free: torch.Tensor, label: torch.Tensor,
+                     classes: dict[str, int], reference: int = 1, data_range: float = 1.0) -> dict[str, float]:
+    """How much of the anatomy a reconstruction keeps, told apart from the noise it does not copy.
+
+    All inputs are one volume on one grid (any shape, same for all), intensities in ``[0, data_range]``:
+    ``image`` the (noisy) input, ``noise_free`` the same scan without noise (a phantom's noise-free render),
+    ``label`` its label map.
+
+    Returns:
+        ``psnr``: reconstruction vs the input (what ``evaluate.yaml`` reports);
+        ``psnr_noise_free``: reconstruction vs the noise-free scan (the anatomy kept);
+        ``psnr_ceiling``: the noise-free scan vs the input -- the PSNR a reconstruction of the anatomy alone
+        (no noise) scores, so ``psnr`` near it means nothing but the noise is lost;
+        ``contrast_kept_<name>`` per class of ``classes``: the class's mean minus the ``reference`` class's mean
+        (the body), in the reconstruction over the same in the noise-free scan (1 = the organ stands out as it
+        should, 0 = it vanished into its surroundings; NaN when the class is absent or has no contrast).
+    """
+    recon, image, noise_free = (t.detach().float().reshape(-1) for t in (recon, image, noise_free))
+    label = label.detach().reshape(-1)
+    if not recon.shape == image.shape == noise_free.shape == label.shape:
+        raise ValueError("anatomy_fidelity: recon, image, noise_free and label must have the same number of voxels")
+    recon = recon.clamp(0, data_range)
+
+    def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+        mse = float((a - b).pow(2).mean())
+        return float("inf") if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
+
+    out = {"psnr": psnr(recon, image), "psnr_noise_free": psnr(recon, noise_free),
+           "psnr_ceiling": psnr(noise_free, image)}
+    ref = label == reference
+    for name, k in classes.items():
+        inside = label == k
+        if not bool(inside.any()) or not bool(ref.any()):
+            out[f"contrast_kept_{name}"] = float("nan")
+            continue
+        want = float(noise_free[inside].mean() - noise_free[ref].mean())
+        got = float(recon[inside].mean() - recon[ref].mean())
+        out[f"contrast_kept_{name}"] = got / want if abs(want) > 1e-6 else float("nan")
+    return out
 
 
 def patch_border_mask(shape: Sequence[int], patch_size: Sequence[int] | int | None = None, width: int = 1,

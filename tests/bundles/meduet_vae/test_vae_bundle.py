@@ -77,7 +77,9 @@ def test_kill_and_resume_gives_the_same_weights(trained, tiny_data, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    epoch_at_kill = load_checkpoint(ckpt_path)["engine"]["epoch"]  # loads: the write was atomic
+    killed = load_checkpoint(ckpt_path)  # loads: the write was atomic
+    epoch_at_kill = killed["engine"]["epoch"]
+    assert "lr_scheduler" in killed  # the tiny preset's warm-up + cosine schedule resumes where it stopped
     assert epoch_at_kill < EPOCHS, "the run finished before it could be killed; make the tiny epochs longer"
     resumed = bundle_run("meduet_vae", "train", *_train_args(root, tiny_data), run_id="training")
     assert "resumed from" in resumed.stdout + resumed.stderr
@@ -95,9 +97,11 @@ def test_evaluate_reports_metrics_seams_and_pictures(trained, tiny_data):
     m = json.loads((out / "metrics.json").read_text())
     o = m["overall"]
     assert o["n"] == 3
-    for k in ("psnr", "ssim", "ms_ssim", "seam_ratio", "before_seam_ratio", "patchwise_psnr"):
+    for k in ("psnr", "ssim", "ms_ssim", "seam_ratio", "before_seam_ratio", "patchwise_psnr", "psnr_noise_free",
+              "psnr_ceiling", "contrast_kept_organ_a", "contrast_kept_organ_b"):
         assert np.isfinite(o[k]), k
     assert 5 < o["psnr"] < 60 and -1 <= o["ssim"] <= 1
+    assert 15 < o["psnr_ceiling"] < 60  # the generated phantoms' noise, scored on the evaluated grid
     assert set(m["per_domain"]) <= set(json.loads((tiny_data / "phantoms/datalist.json").read_text())["domains"])
     pngs = list((out / "images").glob("*.png"))
     assert pngs and pngs[0].stat().st_size > 5000
@@ -112,6 +116,7 @@ def test_evaluate_on_mr_brain(trained, tiny_data):
                "--datalist", str(tiny_data / "brain/datalist.json"))
     m = json.loads((out / "metrics.json").read_text())
     assert m["overall"]["n"] == 1 and np.isfinite(m["overall"]["psnr"])
+    assert "psnr_ceiling" not in m["overall"]  # no noise-free render for an MR datalist
 
 
 def test_encode_caches_latents_with_affine(trained, tiny_data):

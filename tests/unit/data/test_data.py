@@ -677,3 +677,48 @@ def test_dicom_seg_writer_takes_names_and_codes_from_the_metadata(tmp_path):
     with pytest.raises(MeduetConfigError) as excinfo:  # a malformed entry fails when the handler is built
         DicomSegWriter(str(tmp_path / "out"), metadata={"label_codes": {"tumour": {"type": "108369006"}}})
     _assert_one_line(excinfo, "tumour")
+
+
+def test_noise_free_phantom_is_the_image_without_its_noise(sample, phantoms):
+    from meduet.data.sample import noise_free_phantom
+
+    datalist_file = os.path.join(sample, "phantoms", "datalist.json")
+    sites = phantoms["sites"]
+    for item in phantoms["test"][:3] + phantoms["training"][:1]:
+        img = nib.load(item["image"])
+        clean, affine = noise_free_phantom(datalist_file, item)
+        np.testing.assert_allclose(affine, img.affine, atol=1e-6)
+        noise = np.asarray(img.dataobj, dtype=np.float64) - clean
+        want = sites[item["domain"]]["noise_std"]
+        assert abs(noise.std() / want - 1.0) < 0.03, (item["image"], noise.std(), want)  # 32^3 voxels: ~0.4 % error
+        assert abs(noise.mean()) < 4 * want / np.sqrt(noise.size)
+        # white noise: no trace of the anatomy left in it (a shifted or wrong render would leave edges)
+        label = _array(item["label"])
+        assert abs(np.corrcoef(noise.ravel(), label.ravel())[0, 1]) < 0.05
+    with pytest.raises(MeduetInputError) as e:
+        noise_free_phantom(os.path.join(sample, "brain", "datalist.json"), {"image": "x", "domain": "mni152"})
+    _assert_one_line(e)
+
+
+def test_noise_free_on_grid_lines_up_with_the_preprocessed_input(sample, phantoms):
+    """The evaluate workflow's noise-free reference on the cropped/padded grid differs from the input by noise only."""
+    import torch
+
+    from meduet.data import get_load_transforms
+    from meduet.workflows.vae.common import load_case
+    from meduet.workflows.vae.evaluate import noise_free_on_grid
+
+    datalist_file = os.path.join(sample, "phantoms", "datalist.json")
+    prep = dict(modality="CT", spacing=[1.5] * 3, ct_window=[-175.0, 250.0], crop_foreground=True, pad_multiple=8)
+    transform = get_load_transforms(**prep, keys=("image", "label"))
+    for item in phantoms["test"][:2]:
+        x, affine, _ = load_case(transform, item, torch.device("cpu"))
+        nf = noise_free_on_grid(datalist_file, item, prep, affine, x.shape[2:])
+        assert nf is not None and nf.shape == tuple(x.shape[2:])
+        x = x[0, 0].numpy()
+        inside = (nf > 0.05) & (nf < 0.95) & (x > 0) & (x < 1)  # unclipped voxels
+        want = phantoms["sites"][item["domain"]]["noise_std"] / 425.0
+        assert abs((x - nf)[inside].std() / want - 1.0) < 0.08  # off by one voxel: organ edges would swamp this
+        shifted = np.roll(nf, 1, axis=0)
+        assert (x - shifted)[inside].std() > 1.2 * want
+    assert noise_free_on_grid(datalist_file, phantoms["test"][0], dict(prep, modality="MR"), affine, x.shape) is None

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from meduet import records
 from meduet.data import case_name, get_load_transforms, load_datalist
 from meduet.io import save_nifti
-from meduet.metrics.reconstruction import reconstruction_metrics, seam_error
+from meduet.errors import MeduetInputError
+from meduet.metrics.reconstruction import anatomy_fidelity, reconstruction_metrics, seam_error
 from meduet.networks.vae import PatchEncoding
 from meduet.viz import save_orthoslices
 from meduet.workflows.config import WorkflowConfig
@@ -47,7 +48,40 @@ class Config(WorkflowConfig):
     save_images: int = 4
     save_nifti: int = 2
     seam_width: int = 1
+    noise_free: bool = True
     device: str | torch.device = "cpu"
+
+
+def noise_free_on_grid(datalist: str, item: dict[str, Any], prep: dict[str, Any], affine: np.ndarray,
+                       shape: Sequence[int]) -> np.ndarray | None:
+    """The generated phantom ``item`` without noise, windowed like the input and placed on the evaluated grid
+    (``affine``, ``shape``: the preprocessed image's); ``None`` when the datalist is not the generated phantoms,
+    the modality is not CT or the grids differ by more than a whole-voxel shift (a resampled input)."""
+    from meduet.data.sample import noise_free_phantom
+
+    if prep.get("modality", "CT") != "CT":
+        return None
+    try:
+        hu, src_affine = noise_free_phantom(datalist, item)
+    except MeduetInputError:
+        return None
+    lo, hi = prep.get("ct_window", (-175.0, 250.0))
+    windowed = np.clip((hu - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    m = np.linalg.inv(src_affine) @ np.asarray(affine, dtype=np.float64)  # evaluated voxel -> phantom voxel
+    off = m[:3, 3]
+    if not np.allclose(m[:3, :3], np.eye(3), atol=1e-4) or not np.allclose(off, np.round(off), atol=1e-3):
+        return None
+    off = np.round(off).astype(int)
+    out = np.zeros(tuple(int(v) for v in shape), np.float32)
+    dst, src = [], []
+    for n, o, size in zip(out.shape, off, windowed.shape):
+        d0, d1 = max(0, -o), min(n, size - o)
+        if d1 <= d0:
+            return None
+        dst.append(slice(d0, d1))
+        src.append(slice(d0 + o, d1 + o))
+    out[tuple(dst)] = windowed[tuple(src)]
+    return out
 
 
 @torch.no_grad()
@@ -80,12 +114,14 @@ def run(config: Config) -> dict[str, Any]:
     prep = preprocessing_for(vae, dl)
     transform = get_load_transforms(**prep, keys=("image", "label"))
     heldout = set(dl.get("heldout_domains", []))
+    # organs whose contrast the anatomy check follows: every labelled class but background (0) and body (1)
+    organs = {str(v): int(k) for k, v in (dl.get("labels") or {}).items() if str(k).isdigit() and int(k) > 1}
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     cases: list[dict[str, Any]] = []
     for n, item in enumerate(tqdm(items, desc=f"evaluate {split}", disable=os.environ.get("MEDUET_PROGRESS") == "0")):
-        x, affine, _ = load_case(transform, item, device)
+        x, affine, data = load_case(transform, item, device)
         recon = vae.reconstruct(x).clamp(0, 1)
         z_patch = scheme.encode(vae, x)
         recon_patch = scheme.decode(vae, z_patch).clamp(0, 1)  # one decoder call unless decode_window is set
@@ -99,6 +135,11 @@ def run(config: Config) -> dict[str, Any]:
             **{f"patchwise_{k}": v for k, v in reconstruction_metrics(recon_patch, x).items() if k == "psnr"},
             **seam_error(recon_patch, x, width=seam_width, borders=borders),
         }
+        nf = (noise_free_on_grid(datalist, item, prep, affine, x.shape[2:])
+              if cfg.noise_free and data.get("label") is not None else None)
+        if nf is not None:  # generated phantoms: anatomy kept vs noise not copied
+            fid = anatomy_fidelity(recon, x, torch.from_numpy(nf), torch.as_tensor(data["label"]), organs)
+            rec.update({k: v for k, v in fid.items() if k != "psnr"})
         if other is not None:
             before = scheme.decode(other, scheme.encode(other, x)).clamp(0, 1)
             rec.update({f"before_{k}": v for k, v in seam_error(before, x, width=seam_width, borders=borders).items()})
