@@ -134,8 +134,9 @@ def stage_vae(d: Demo) -> None:
             "The phantoms are noisy (each site's own noise, 4-30 HU): a VAE reconstructs the anatomy, not the noise, so "
             "PSNR against the input has a ceiling. `evaluate.yaml` also scores each reconstruction against the same "
             "scan rendered without noise: *ceiling* = what a perfect noise-free reconstruction scores against the "
-            "input, *vs noise-free* = the anatomy kept, *contrast kept* = an organ's contrast to the body in the "
-            "reconstruction over the same in the noise-free scan (1 = as it should be, 0 = vanished):\n")
+            "input, *vs noise-free* = the anatomy kept, *contrast kept* = a structure's contrast to what surrounds it "
+            "(2 voxels) in the reconstruction over the same in the noise-free scan (1 = as it should be, 0 = "
+            "vanished):\n")
         lines.append("| site | cases | PSNR vs input | ceiling | PSNR vs noise-free | "
                      + " | ".join(f"contrast kept, {g}" for g in organs) + " |")
         lines.append("|---" * (4 + len(organs)) + "|---|")

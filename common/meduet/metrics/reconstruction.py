@@ -43,26 +43,28 @@ def reconstruction_metrics(pred: torch.Tensor, target: torch.Tensor, data_range:
 
 
 def anatomy_fidelity(recon: torch.Tensor, image: torch.Tensor, noise_free: torch.Tensor, label: torch.Tensor,
-                     classes: dict[str, int], reference: int = 1, data_range: float = 1.0) -> dict[str, float]:
+                     classes: dict[str, int], shell: int = 2, data_range: float = 1.0) -> dict[str, float]:
     """How much of the anatomy a reconstruction keeps, told apart from the noise it does not copy.
 
-    All inputs are one volume on one grid (any shape, same for all), intensities in ``[0, data_range]``:
-    ``image`` the (noisy) input, ``noise_free`` the same scan without noise (a phantom's noise-free render),
-    ``label`` its label map.
+    All inputs are one volume on one grid, shape ``(..., X, Y, Z)`` (leading singleton dims allowed), intensities in
+    ``[0, data_range]``: ``image`` the (noisy) input, ``noise_free`` the same scan without noise (a phantom's
+    noise-free render), ``label`` its label map.
 
     Returns:
         ``psnr``: reconstruction vs the input (what ``evaluate.yaml`` reports);
         ``psnr_noise_free``: reconstruction vs the noise-free scan (the anatomy kept);
         ``psnr_ceiling``: the noise-free scan vs the input -- the PSNR a reconstruction of the anatomy alone
         (no noise) scores, so ``psnr`` near it means nothing but the noise is lost;
-        ``contrast_kept_<name>`` per class of ``classes``: the class's mean minus the ``reference`` class's mean
-        (the body), in the reconstruction over the same in the noise-free scan (1 = the organ stands out as it
-        should, 0 = it vanished into its surroundings; NaN when the class is absent or has no contrast).
+        ``contrast_kept_<name>`` per class of ``classes``: the class's mean minus the mean of its surroundings (the
+        labelled, non-background voxels within ``shell`` voxels outside it), in the reconstruction over the same in
+        the noise-free scan -- 1 = the structure stands out from what surrounds it as it should, 0 = it vanished;
+        NaN when the class is absent or its noise-free contrast is below 1 % of ``data_range``.
     """
-    recon, image, noise_free = (t.detach().float().reshape(-1) for t in (recon, image, noise_free))
-    label = label.detach().reshape(-1)
-    if not recon.shape == image.shape == noise_free.shape == label.shape:
-        raise ValueError("anatomy_fidelity: recon, image, noise_free and label must have the same number of voxels")
+    spatial = tuple(recon.shape[-3:])
+    if not (tuple(image.shape[-3:]) == tuple(noise_free.shape[-3:]) == tuple(label.shape[-3:]) == spatial):
+        raise ValueError("anatomy_fidelity: recon, image, noise_free and label must be on the same grid")
+    recon, image, noise_free = (t.detach().float().reshape(spatial) for t in (recon, image, noise_free))
+    label = label.detach().reshape(spatial)
     recon = recon.clamp(0, data_range)
 
     def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,15 +73,16 @@ def anatomy_fidelity(recon: torch.Tensor, image: torch.Tensor, noise_free: torch
 
     out = {"psnr": psnr(recon, image), "psnr_noise_free": psnr(recon, noise_free),
            "psnr_ceiling": psnr(noise_free, image)}
-    ref = label == reference
     for name, k in classes.items():
         inside = label == k
-        if not bool(inside.any()) or not bool(ref.any()):
+        grown = torch.nn.functional.max_pool3d(inside[None, None].float(), 2 * shell + 1, 1, shell)[0, 0] > 0
+        around = grown & ~inside & (label > 0)
+        if not bool(inside.any()) or not bool(around.any()):
             out[f"contrast_kept_{name}"] = float("nan")
             continue
-        want = float(noise_free[inside].mean() - noise_free[ref].mean())
-        got = float(recon[inside].mean() - recon[ref].mean())
-        out[f"contrast_kept_{name}"] = got / want if abs(want) > 1e-6 else float("nan")
+        want = float(noise_free[inside].mean() - noise_free[around].mean())
+        got = float(recon[inside].mean() - recon[around].mean())
+        out[f"contrast_kept_{name}"] = got / want if abs(want) >= 0.01 * data_range else float("nan")
     return out
 
 
