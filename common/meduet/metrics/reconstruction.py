@@ -63,8 +63,10 @@ def anatomy_fidelity(recon: torch.Tensor, image: torch.Tensor, noise_free: torch
     spatial = tuple(recon.shape[-3:])
     if not (tuple(image.shape[-3:]) == tuple(noise_free.shape[-3:]) == tuple(label.shape[-3:]) == spatial):
         raise ValueError("anatomy_fidelity: recon, image, noise_free and label must be on the same grid")
-    recon, image, noise_free = (t.detach().float().reshape(spatial) for t in (recon, image, noise_free))
-    label = label.detach().reshape(spatial)
+    # on the CPU: the inputs may come from different devices (a CUDA reconstruction, a NumPy reference)
+    recon, image, noise_free = (torch.as_tensor(t).detach().float().cpu().reshape(spatial)
+                                for t in (recon, image, noise_free))
+    label = torch.as_tensor(label).detach().cpu().reshape(spatial)
     recon = recon.clamp(0, data_range)
 
     def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
