@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from meduet.errors import MeduetConfigError
+
 __all__ = ["LR_SCHEDULES", "warmup_cosine_schedule", "build_lr_schedule"]
 
 #: the names ``build_lr_schedule`` takes
@@ -36,6 +38,4 @@ def build_lr_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup_steps:
         return None
     if kind == "warmup_cosine":
         return warmup_cosine_schedule(optimizer, int(warmup_steps), int(total_steps), min_ratio)
-    from meduet.errors import MeduetConfigError
-
     raise MeduetConfigError(f"lr_schedule {kind!r} is not one of {', '.join(LR_SCHEDULES)}")

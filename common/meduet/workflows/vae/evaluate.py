@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from meduet import records
 from meduet.data import case_name, get_load_transforms, load_datalist
+from meduet.data.sample import noise_free_phantom
 from meduet.io import save_nifti
 from meduet.errors import MeduetInputError
 from meduet.metrics.reconstruction import anatomy_fidelity, reconstruction_metrics, seam_error
@@ -57,8 +58,6 @@ def noise_free_on_grid(datalist: str, item: dict[str, Any], prep: dict[str, Any]
     """The generated phantom ``item`` without noise, windowed like the input and placed on the evaluated grid
     (``affine``, ``shape``: the preprocessed image's); ``None`` when the datalist is not the generated phantoms,
     the modality is not CT or the grids differ by more than a whole-voxel shift (a resampled input)."""
-    from meduet.data.sample import noise_free_phantom
-
     if prep.get("modality", "CT") != "CT":
         return None
     try:
