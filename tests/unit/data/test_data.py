@@ -680,7 +680,7 @@ def test_dicom_seg_writer_takes_names_and_codes_from_the_metadata(tmp_path):
 
 
 def test_noise_free_phantom_is_the_image_without_its_noise(sample, phantoms):
-    from meduet.data.sample import noise_free_phantom
+    from meduet.data.reference import noise_free_phantom
 
     datalist_file = os.path.join(sample, "phantoms", "datalist.json")
     sites = phantoms["sites"]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from meduet import records
 from meduet.data import case_name, get_load_transforms, load_datalist
-from meduet.data.sample import noise_free_phantom
+from meduet.data.reference import noise_free_phantom
 from meduet.io import save_nifti
 from meduet.errors import MeduetInputError
 from meduet.metrics.reconstruction import anatomy_fidelity, reconstruction_metrics, seam_error
