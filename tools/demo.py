@@ -296,10 +296,16 @@ def stage_diffusion(d: Demo) -> None:
              f"![validation loss]({d.rel(plot)})\n",
              f"Computed by `evaluate.yaml` ({m['n_fake']} generated vs {m['n_real']} real test latents; features: "
              f"{m['fid_features']}{' -- a proxy, not Inception/MedicalNet' if 'proxy' in m['fid_features'] else ''}):\n",
-             "| FID | MMD | MS-SSIM between generated (lower = more diverse) | MS-SSIM between real | validation loss |",
-             "|---|---|---|---|---|",
+             "| FID | MMD | MS-SSIM between generated (lower = more diverse) | MS-SSIM between real | outline IoU, "
+             "generated (real) | validation loss |",
+             "|---|---|---|---|---|---|",
              f"| {_fmt(m['fid'])} | {_fmt(m['mmd'], 4)} | {_fmt(m['ms_ssim_diversity_fake'])} | "
-             f"{_fmt(m['ms_ssim_diversity_real'])} | {_fmt(m['val_loss'])} |\n",
+             f"{_fmt(m['ms_ssim_diversity_real'])} | {_fmt(m.get('outline_iou_fake'))} ({_fmt(m.get('outline_iou_real'))}) | "
+             f"{_fmt(m['val_loss'])} |\n",
+             "*Outline IoU*: each decoded volume's Otsu foreground (the body, or the bright organs where the site "
+             "shows the body near black; largest component) against the closest real test scan's (generated), and "
+             "each real scan's against other subjects' (real): how scan-shaped the samples are; "
+             "`bench/diffusion_demo_curve.py` measures how it grows with training (BENCHMARKS.md).\n",
              f"![samples]({d.rel(out / 'samples' / 'samples.png')})\n",
              f"![real vs generated]({d.rel(out / m['picture'])})\n",
              f"Style transfer ({t['method']}): A's content with B's style, measured against T, A's subject scanned "

@@ -256,6 +256,9 @@ def test_evaluate_reports_fid_proxy_mmd_diversity_and_val_loss(sit_factors, tiny
     assert m["n_real"] == len(lat["test"]) and m["n_fake"] == len(lat["domains"])
     assert "proxy" in m["fid_features"] and m["fid"] >= 0 and np.isfinite(m["mmd"])
     assert 0 < m["ms_ssim_diversity_real"] <= 1 and 0 < m["ms_ssim_diversity_fake"] <= 1
+    # the outline agreement: one score per generated volume, each the IoU with the closest real one
+    assert len(m["outline_iou_fake_each"]) == m["n_fake"] and all(0 <= v <= 1 for v in m["outline_iou_fake_each"])
+    assert m["outline_iou_fake"] == pytest.approx(float(np.mean(m["outline_iou_fake_each"])))
     rows = [json.loads(x) for x in (sit_factors / "runs/val_loss.jsonl").read_text().splitlines()]
     assert m["val_loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-4)  # same fixed crops, noise, timesteps
     assert (out / "real_vs_generated.png").stat().st_size > 0

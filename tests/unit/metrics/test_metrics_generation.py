@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from meduet.errors import MeduetConfigError, MeduetInputError
 from meduet.metrics.features import EncoderFeatures, MedicalNetFeatures, build_feature_extractor
-from meduet.metrics.generation import fid, generation_report, mmd, ms_ssim_diversity, ms_ssim_settings
+from meduet.metrics.generation import (foreground_mask, outline_agreement, fid, generation_report, mmd, ms_ssim_diversity,
+                                      ms_ssim_settings)
 from meduet import records
 from meduet.latent import LatentSpace
 from meduet.networks.mae import build_mae
@@ -203,3 +205,63 @@ def test_generation_report_image_extractor_needs_images(tmp_path):
     real_img, fake_img = torch.rand(3, 1, 32, 32, 32, generator=g), torch.rand(3, 1, 32, 32, 32, generator=g)
     rep = generation_report(_latents(3, 0), _latents(3, 1), ext, real_images=real_img, fake_images=fake_img)
     assert rep["fid_features"] == "medicalnet-resnet10" and rep["feature_dim"] == 512 and rep["fid"] > 0
+
+
+# ------------------------------------------------------------------------------------------------- outline agreement
+def _phantoms(n_subjects: int = 3, size: int = 40):
+    """The sample data's phantoms (labels: 1 body, 2-4 organs and lesion) rendered by every site, CT-windowed."""
+    from meduet.data.phantoms import ANATOMY, bias_field, make_anatomy, make_site_styles, render
+
+    sites = make_site_styles(0, 6)
+    out = []
+    for s in range(n_subjects):
+        label = make_anatomy(np.random.default_rng([0, ANATOMY, s]), size)
+        for site in sites:
+            img = render(label, site, bias_field(0, site, size), np.random.default_rng([s, site.index]))
+            out.append((s, label, np.clip((img + 175.0) / 425.0, 0.0, 1.0), site))
+    return out
+
+
+def _iou(a, b):
+    return float(np.logical_and(a, b).sum() / np.logical_or(a, b).sum())
+
+
+def test_foreground_mask_is_the_body_where_it_stands_out_and_inside_it_everywhere():
+    standing_out = 0
+    for _, label, img, site in _phantoms(2):
+        mask, body = foreground_mask(img), label >= 1
+        assert (mask & ~body).sum() <= 0.03 * mask.sum()  # never the air
+        level = [(hu + 175.0) / 425.0 for hu in site.hu]
+        if level[1] > max(level[2:]) - level[1]:  # the body stands out from the air more than any organ from it
+            standing_out += 1
+            assert _iou(mask, body) > 0.97
+        else:  # a body near the window's floor: the bright organs
+            assert mask.sum() < 0.7 * body.sum()
+    assert standing_out == 2 * 2  # sites 0 and 3 of the sample data's six, for both subjects
+    assert not foreground_mask(np.full((8, 8, 8), 0.3)).any()  # a constant volume has no foreground
+    with pytest.raises(MeduetInputError, match="NaN"):
+        foreground_mask(np.full((8, 8, 8), np.nan))
+    with pytest.raises(MeduetInputError, match="3D"):
+        foreground_mask(np.zeros((8, 8)))
+
+
+def test_outline_agreement_scores_bodies_above_blobs_and_excludes_the_same_subject():
+    ph = _phantoms(3)
+    real = torch.stack([torch.from_numpy(img[None]).float() for _, _, img, _ in ph])
+    groups = [s for s, _, _, _ in ph]
+    # generated = other renderings of real anatomy, shifted by one voxel: bodies
+    bodies = torch.roll(real[::6], shifts=1, dims=2)
+    # generated = smooth random blobs (what an untrained generator decodes to)
+    g = torch.Generator().manual_seed(0)
+    blobs = torch.nn.functional.avg_pool3d(torch.rand(3, 1, 40, 40, 40, generator=g), 9, 1, 4)
+    rep_bodies, rep_blobs = outline_agreement(bodies, real, groups), outline_agreement(blobs, real, groups)
+    assert rep_bodies["outline_iou_fake"] > 0.85
+    assert rep_blobs["outline_iou_fake"] < rep_bodies["outline_iou_fake"] - 0.2
+    # every real scan is matched to another subject's body, not to its own at another site (which would give ~1)
+    assert 0.3 < rep_bodies["outline_iou_real"] < 0.95
+    everything_one_subject = outline_agreement(bodies, real, [0] * len(real))
+    assert everything_one_subject["outline_iou_real"] is None
+    # default: every other volume, the same subject at other sites included: closer matches
+    assert outline_agreement(bodies, real)["outline_iou_real"] > rep_bodies["outline_iou_real"] + 0.05
+    with pytest.raises(MeduetInputError, match="one grid"):
+        outline_agreement(bodies[:, :, :32], real, groups)

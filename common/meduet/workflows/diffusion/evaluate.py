@@ -17,7 +17,7 @@ from meduet.errors import MeduetConfigError
 from meduet.io import write_json
 from meduet.latent import LatentDatalist, LatentSpace, load_latent
 from meduet.metrics.features import build_feature_extractor
-from meduet.metrics.generation import generation_report
+from meduet.metrics.generation import outline_agreement, generation_report
 from meduet.viz import save_pair_grid
 from meduet.workflows.config import WorkflowConfig
 from meduet.workflows.diffusion.common import check_vae, conditioner_for, decode, generate, load_generator, load_prior
@@ -64,6 +64,9 @@ def run(config: Config) -> dict[str, Any]:
       MedicalNet on decoded images when ``medicalnet_weights`` is a local file (never downloaded), otherwise the
       pooled factors of meduet_pretrain's encoder, reported as a *proxy* (``fid_features`` names which).
     * MS-SSIM diversity of decoded generated and real volumes (mean over pairs; lower = more diverse).
+    * Outline agreement (``meduet.metrics.generation.outline_agreement``): IoU of each decoded sample's Otsu
+      foreground with the closest real one (``outline_iou_fake``), and of each real volume's with other subjects'
+      (``outline_iou_real``).
     * The validation denoising loss on ``val_items`` (fixed crops, noise and timesteps, as in training).
     """
     cfg = config
@@ -117,6 +120,7 @@ def run(config: Config) -> dict[str, Any]:
                                         pretrain_ckpt=pretrain_ckpt, latent_space=space, inputs="raw",
                                         device=device)
     report = generation_report(real, fake, extractor, real_images=real_img, fake_images=fake_img)
+    report.update(outline_agreement(fake_img, real_img, [it.get("subject", i) for i, it in enumerate(real_items)]))
     if features == "encoder":
         report["fid_note"] = "proxy: features of meduet_pretrain's encoder, not an Inception/MedicalNet network"
     val = ValidationLoss(net, objective, conditioner or conditioner_for(rec, None, device),
