@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from types import TracebackType
+from typing import Any
 
 
 class MeduetError(Exception):
@@ -22,6 +23,15 @@ class MeduetInputError(MeduetError, ValueError):
 
 class MeduetConfigError(MeduetError, ValueError):
     """A missing upstream checkpoint or an inconsistent configuration."""
+
+
+def require_bool(value: Any, key: str) -> bool:
+    """``value`` if it is a bool, else a one-line ``MeduetConfigError`` naming ``key``: python-fire (``monai.bundle
+    run``) passes ``--key false`` as the string 'false', which Python reads as true."""
+    if not isinstance(value, bool):
+        raise MeduetConfigError(f"{key} must be True or False, got {value!r} (on the command line: --{key} True or "
+                                f"--{key} False, capitalised, so that python-fire passes a bool)")
+    return value
 
 
 def find_meduet_error(exc: BaseException | None) -> MeduetError | None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from meduet.errors import MeduetConfigError
+from meduet.errors import MeduetConfigError, require_bool
 from meduet.io import atomic_path
 
 __all__ = ["atomic_save", "load_checkpoint", "rng_state", "set_rng_state", "TrainingCheckpointer", "unwrap"]
@@ -128,7 +128,7 @@ class TrainingCheckpointer:
         self.save_dict = {k: v for k, v in save_dict.items() if v is not None}  # e.g. no teacher for a baseline
         self.model_key = model_key
         self.save_interval = max(1, int(save_interval))
-        self.resume = resume
+        self.resume = require_bool(resume, "resume")
         self.before_save = before_save
         self.model_path = self.save_dir / model_name
         self.checkpoint_path = self.save_dir / checkpoint_name

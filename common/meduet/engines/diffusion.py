@@ -36,9 +36,9 @@ from meduet.engines.checkpoint import atomic_save
 from meduet.engines.ema import EMATeacher
 from meduet.engines.factor_prior import train_factor_prior
 from meduet.engines.trainer import MeduetTrainer
-from meduet.errors import MeduetConfigError
+from meduet.errors import MeduetConfigError, require_bool
 from meduet.latent import LatentDatalist, LatentSpace, latent_record, load_latent
-from meduet.losses.diffusion import DiffusionObjective, require_bool
+from meduet.losses.diffusion import DiffusionObjective
 from meduet.networks.dit import build_dit
 from meduet.networks.encoder import PretrainedEncoder
 from meduet.networks.factors import pool_style
@@ -240,7 +240,6 @@ class DiffusionTrainer(MeduetTrainer):
                  conditioner: Conditioner, ema: EMATeacher | None = None, latent_space: LatentSpace | None = None,
                  lr_scheduler: Any = None, grad_clip: float | None = 1.0, epoch_length: int | None = None,
                  amp: bool = False, train_handlers: Sequence | None = None, inferer: Inferer | None = None) -> None:
-        require_bool(amp, "amp")
         super().__init__(device, max_epochs, train_data_loader, network, optimizer, lr_scheduler=lr_scheduler,
                          grad_clip=grad_clip, epoch_length=epoch_length, amp=amp, train_handlers=train_handlers,
                          inferer=inferer)

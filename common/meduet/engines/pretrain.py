@@ -22,7 +22,7 @@ from meduet import records
 from meduet.engines.checkpoint import unwrap
 from meduet.engines.ema import EMATeacher
 from meduet.engines.trainer import MeduetTrainer
-from meduet.errors import MeduetConfigError
+from meduet.errors import MeduetConfigError, require_bool
 from meduet.latent import LatentDatalist, LatentSpace, latent_record, load_latent
 from meduet.losses.meduet_config import MAELossConfig, MeDUETLossConfig
 from meduet.losses.meduet_step import mae_step_losses, meduet_step_losses
@@ -44,7 +44,7 @@ def optimizer_param_groups(network: torch.nn.Module, weight_decay: float,
     ``param_groups_weight_decay``): parameters with one dimension or less (biases, norm weights, the SiQC
     temperatures) and every ``*.bias`` get no weight decay; the rest get ``weight_decay``. Only parameters that
     require gradients enter the two groups."""
-    if decay_bias_and_norm:
+    if require_bool(decay_bias_and_norm, "decay_bias_and_norm"):
         return [{"params": list(unwrap(network).parameters()), "weight_decay": float(weight_decay)}]
     decay, no_decay = [], []
     for name, param in unwrap(network).named_parameters():
@@ -171,10 +171,7 @@ def content_eraser_fit(network: torch.nn.Module, latent_datalist: str, settings:
                        device: str | torch.device | None = None) -> ContentEraserFit | None:
     """train.yaml's ``content_eraser`` (not in the paper): a ``ContentEraserFit`` when ``settings["enabled"]`` is
     true and ``settings["splits"]`` is not empty, else None (the content head stays as trained)."""
-    enabled = settings.get("enabled", False)
-    if not isinstance(enabled, bool):
-        raise MeduetConfigError(f"content_eraser#enabled must be True or False, got {enabled!r} (on the command "
-                                "line: --content_eraser#enabled True)")
+    enabled = require_bool(settings.get("enabled", False), "content_eraser#enabled")
     if not enabled or not settings.get("splits"):
         return None
     return ContentEraserFit(network, latent_datalist, settings["splits"], settings.get("shrinkage", 0.1),

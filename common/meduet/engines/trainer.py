@@ -13,6 +13,8 @@ from monai.engines import Trainer
 from monai.inferers import Inferer, SimpleInferer
 from torch.utils.data import DataLoader
 
+from meduet.errors import require_bool
+
 __all__ = ["MeduetTrainer", "NonFiniteLossError"]
 
 
@@ -68,6 +70,7 @@ class MeduetTrainer(Trainer):
         inferer: Inferer | None = None,
         **workflow_kwargs: Any,
     ) -> None:
+        require_bool(amp, "amp")
         super().__init__(
             device=torch.device(device) if isinstance(device, str) else device,
             max_epochs=max_epochs,

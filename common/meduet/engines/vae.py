@@ -26,7 +26,7 @@ from monai.losses import PatchAdversarialLoss
 from torch.utils.data import DataLoader
 
 from meduet.engines.checkpoint import unwrap
-from meduet.errors import MeduetConfigError
+from meduet.errors import MeduetConfigError, require_bool
 from meduet.engines.trainer import MeduetTrainer, NonFiniteLossError
 from meduet.latent import LatentSpace
 from meduet.metrics.features import MedicalNetFeatures
@@ -124,6 +124,8 @@ def check_paper_weights(required: bool, allow_missing: bool, pretrained_ckpt: st
     With ``required`` (paper.yaml) and either missing: a one-line ``MeduetConfigError`` naming the keys, unless
     ``allow_missing`` (``allow_missing_paper_weights: True``), which logs one warning naming what is not the paper.
     Returns True when the run is the paper's in these two respects."""
+    require_bool(required, "paper_weights_required")
+    require_bool(allow_missing, "allow_missing_paper_weights")
     missing = []
     if not pretrained_ckpt:
         missing.append(f"pretrained_ckpt (MAISI's CT autoencoder file; {MAISI_WEIGHTS_DOC})")

@@ -41,10 +41,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
-from meduet.errors import MeduetConfigError
+from meduet.errors import MeduetConfigError, require_bool
 
 __all__ = ["OBJECTIVES", "SAMPLERS", "PREDICTION_TYPES", "DiffusionLoss", "DiffusionObjective", "call_model",
-           "rescale_zero_terminal_snr", "require_bool"]
+           "rescale_zero_terminal_snr"]
 
 #: Training objectives.
 OBJECTIVES = ("ddpm", "rflow")
@@ -52,15 +52,6 @@ OBJECTIVES = ("ddpm", "rflow")
 SAMPLERS = {"ddpm": ("ddim", "ddpm"), "rflow": ("rflow",)}
 #: What a ``"ddpm"`` network predicts: the noise (DiT, the default) or the velocity ``v`` (not in the DiT paper).
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def require_bool(value: Any, key: str) -> bool:
-    """``value`` if it is a bool, else a one-line ``MeduetConfigError`` naming ``key`` (python-fire passes
-    ``--key false`` as the string 'false', which is truthy)."""
-    if not isinstance(value, bool):
-        raise MeduetConfigError(f"{key} must be True or False, got {value!r} (on the command line: --{key} True or "
-                                f"--{key} False, capitalised, so that python-fire passes a bool)")
-    return value
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:

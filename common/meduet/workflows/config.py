@@ -72,9 +72,11 @@ def check_types(config: Any) -> None:
         value = getattr(config, f.name)
         tp = hints.get(f.name, Any)
         if not _matches(value, tp):
+            hint = (f" (on the command line: --{f.name} True or --{f.name} False, capitalised, so that python-fire "
+                    "passes a bool)") if tp is bool and isinstance(value, str) else ""
             raise MeduetConfigError(f"{type(config).__module__.removeprefix('meduet.workflows.')}: '{f.name}' must be "
                                     f"{_describe(tp)}, got {value!r}; fix the config key or command-line override that "
-                                    "sets it")
+                                    f"sets it{hint}")
 
 
 @dataclasses.dataclass

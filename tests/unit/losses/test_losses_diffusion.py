@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from meduet.engines.sampling import sample_latents
 from meduet.errors import MeduetConfigError
-from meduet.losses.diffusion import DiffusionObjective, require_bool, rescale_zero_terminal_snr
+from meduet.errors import require_bool
+from meduet.losses.diffusion import DiffusionObjective, rescale_zero_terminal_snr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

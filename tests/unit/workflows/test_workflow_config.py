@@ -37,3 +37,27 @@ def test_every_workflow_module_has_a_typed_config_and_run():
             found.append(info.name.removeprefix("meduet.workflows."))
     assert {"vae.evaluate", "vae.encode", "pretrain.evaluate", "pretrain.extract", "diffusion.sample",
             "diffusion.transfer", "diffusion.evaluate", "seg.evaluate"} <= set(found)
+
+
+def test_bool_keys_refuse_the_string_python_fire_passes_for_lowercase_false():
+    """``--resume false`` reaches the config as the string 'false' (truthy): every bool a bundle config hands to our
+    code is checked where it is used, with one line saying to write True / False."""
+    from meduet.engines.checkpoint import TrainingCheckpointer
+    from meduet.engines.pretrain import optimizer_param_groups
+    from meduet.engines.trainer import MeduetTrainer
+    from meduet.engines.vae import check_paper_weights
+
+    net = torch.nn.Linear(2, 2)
+    hint = "capitalised, so that python-fire passes a bool"
+    with pytest.raises(MeduetConfigError, match=rf"resume must be True or False, got 'false' .*{hint}"):
+        TrainingCheckpointer("unused", {"model": net}, resume="false")
+    assert TrainingCheckpointer("unused", {"model": net}, resume=False).resume is False
+    with pytest.raises(MeduetConfigError, match="amp must be True or False, got 'false'"):
+        MeduetTrainer("cpu", 1, [torch.zeros(1)], net, torch.optim.SGD(net.parameters(), 0.1), amp="false")
+    with pytest.raises(MeduetConfigError, match="decay_bias_and_norm must be True or False"):
+        optimizer_param_groups(net, 0.05, "false")
+    assert len(optimizer_param_groups(net, 0.05, False)) == 2  # the bool itself still selects the public code's groups
+    with pytest.raises(MeduetConfigError, match="paper_weights_required must be True or False"):
+        check_paper_weights("false", False, None, None)
+    with pytest.raises(MeduetConfigError, match=rf"'noise_free' must be true or false, got 'false'.*{hint}"):
+        EvaluateConfig(vae_ckpt="m.pt", datalist="d.json", output_dir="out", noise_free="false")
