@@ -13,7 +13,7 @@ from monai.engines import Trainer
 from monai.inferers import Inferer, SimpleInferer
 from torch.utils.data import DataLoader
 
-from meduet.errors import require_bool
+from meduet.errors import MeduetConfigError, require_bool
 
 __all__ = ["MeduetTrainer", "NonFiniteLossError"]
 
@@ -71,6 +71,12 @@ class MeduetTrainer(Trainer):
         **workflow_kwargs: Any,
     ) -> None:
         require_bool(amp, "amp")
+        if epoch_length is None and hasattr(train_data_loader, "__len__") and len(train_data_loader) == 0:
+            dataset = getattr(train_data_loader, "dataset", None)
+            n = len(dataset) if hasattr(dataset, "__len__") else 0
+            batch = getattr(train_data_loader, "batch_size", None)
+            raise MeduetConfigError(f"the training data ({n} items) make no batch of batch_size {batch} (an incomplete "
+                                    f"last batch is dropped); set batch_size to at most {n} or add training data")
         super().__init__(
             device=torch.device(device) if isinstance(device, str) else device,
             max_epochs=max_epochs,

@@ -81,6 +81,17 @@ def test_checkpoint_mismatches_are_one_line_errors(pretrained, tmp_path):
         load_encoder(tmp_path / "missing.pt")
 
 
+def test_a_batch_larger_than_the_training_data_is_one_line_and_writes_no_model(tiny_latents, tmp_path):
+    """The paper's batch of 256 on a small cache: one line naming the fix, not "dataloader is empty" and exit 0."""
+    proc = bundle_run("meduet_pretrain", "train", "--bundle_root", str(tmp_path), "--latent_datalist",
+                      str(tiny_latents), "--batch_size", "256", run_id="training", check=False)
+    assert proc.returncode != 0
+    last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
+    assert "make no batch of batch_size 256" in last and "set batch_size to at most" in last
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "models" / "model.pt").exists()
+
+
 def test_extract_writes_embeddings_of_every_item(pretrained, tiny_latents):
     out = pretrained / "embeddings"
     bundle_run("meduet_pretrain", "extract", "--bundle_root", str(pretrained), "--latent_datalist", str(tiny_latents),

@@ -150,6 +150,17 @@ def test_encode_caches_latents_with_affine(trained, tiny_data):
     assert torch.allclose(cached, z, atol=1e-4) and not torch.allclose(cached, whole, atol=1e-3)
 
 
+def test_encode_with_no_items_to_encode_is_one_line_and_writes_nothing(trained, tiny_data):
+    out = trained / "latents_empty"
+    proc = bundle_run("meduet_vae", "encode", "--bundle_root", str(trained), "--dataset_dir",
+                      str(tiny_data / "phantoms"), "--latent_dir", str(out), "--splits", "['nosuch']", check=False)
+    assert proc.returncode != 0
+    last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
+    assert "has no items in the splits to encode ['nosuch']" in last and "datalist.json" in last
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (out / "datalist.json").exists()
+
+
 def test_inference_writes_nifti_on_the_input_grid(trained, tiny_data):
     out = trained / "infer"
     img = tiny_data / "phantoms/images" / sorted(os.listdir(tiny_data / "phantoms/images"))[0]

@@ -61,3 +61,17 @@ def test_bool_keys_refuse_the_string_python_fire_passes_for_lowercase_false():
         check_paper_weights("false", False, None, None)
     with pytest.raises(MeduetConfigError, match=rf"'noise_free' must be true or false, got 'false'.*{hint}"):
         EvaluateConfig(vae_ckpt="m.pt", datalist="d.json", output_dir="out", noise_free="false")
+
+
+def test_a_trainer_whose_data_make_no_batch_is_one_line():
+    """meduet_pretrain's paper batch (256) on fewer latents used to log "dataloader is empty", exit 0, write nothing."""
+    from torch.utils.data import DataLoader
+
+    from meduet.engines.trainer import MeduetTrainer
+
+    net = torch.nn.Linear(2, 2)
+    loader = DataLoader([torch.zeros(2)] * 3, batch_size=4, drop_last=True)
+    with pytest.raises(MeduetConfigError, match=r"the training data \(3 items\) make no batch of batch_size 4.*at most 3"):
+        MeduetTrainer("cpu", 1, loader, net, torch.optim.SGD(net.parameters(), 0.1))
+    ok = DataLoader([torch.zeros(2)] * 3, batch_size=4, drop_last=False)
+    assert MeduetTrainer("cpu", 1, ok, net, torch.optim.SGD(net.parameters(), 0.1)).state.max_epochs == 1

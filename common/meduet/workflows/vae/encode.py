@@ -83,6 +83,10 @@ def run(config: Config) -> str:
         logger.info(f"'{vae_ckpt}' records no patch encoding (decoder not fine-tuned): encoding with {scheme.record()}")
     dl = load_datalist(datalist)
     splits = [s for s in cfg.splits if s in dl]
+    if not any(dl[s] for s in splits):
+        raise MeduetConfigError(f"'{datalist}' has no items in the splits to encode {list(cfg.splits)} (it has "
+                                f"{sorted(k for k, v in dl.items() if isinstance(v, list) and v and isinstance(v[0], dict))}); "
+                                "fix the datalist or the `splits` key")
     prep = preprocessing_for(vae, dl)
     transform = get_load_transforms(**prep, keys=("image", "label"))
     out = Path(output_dir)
