@@ -17,6 +17,9 @@ so every tool that copies state dicts by tensor shape carries it along and ``tor
 * ``read(path)``: the state dict and its record, with a one-line error naming the file and the fix; ``require``:
   the same error for a missing upstream checkpoint before anything is built.
 * ``fix_hint(bundle)``: the one place that says how to make a missing checkpoint.
+* ``stamp_training(state, epoch, max_epochs, complete)``: the record's ``training`` entry, which the training
+  checkpointer writes into every ``model.pt`` it saves: ``complete`` is false in the per-epoch saves and true only
+  when the run finished, and ``read`` refuses an incomplete one (a killed run's ``model.pt`` is not a trained model).
 
 Records written before ``kind`` was stored for the VAE (an ``architecture`` with ``latent_channels`` and a
 ``downsample_factor``) are read as ``"vae"``.
@@ -44,6 +47,7 @@ __all__ = [
     "decode",
     "arch_diff",
     "fix_hint",
+    "stamp_training",
     "require",
     "read_state_dict",
     "kind_of",
@@ -106,6 +110,17 @@ def decode(state: Any) -> dict[str, Any]:
     return json.loads(raw.decode("utf-8")) if raw else {}
 
 
+def stamp_training(state: Mapping[str, Any], epoch: int, max_epochs: int, complete: bool) -> dict[str, Any]:
+    """A copy of a network's ``state_dict`` whose record says how far its training got:
+    ``training = {"epoch", "max_epochs", "complete"}``. A state without a record is returned as it is."""
+    out = dict(state)
+    record = decode(out.get("_extra_state"))
+    if record:
+        record["training"] = {"epoch": int(epoch), "max_epochs": int(max_epochs), "complete": bool(complete)}
+        out["_extra_state"] = encode(record)
+    return out
+
+
 def arch_diff(saved: Mapping[str, Any], own: Mapping[str, Any], ignore: Sequence[str] = ()) -> dict[str, Any]:
     """``{key: (saved, own)}`` for the shared keys whose values differ, recursing into nested dicts (keys joined
     with ``.``) and skipping ``ignore`` at every level (arguments that do not change which weights exist)."""
@@ -132,11 +147,22 @@ def fix_hint(bundle: str) -> str:
 
 
 def require(path: str | Path, bundle: str) -> str:
-    """``path`` as a string if the file exists; else a one-line error naming it and how to make it (before any
-    workflow component is built)."""
+    """``path`` as a string if the file exists and is not from an unfinished training run; else a one-line error
+    naming it and how to make it (before any workflow component is built)."""
     if not Path(path).is_file():
         raise MeduetConfigError(f"checkpoint '{path}' does not exist; {fix_hint(bundle)}")
+    state = read_state_dict(path, "checkpoint", fix_hint(bundle))
+    _require_complete(decode(state.get("_extra_state")), path, "checkpoint")
     return str(path)
+
+
+def _require_complete(record: Mapping[str, Any], path: str | Path, what: str) -> None:
+    training = record.get("training") or {}
+    if training.get("complete") is False:
+        raise MeduetConfigError(f"{what} '{path}' is from a training run that did not finish (saved after epoch "
+                                f"{training.get('epoch')} of {training.get('max_epochs')}); run the same training "
+                                "again to finish it (it resumes from models/checkpoint.pt), or with --max_epochs "
+                                f"{training.get('epoch')} to keep it as it is")
 
 
 def read_state_dict(path: str | Path, what: str, fix: str) -> dict[str, Any]:
@@ -199,6 +225,7 @@ def read(path: str | Path, expect: str | Sequence[str] | None = None,
         holds = KIND_BUNDLE.get(kind, "another program")
         raise MeduetConfigError(f"{what} '{path}' holds a '{kind}' network (a {holds} checkpoint), not "
                                 f"{' or '.join(repr(k) for k in kinds)}; {fix}")
+    _require_complete(record, path, what)
     return state, record
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from meduet import records
 from meduet.errors import MeduetConfigError, require_bool
 from meduet.io import atomic_path
 
@@ -170,7 +171,8 @@ class TrainingCheckpointer:
         self.resumed_from = engine.state.epoch
         logger.info(f"resumed from {self.checkpoint_path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 
-    def save(self, engine: Engine) -> None:
+    def save(self, engine: Engine, complete: bool = False) -> None:
+        """Write ``checkpoint.pt`` and the model files; their record says ``complete`` only at the run's end."""
         if self.before_save is not None:
             self.before_save(engine)
         if self.rank != 0:
@@ -187,10 +189,19 @@ class TrainingCheckpointer:
         network = unwrap(self.save_dict[self.model_key])
         if self.network_path is not None:
             atomic_save(network.state_dict(), self.network_path)
-        exported = (self.export(network) if self.export is not None else network).state_dict()
+        self._export(engine, complete)
+
+    def _export(self, engine: Engine, complete: bool) -> None:
+        network = unwrap(self.save_dict[self.model_key])
+        exported = records.stamp_training((self.export(network) if self.export is not None else network).state_dict(),
+                                          engine.state.epoch, engine.state.max_epochs, complete)
         for path in (self.model_path, *self.extra_model_paths):
             atomic_save(exported, path)
 
     def _save_final(self, engine: Engine) -> None:
+        """At the end of the run: the model files say ``complete`` (the checkpoint is written again only when the
+        last epoch's save did not already write it)."""
         if engine.state.epoch % self.save_interval != 0 or self.resumed_from == engine.state.epoch:
-            self.save(engine)
+            self.save(engine, complete=True)
+        elif self.rank == 0:
+            self._export(engine, complete=True)

@@ -178,3 +178,50 @@ def test_rebuilding_a_stored_network_leaves_the_random_state_alone(tmp_path):
         after = torch.rand(3)
         torch.manual_seed(7)
         assert torch.equal(after, torch.rand(3))
+
+
+def test_a_killed_runs_model_pt_is_refused_until_the_run_finishes(tmp_path):
+    """The training checkpointer writes model.pt every epoch; only the run's end marks it complete, and every
+    loader refuses an incomplete one with one line (resume to finish, or --max_epochs <epoch> to keep it)."""
+    from ignite.engine import Engine, Events
+
+    from meduet.engines.checkpoint import TrainingCheckpointer
+
+    net = build_dit("tiny")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def step(engine, batch):
+        opt.zero_grad()
+        net(_x(1, 4, 8, 8, 8), torch.tensor([3])).square().mean().backward()
+        opt.step()
+
+    def engine_with_checkpointer():
+        engine = Engine(step)
+        TrainingCheckpointer(tmp_path, {"model": net, "optimizer": opt}).attach(engine)
+        return engine
+
+    class Killed(RuntimeError):
+        pass
+
+    killed = engine_with_checkpointer()
+
+    @killed.on(Events.EPOCH_COMPLETED(once=2))
+    def _kill(engine):  # after the checkpointer's save of epoch 2 (attached first)
+        raise Killed
+
+    with pytest.raises(Killed):
+        killed.run([0, 1], max_epochs=3)
+    model = tmp_path / "model.pt"
+    assert records.read_state_dict(model, "model", "")  # the file is whole (atomic write) ...
+    with pytest.raises(MeduetConfigError, match=r"did not finish \(saved after epoch 2 of 3\).*--max_epochs 2") as err:
+        records.load(model)  # ... but it is not a trained model
+    assert "\n" not in str(err.value)
+    with pytest.raises(MeduetConfigError, match="did not finish"):
+        records.require(model, "meduet_diffusion")
+    # keep it as it is: resume with max_epochs = the epoch reached; the run completes at once and says so
+    engine_with_checkpointer().run([0, 1], max_epochs=2)
+    assert records.load(model).meta["training"] == {"epoch": 2, "max_epochs": 2, "complete": True}
+    # or finish it: resume to the configured end
+    engine_with_checkpointer().run([0, 1], max_epochs=3)
+    assert records.read(model)[1]["training"] == {"epoch": 3, "max_epochs": 3, "complete": True}
+    assert records.require(model, "meduet_diffusion") == str(model)
