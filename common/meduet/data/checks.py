@@ -31,6 +31,8 @@ __all__ = [
     "find_input_error",
     "CheckedLoadImaged",
     "CheckInputd",
+    "CheckModalityd",
+    "dicom_modality",
 ]
 
 #: largest absolute difference between two affines (mm) for them to count as the same grid
@@ -354,3 +356,71 @@ class CheckInputd(MapTransform):
                 f"{name}: {what} is constant (every voxel is {t.flatten()[0].item():g}), an empty volume; "
                 "check the export or remove the item from the datalist"
             )
+
+
+#: a CT in Hounsfield units has values below this (fat, lung, air) ...
+CT_MIN_BELOW = -50.0
+#: ... and spans at least this many HU; an MR has no values below ``MR_MIN_ABOVE`` (CT air is ~-1000)
+CT_MIN_SPAN = 300.0
+MR_MIN_ABOVE = -500.0
+
+
+def dicom_modality(source: Any) -> str | None:
+    """The ``Modality`` of a DICOM file or of the first file of a series folder (header only), or None."""
+    if isinstance(source, (list, tuple)):
+        source = source[0] if source else None
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if not f.startswith("."))
+        path = os.path.join(path, files[0]) if files else ""
+    if not path or path.lower().endswith(_NIFTI_SUFFIXES) or not os.path.isfile(path):
+        return None
+    try:
+        import pydicom
+
+        value = pydicom.dcmread(path, stop_before_pixels=True, force=True).get("Modality")
+    except Exception:  # noqa: BLE001 - not a DICOM file: no header to read
+        return None
+    return str(value).upper() if value else None
+
+
+class CheckModalityd(MapTransform):
+    """The image is of the modality the workflow reads it as (before the CT window or MR percentiles are applied).
+
+    A DICOM input's header ``Modality`` must be ``modality`` (CT or MR; other values are not checked). Without a
+    header (NIfTI), the intensities decide: a CT in Hounsfield units has values below ``CT_MIN_BELOW`` and spans at
+    least ``CT_MIN_SPAN``; an MR has nothing below ``MR_MIN_ABOVE``. Otherwise a one-line ``MeduetInputError`` names
+    the file and the override (``--preprocessing_args#modality MR`` / ``CT``), so an MR never silently goes through
+    the CT window (or the reverse). The data pass through unchanged.
+    """
+
+    def __init__(self, keys: KeysCollection, modality: str, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.modality = str(modality).upper()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        key = self.first_key(d)
+        if key == []:
+            return d
+        image = d[key]
+        name = _filename(image, f"<item '{key}'>")
+        override = "--preprocessing_args#modality"
+        header = dicom_modality(name)
+        if header in ("CT", "MR"):
+            if header != self.modality:
+                raise MeduetInputError(f"{name}: its DICOM header says {header} but this workflow reads it as "
+                                       f"{self.modality}; pass {override} {header}")
+            return d
+        arr = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+        lo, hi = float(arr.min()), float(arr.max())
+        if self.modality == "CT" and not (lo < CT_MIN_BELOW and hi - lo >= CT_MIN_SPAN):
+            raise MeduetInputError(f"{name}: intensities {lo:.4g} to {hi:.4g} are not a CT in Hounsfield units "
+                                   f"(nothing below {CT_MIN_BELOW:g} HU or a span under {CT_MIN_SPAN:g}); an MR: pass "
+                                   f"{override} MR; a CT stored without its rescale: re-export it in HU")
+        if self.modality == "MR" and lo < MR_MIN_ABOVE:
+            raise MeduetInputError(f"{name}: intensities down to {lo:.4g} look like a CT in Hounsfield units, read "
+                                   f"here as MR; pass {override} CT")
+        return d

@@ -42,7 +42,7 @@ from monai.transforms import (
 )
 from monai.transforms import Spacingd as _MonaiSpacingd
 
-from meduet.data.checks import CheckedLoadImaged, CheckInputd, find_input_error
+from meduet.data.checks import CheckedLoadImaged, CheckInputd, CheckModalityd, find_input_error
 from meduet.errors import MeduetConfigError, MeduetInputError
 
 __all__ = [
@@ -140,6 +140,7 @@ def get_load_transforms(
     expected_channels: int | None = None,
     foreground_threshold: float | None = None,
     ct_body_hu: float = -500.0,
+    modality_check: bool = False,
 ) -> InputCheckedCompose:
     """Load, check, reorient, resample, normalise, crop and pad one item.
 
@@ -155,6 +156,9 @@ def get_load_transforms(
         expected_channels: channel count the image must have (``None`` accepts any).
         foreground_threshold: on the [0, 1] image, after normalisation; default for MR 0.02. For CT the default
             (``None``) crops *before* the window, to the voxels above ``ct_body_hu``.
+        modality_check: insert :class:`~meduet.data.checks.CheckModalityd` after loading: a DICOM header of the other
+            modality, or intensities that cannot be this modality (an MR read as CT), are a one-line error naming
+            the override. The inference configs switch it on (they have no datalist that states the modality).
         ct_body_hu: CT body threshold in HU (default -500, half-way between air and soft tissue). A threshold at
             the window's floor (-175 HU) sits close to the body's own value, so a scanner's blur or noise moves
             the crop by voxels: the field of view would then tell the site apart (on the sample phantoms the crop
@@ -174,6 +178,8 @@ def get_load_transforms(
     steps = [CheckedLoadImaged(keys, image_only=True, ensure_channel_first=True, allow_missing_keys=True)]
     if check:
         steps.append(CheckInputd(keys, expected_channels=expected_channels, allow_missing_keys=True))
+    if modality_check:
+        steps.append(CheckModalityd([image_key], modality))
     # labels=None: axis names come from the MetaTensor's space (RAS for NIfTI/DICOM read by MONAI)
     steps.append(Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=True))
     if spacing is not None:

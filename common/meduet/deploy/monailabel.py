@@ -59,6 +59,7 @@ def _preprocessing(record: dict[str, Any], arch: dict[str, Any]) -> dict[str, An
     if not pre:
         raise MeduetConfigError("the model.pt record has no preprocessing; retrain it with this version of meduet_seg")
     pre["expected_channels"] = int(arch.get("vae_architecture", {}).get("in_channels", arch.get("in_channels", 1)))
+    pre["modality_check"] = True  # an uploaded MR is refused by a CT model (and the reverse), never windowed as CT
     return pre
 
 

@@ -722,3 +722,42 @@ def test_noise_free_on_grid_lines_up_with_the_preprocessed_input(sample, phantom
         shifted = np.roll(nf, 1, axis=0)
         assert (x - shifted)[inside].std() > 1.2 * want
     assert noise_free_on_grid(datalist_file, phantoms["test"][0], dict(prep, modality="MR"), affine, x.shape) is None
+
+
+def test_modality_check_refuses_an_mr_read_as_ct_and_the_reverse(tmp_path):
+    """Inference has no datalist stating the modality: CheckModalityd refuses the wrong one with one line."""
+    import nibabel as nib
+
+    from meduet.data.checks import dicom_modality
+    from meduet.data.transforms import get_load_transforms
+    from conftest import write_ct_series
+
+    rng = np.random.default_rng(0)
+    ct = np.full((16, 16, 12), -1000.0, np.float32)
+    ct[3:13, 3:13, 2:10] = 40.0 + 10.0 * rng.standard_normal((10, 10, 8))  # tissue in air, HU
+    mr = np.clip(300.0 + 80.0 * rng.standard_normal((16, 16, 12)), 0, None).astype(np.float32)  # non-negative
+    for name, arr in (("ct.nii.gz", ct), ("mr.nii.gz", mr), ("zscored.nii.gz", (mr - 300.0) / 80.0)):
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / name)
+
+    def load(modality, name):
+        return get_load_transforms(modality, keys=["image"], spacing=None, pad_multiple=None,
+                                   modality_check=True)({"image": str(tmp_path / name)})
+
+    assert load("CT", "ct.nii.gz")["image"].shape[0] == 1
+    assert load("MR", "mr.nii.gz")["image"].shape[0] == 1
+    for name in ("mr.nii.gz", "zscored.nii.gz"):  # no value below -50 HU: not a CT in Hounsfield units
+        with pytest.raises(MeduetInputError, match=r"are not a CT in Hounsfield units.*--preprocessing_args#modality MR") as err:
+            load("CT", name)
+        assert name in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(MeduetInputError, match=r"look like a CT in Hounsfield units.*--preprocessing_args#modality CT"):
+        load("MR", "ct.nii.gz")
+    # off by default (training reads the modality from its datalist)
+    get_load_transforms("CT", keys=["image"], spacing=None, pad_multiple=None)({"image": str(tmp_path / "mr.nii.gz")})
+    # a DICOM series: its header decides, whatever the intensities
+    soft = (30 + 10 * rng.standard_normal((16, 16, 4))).astype(np.int16)  # soft tissue only, no air
+    series = write_ct_series(soft, tmp_path / "series")  # not a CT by its intensities, a CT by its header
+    assert dicom_modality(str(series)) == "CT" and dicom_modality(str(tmp_path / "ct.nii.gz")) is None
+    assert load("CT", "series")["image"].shape[0] == 1
+    with pytest.raises(MeduetInputError, match=r"its DICOM header says CT but this workflow reads it as MR; pass "
+                                               r"--preprocessing_args#modality CT"):
+        load("MR", "series")
