@@ -63,6 +63,7 @@ def make_parser(preset: str, overrides: dict):
 
     parser = ConfigParser()
     parser.read_config([str(REPO / CONFIG), str(REPO / f"bundles/meduet_diffusion/configs/presets/{preset}.yaml")])
+    parser["siblings"] = str(REPO / "bundles")  # the chained bundles stay the repository's whatever bundle_root is
     for k, v in overrides.items():
         parser[k] = v
     return parser

@@ -54,7 +54,8 @@ def ensure_model(root: Path, objective: str, condition: str, preset: str) -> Pat
     cfg = ("['bundles/meduet_diffusion/configs/train.yaml',"
            f"'bundles/meduet_diffusion/configs/presets/{preset}.yaml']")
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", cfg, "--bundle_root", str(root),
-           "--objective_name", objective, "--condition", condition, "--resume", "False"]
+           "--objective_name", objective, "--condition", condition, "--resume", "False",
+           "--siblings", str(REPO / "bundles")]
     print(f"training the missing {objective}/{condition} model: {' '.join(cmd)}", flush=True)
     env = dict(os.environ, MEDUET_PROGRESS="0")
     subprocess.run(cmd, cwd=REPO, env=env, check=True)

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         for frac in (float(f) for f in args.fractions.split(",")):
             root = work / f"{init}_{frac:g}"
             train = bundle_cmd("meduet_seg", "train", args.preset, "training", resume=False, init=init,
-                               label_fraction=frac, bundle_root=str(root), max_epochs=epochs_for(frac),
+                               label_fraction=frac, bundle_root=str(root), siblings="bundles",
+                               max_epochs=epochs_for(frac),
                                val_interval=10**6)
             evaluate = bundle_cmd("meduet_seg", "evaluate", args.preset, bundle_root=str(root),
                                   output_dir=str(root / "eval"), save_images=0)

@@ -358,10 +358,10 @@ class CheckInputd(MapTransform):
             )
 
 
-#: a CT in Hounsfield units has values below this (fat, lung, air) ...
+#: a CT in Hounsfield units has values below this (fat, lung, air; a volume written through a soft-tissue window
+#: still has its floor, e.g. -175); an MR (non-negative, or z-scored to a few units) has none
 CT_MIN_BELOW = -50.0
-#: ... and spans at least this many HU; an MR has no values below ``MR_MIN_ABOVE`` (CT air is ~-1000)
-CT_MIN_SPAN = 300.0
+#: an MR has no values below this (CT air is ~-1000 HU)
 MR_MIN_ABOVE = -500.0
 
 
@@ -390,8 +390,8 @@ class CheckModalityd(MapTransform):
     """The image is of the modality the workflow reads it as (before the CT window or MR percentiles are applied).
 
     A DICOM input's header ``Modality`` must be ``modality`` (CT or MR; other values are not checked). Without a
-    header (NIfTI), the intensities decide: a CT in Hounsfield units has values below ``CT_MIN_BELOW`` and spans at
-    least ``CT_MIN_SPAN``; an MR has nothing below ``MR_MIN_ABOVE``. Otherwise a one-line ``MeduetInputError`` names
+    header (NIfTI), the intensities decide: a CT in Hounsfield units has values below ``CT_MIN_BELOW``; an MR has
+    nothing below ``MR_MIN_ABOVE``. Otherwise a one-line ``MeduetInputError`` names
     the file and the override (``--preprocessing_args#modality MR`` / ``CT``), so an MR never silently goes through
     the CT window (or the reverse). The data pass through unchanged.
     """
@@ -416,10 +416,10 @@ class CheckModalityd(MapTransform):
             return d
         arr = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
         lo, hi = float(arr.min()), float(arr.max())
-        if self.modality == "CT" and not (lo < CT_MIN_BELOW and hi - lo >= CT_MIN_SPAN):
+        if self.modality == "CT" and not lo < CT_MIN_BELOW:
             raise MeduetInputError(f"{name}: intensities {lo:.4g} to {hi:.4g} are not a CT in Hounsfield units "
-                                   f"(nothing below {CT_MIN_BELOW:g} HU or a span under {CT_MIN_SPAN:g}); an MR: pass "
-                                   f"{override} MR; a CT stored without its rescale: re-export it in HU")
+                                   f"(nothing below {CT_MIN_BELOW:g} HU); an MR: pass {override} MR; a CT stored "
+                                   "without its rescale: re-export it in HU")
         if self.modality == "MR" and lo < MR_MIN_ABOVE:
             raise MeduetInputError(f"{name}: intensities down to {lo:.4g} look like a CT in Hounsfield units, read "
                                    f"here as MR; pass {override} CT")

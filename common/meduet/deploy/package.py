@@ -9,11 +9,10 @@ top-level folder ``<name>/`` with:
 
 - ``configs/``: every workflow config with the size preset the shipped weights were trained with merged in
   (MONAI's own ``ConfigParser.load_config_files``, as ``--config_file "[cfg, preset]"`` would) and
-  ``bundle_root: .`` and the sibling paths as the repository's configs write them (``<folder of the bundles>/
-  meduet_vae/...``, relative to the repository root) made relative to the bundle folder (``../meduet_vae/...``)
-  -- so, as in the MONAI model zoo, workflows run from the bundle folder (or with ``--bundle_root``) and the
-  sibling bundles' checkpoints are found at ``../<sibling>/models/model.pt`` when the bundles are downloaded into
-  one folder. Overlays (``multi_gpu_train.yaml``, ``mae_baseline.yaml``) and ``presets/`` are copied as they are,
+  ``bundle_root: .``; the configs find the bundles they chain through ``siblings``, the folder that holds
+  ``bundle_root`` -- so, as in the MONAI model zoo, workflows run from the bundle folder (or with
+  ``--bundle_root``) and the sibling bundles' checkpoints are found at ``<siblings>/<sibling>/models/model.pt``
+  when the bundles are downloaded into one folder. Overlays (``multi_gpu_train.yaml``, ``mae_baseline.yaml``) and ``presets/`` are copied as they are,
   so another preset can still be merged on top.
 - ``docs/``, ``LICENSE``, ``scripts/`` and ``large_files.yml`` when the bundle has them;
 - ``models/``: ``model.pt`` and the other exported weights (not ``checkpoint*.pt`` resume states, which carry
@@ -72,9 +71,10 @@ def merged_config(files: list[Path]) -> dict:
 
 
 def relocate(value, folder: str):
-    """Sibling paths as the repository's configs write them (``<folder>/meduet_vae/models/model.pt``, ``folder``
-    being the name of the folder that holds the bundles) made bundle-folder-relative
-    (``../meduet_vae/models/model.pt``), in plain values and inside ``$`` expressions alike."""
+    """Sibling paths written as ``<folder>/meduet_vae/models/model.pt`` (``folder`` being the name of the folder that
+    holds the bundles) made bundle-folder-relative (``../meduet_vae/models/model.pt``), in plain values and inside
+    ``$`` expressions alike. The repository's configs name their chained bundles through ``siblings`` (the folder
+    holding ``bundle_root``), which needs no rewriting; this keeps a user's own config with such paths working."""
     if isinstance(value, dict):
         return {k: relocate(v, folder) for k, v in value.items()}
     if isinstance(value, list):

@@ -744,6 +744,9 @@ def test_modality_check_refuses_an_mr_read_as_ct_and_the_reverse(tmp_path):
                                    modality_check=True)({"image": str(tmp_path / name)})
 
     assert load("CT", "ct.nii.gz")["image"].shape[0] == 1
+    windowed = np.clip(ct, -175.0, 118.0)  # a CT written through a soft-tissue window (e.g. a generated volume)
+    nib.save(nib.Nifti1Image(windowed, np.eye(4)), tmp_path / "windowed.nii.gz")
+    assert load("CT", "windowed.nii.gz")["image"].shape[0] == 1
     assert load("MR", "mr.nii.gz")["image"].shape[0] == 1
     for name in ("mr.nii.gz", "zscored.nii.gz"):  # no value below -50 HU: not a CT in Hounsfield units
         with pytest.raises(MeduetInputError, match=r"are not a CT in Hounsfield units.*--preprocessing_args#modality MR") as err:
