@@ -7,9 +7,40 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import logging
+
 from ignite.engine import Engine, Events
 
-__all__ = ["ProgressBar", "EpochSeeder", "loss_terms"]
+from meduet.errors import find_meduet_error
+
+__all__ = ["OneLineErrors", "ProgressBar", "EpochSeeder", "loss_terms"]
+
+_TERMINATING = ("Current run is terminating due to exception", "Engine run is terminating due to exception")
+
+
+class _DropTerminatingLogs(logging.Filter):
+    """Drops ignite's "... terminating due to exception" log records while a ``MeduetError`` is being handled (the
+    filter runs inside ignite's ``except`` block, so ``sys.exc_info`` is that exception)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith(_TERMINATING) and find_meduet_error(sys.exc_info()[1]) is not None)
+
+
+class OneLineErrors:
+    """Attach first (the first entry of a config's ``handlers`` list; ``MeduetTrainer`` attaches one itself): an
+    exception is re-raised at once when ignite hands it to the ``EXCEPTION_RAISED`` handlers, so MONAI's
+    ``StatsHandler`` does not log its traceback (twice: ignite raises it through two levels), and ignite's own
+    "terminating due to exception" lines are dropped for our ``MeduetError``\ s. What reaches the user is the one
+    line ``meduet.errors``' excepthook prints; any other exception keeps its full traceback (Python's)."""
+
+    def attach(self, engine: Engine) -> None:
+        if not any(isinstance(f, _DropTerminatingLogs) for f in engine.logger.filters):
+            engine.logger.addFilter(_DropTerminatingLogs())
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._raise)
+
+    @staticmethod
+    def _raise(engine: Engine, e: BaseException) -> None:
+        raise e
 
 
 class ProgressBar:

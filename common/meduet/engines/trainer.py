@@ -13,6 +13,7 @@ from monai.engines import Trainer
 from monai.inferers import Inferer, SimpleInferer
 from torch.utils.data import DataLoader
 
+from meduet.engines.handlers import OneLineErrors
 from meduet.errors import MeduetConfigError, require_bool
 
 __all__ = ["MeduetTrainer", "NonFiniteLossError"]
@@ -82,7 +83,7 @@ class MeduetTrainer(Trainer):
             max_epochs=max_epochs,
             data_loader=train_data_loader,
             epoch_length=epoch_length,
-            handlers=train_handlers,
+            handlers=[OneLineErrors(), *(train_handlers or ())],  # first: our errors stay one line
             amp=False,  # MONAI's amp is fp16 + GradScaler; we use bf16 autocast, which needs no scaler
             decollate=False,
             **workflow_kwargs,

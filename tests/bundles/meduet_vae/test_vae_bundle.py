@@ -174,6 +174,23 @@ def test_inference_writes_nifti_on_the_input_grid(trained, tiny_data):
     assert -175.0 - 1e-3 <= v.min() and v.max() <= 250.0 + 1e-3  # back in Hounsfield units of the CT window
 
 
+def test_inference_refuses_an_mr_read_as_ct_with_one_line(trained, tiny_data):
+    """The brain MR through the CT default: one line naming the override, no traceback, no ignite error lines."""
+    out = trained / "infer_mr"
+    mr = tiny_data / "brain/images" / sorted(os.listdir(tiny_data / "brain/images"))[0]
+    proc = bundle_run("meduet_vae", "inference", "--bundle_root", str(trained), "--output_dir", str(out),
+                      "--input_data", json.dumps([{"image": str(mr)}]), check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in text and "terminating due to exception" not in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("MeduetInputError: ") and str(mr) in last and "--preprocessing_args#modality MR" in last
+    assert not list(out.glob("*.nii.gz"))
+    # told it is an MR, the same file runs
+    bundle_run("meduet_vae", "inference", "--bundle_root", str(trained), "--output_dir", str(out),
+               "--input_data", json.dumps([{"image": str(mr)}]), "--preprocessing_args#modality", "MR")
+    assert len(list(out.glob("*_recon.nii.gz"))) == 1
+
+
 def test_monai_bundle_load(trained):
     """monai.bundle.load with the bundle's inference.json; an architecture mismatch is an error, not random weights."""
     from monai.bundle import load
