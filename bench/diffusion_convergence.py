@@ -69,6 +69,21 @@ def make_parser(preset: str, overrides: dict):
     return parser
 
 
+def training_parts(preset: str, overrides: dict) -> dict:
+    """The parsed training workflow's parts (``parser``, ``trainer``, ``ema``, ``objective``, ``conditioner``,
+    ``crop``, ``space``, ``datalist``), with the bundle's determinism seed set before the network is built (as its
+    ``training`` list does)."""
+    from monai.utils import set_determinism
+
+    parser = make_parser(preset, overrides)
+    set_determinism(seed=int(parser.get_parsed_content("seed")))
+    parts = {k: parser.get_parsed_content(k) for k in ("train#trainer", "ema", "objective", "conditioner",
+                                                        "latent_space", "latent_datalist", "seed")}
+    return {"parser": parser, "trainer": parts["train#trainer"], "ema": parts["ema"], "objective": parts["objective"],
+            "conditioner": parts["conditioner"], "space": parts["latent_space"], "datalist": parts["latent_datalist"],
+            "crop": [int(c) for c in parser.get_parsed_content("crop_size")], "seed": int(parts["seed"])}
+
+
 def reference_items(latent_datalist: str, split: str, real_sites: str) -> list[dict]:
     """The real latents the FID proxy compares with: ``split``'s items, only the sites seen in training unless
     ``real_sites == "all"``."""
@@ -179,7 +194,6 @@ class single_thread:
 def train_run(objective_name: str, condition: str, args, root: Path, settings: dict) -> dict:
     import torch
     from ignite.engine import Events
-    from monai.utils import set_determinism
 
     from meduet.engines.diffusion import ValidationLoss
     from meduet.metrics.features import EncoderFeatures
@@ -187,17 +201,10 @@ def train_run(objective_name: str, condition: str, args, root: Path, settings: d
     overrides = {"bundle_root": str(root), "resume": False, "objective_name": objective_name,
                  "condition": condition, "val_interval": args.eval_every, "max_epochs": settings["epochs"],
                  "seed": args.seed}
-    parser = make_parser(args.preset, overrides)
-    seed = int(parser.get_parsed_content("seed"))
-    set_determinism(seed=seed)  # as the bundle's `training` list: before the network is built
-    trainer = parser.get_parsed_content("train#trainer")
-    ema = parser.get_parsed_content("ema")
-    objective = parser.get_parsed_content("objective")
-    conditioner = parser.get_parsed_content("conditioner")
-    crop = [int(c) for c in parser.get_parsed_content("crop_size")]
-    space = parser.get_parsed_content("latent_space")
+    run = training_parts(args.preset, overrides)
+    parser, seed, trainer, ema, objective = run["parser"], run["seed"], run["trainer"], run["ema"], run["objective"]
+    conditioner, crop, space, dl = run["conditioner"], run["crop"], run["space"], run["datalist"]
     val = next(h for h in parser.get_parsed_content("train#handlers") if isinstance(h, ValidationLoss))
-    dl = parser.get_parsed_content("latent_datalist")
 
     refs = reference_items(dl, args.real_split, args.real_sites)
     n = args.samples

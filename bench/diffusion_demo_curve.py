@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "common"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from diffusion_convergence import (  # noqa: E402
-    FidProxy, conditions_for, crops, make_parser, reference_items, single_thread,
+    FidProxy, conditions_for, crops, reference_items, single_thread, training_parts,
 )
 
 
@@ -66,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
     from ignite.engine import Events
-    from monai.utils import set_determinism
-
     from meduet import records
     from meduet.metrics.features import EncoderFeatures
     from meduet.metrics.generation import outline_agreement
@@ -83,16 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides["train#dataset#data"] = ("$meduet.engines.diffusion.diffusion_items(@latent_datalist, @train_split)"
                                            + "".join(f" + meduet.engines.diffusion.diffusion_items(@latent_datalist,"
                                                      f" '{s}')" for s in extra))
-    parser = make_parser("demo", overrides)
-    seed = int(parser.get_parsed_content("seed"))
-    set_determinism(seed=seed)
-    trainer = parser.get_parsed_content("train#trainer")
-    ema = parser.get_parsed_content("ema")
-    objective = parser.get_parsed_content("objective")
-    conditioner = parser.get_parsed_content("conditioner")
-    crop = [int(c) for c in parser.get_parsed_content("crop_size")]
-    space = parser.get_parsed_content("latent_space")
-    dl = parser.get_parsed_content("latent_datalist")
+    run = training_parts("demo", overrides)
+    parser, seed, trainer, ema, objective = run["parser"], run["seed"], run["trainer"], run["ema"], run["objective"]
+    conditioner, crop, space, dl = run["conditioner"], run["crop"], run["space"], run["datalist"]
     n_train = len(parser.get_parsed_content("train#dataset#data"))
 
     refs = reference_items(dl, "test", "seen")
