@@ -304,8 +304,9 @@ def stage_diffusion(d: Demo) -> None:
              f"{_fmt(m['val_loss'])} |\n",
              "*Outline IoU*: each decoded volume's Otsu foreground (the body, or the bright organs where the site "
              "shows the body near black; largest component) against the closest real test scan's (generated), and "
-             "each real scan's against other subjects' (real): how scan-shaped the samples are; "
-             "`bench/diffusion_demo_curve.py` measures how it grows with training (BENCHMARKS.md).\n",
+             "each real scan's against other subjects' (real). It sees only the coarse extent of the brightest "
+             "region: the demo's blobs score as high as real scans while lacking the body's outline, so read it with "
+             "the pictures; it does separate noise (0.36) from a central mass (BENCHMARKS.md).\n",
              "**Aim not met at this budget**: samples with a body outline and organs. The demo trains the generator "
              "160 steps; trained 8x longer (1280 steps, ~10 minutes idle) its samples become compact body-like masses "
              "(FID proxy 2.3, outline IoU 0.65 against 0.66 for real scans) but never get the real scans' elliptical "

@@ -25,7 +25,9 @@ Small-sample behaviour (documented choices):
   demo VAE's decodings), and the brightest organs where the body is near the window's floor (sites 1, 2, 4, 5).
   Either way real and generated volumes are masked by the same rule: a sample scores the IoU of its mask with the
   closest real mask, the real set scores the same against other subjects' masks (the value real-looking samples
-  reach). An untrained generator's smooth blobs score well below it.
+  reach). It sees the coarse extent of the brightest region only: an untrained generator's noise scores well below
+  the real scans (0.36 vs 0.66 at demo size), but a blob of the right size scores as high as a scan with a clean
+  body outline, so it is read with pictures, not instead of them.
 """
 
 from __future__ import annotations
