@@ -19,6 +19,7 @@ from meduet import records
 from meduet.data import load_datalist
 from meduet.engines.trainer import MeduetTrainer
 from meduet.errors import MeduetConfigError, MeduetInputError
+from meduet.latent import LatentSpace
 from meduet.networks.encoder import PRETRAIN_KINDS, objective_of
 from meduet.networks.meduet import MEDUET_PRESETS
 from meduet.networks.seg import VIT_KEYS, MeduetSegNet, UNetSeg
@@ -37,8 +38,9 @@ def build_seg(vae_ckpt: str | None, pretrain_ckpt: str | None, init: str = "medu
     if init == "unet":
         return UNetSeg(out_channels, feature_size)
     vae_arch = dict(vae_architecture) if vae_architecture else None
-    if vae_ckpt:
-        vae_arch = records.load(vae_ckpt, expect="vae").architecture
+    vae = records.load(vae_ckpt, expect="vae") if vae_ckpt else None
+    if vae is not None:
+        vae_arch = vae.architecture
     if vae_arch is None:
         raise MeduetConfigError("build_seg needs vae_ckpt (meduet_vae's model.pt) or a vae_architecture")
     vit = dict(MEDUET_PRESETS[vit_preset])
@@ -46,11 +48,14 @@ def build_seg(vae_ckpt: str | None, pretrain_ckpt: str | None, init: str = "medu
     if pretrain_ckpt:
         state, record = records.read(pretrain_ckpt, expect=PRETRAIN_KINDS)
         vit = {k: v for k, v in record["architecture"].items() if k in VIT_KEYS}
+        if vae is not None and record.get("latent_scale_factor") is not None:  # pretrained on this VAE's latents?
+            LatentSpace.from_vae(vae).check_same(LatentSpace.from_record(record, str(pretrain_ckpt)), str(vae_ckpt),
+                                                 str(pretrain_ckpt))
     elif init != "scratch":
         raise MeduetConfigError(f"init '{init}' needs pretrain_ckpt (meduet_pretrain's model.pt)")
     net = MeduetSegNet(vae_arch, vit, out_channels, init, features, feature_size, norm_name, res_block)
-    if vae_ckpt:
-        net.copy_vae(records.load(vae_ckpt, expect="vae"))
+    if vae is not None:
+        net.copy_vae(vae)
     if init != "scratch":
         net.copy_encoder(state, objective_of(record["kind"]))
     return net

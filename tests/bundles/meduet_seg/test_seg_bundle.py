@@ -84,6 +84,18 @@ def test_build_seg_loads_upstream_weights(tiny_vae, tiny_pretrain):
         build_seg(str(vae_ckpt), None, init="meduet")
 
 
+def test_build_seg_refuses_a_vit_pretrained_on_another_vaes_latents(tiny_vae, tiny_pretrain, tmp_path):
+    """The paper presets once trained a VAE with a ViT pretrained on another VAE's latents without a word."""
+    other = records.load(tiny_vae / "models/model.pt", expect="vae")
+    other.meta = {**other.meta, "config_hash": "0123456789abcdef"}  # another VAE's record, same architecture
+    torch.save(other.state_dict(), tmp_path / "other_vae.pt")
+    assert records.read(tiny_pretrain / "models/model.pt")[1].get("vae_config_hash")  # the record says which VAE
+    with pytest.raises(MeduetConfigError, match=r"has vae_config_hash='0123456789abcdef' but .*different VAEs") as err:
+        build_seg(str(tmp_path / "other_vae.pt"), str(tiny_pretrain / "models/model.pt"), init="meduet")
+    assert "\n" not in str(err.value)
+    build_seg(str(tmp_path / "other_vae.pt"), None, init="scratch", vit_preset="tiny")  # no pretrained ViT: no pair
+
+
 def test_label_fraction_keeps_sites_and_is_seeded():
     items = [{"image": f"i{i}", "label": f"l{i}", "domain": f"site{i % 4}"} for i in range(20)]
     items.append({"image": "unlabelled", "domain": "site0"})

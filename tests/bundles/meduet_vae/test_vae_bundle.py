@@ -189,6 +189,15 @@ def test_inference_refuses_an_mr_read_as_ct_with_one_line(trained, tiny_data):
     bundle_run("meduet_vae", "inference", "--bundle_root", str(trained), "--output_dir", str(out),
                "--input_data", json.dumps([{"image": str(mr)}]), "--preprocessing_args#modality", "MR")
     assert len(list(out.glob("*_recon.nii.gz"))) == 1
+    # a 4-D (two-channel) image: one line naming the channels, not a convolution's channel error
+    img = nib.load(tiny_data / "phantoms/images" / sorted(os.listdir(tiny_data / "phantoms/images"))[0])
+    two = trained / "two_channels.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([np.asarray(img.dataobj)] * 2, -1).astype(np.float32), img.affine), two)
+    proc = bundle_run("meduet_vae", "inference", "--bundle_root", str(trained), "--output_dir", str(out / "two"),
+                      "--input_data", json.dumps([{"image": str(two)}]), check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in text
+    assert "has 2 channels" in text.strip().splitlines()[-1] and str(two) in text.strip().splitlines()[-1]
 
 
 def test_monai_bundle_load(trained):

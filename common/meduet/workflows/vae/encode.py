@@ -88,7 +88,8 @@ def run(config: Config) -> str:
                                 f"{sorted(k for k, v in dl.items() if isinstance(v, list) and v and isinstance(v[0], dict))}); "
                                 "fix the datalist or the `splits` key")
     prep = preprocessing_for(vae, dl)
-    transform = get_load_transforms(**prep, keys=("image", "label"))
+    transform = get_load_transforms(**prep, keys=("image", "label"),  # a 4-D image: one line, not a conv error
+                                    expected_channels=int(vae.architecture.get("in_channels", 1)))
     out = Path(output_dir)
     f = vae.downsample_factor
     total, total_sq, count = 0.0, 0.0, 0

@@ -111,7 +111,8 @@ def run(config: Config) -> dict[str, Any]:
     dl = load_datalist(datalist, split=split)
     items = dl[split][: cfg.max_cases or None]
     prep = preprocessing_for(vae, dl)
-    transform = get_load_transforms(**prep, keys=("image", "label"))
+    transform = get_load_transforms(**prep, keys=("image", "label"),  # a 4-D image: one line, not a conv error
+                                    expected_channels=int(vae.architecture.get("in_channels", 1)))
     heldout = set(dl.get("heldout_domains", []))
     # organs whose contrast the anatomy check follows: every labelled class but background (0) and body (1)
     organs = {str(v): int(k) for k, v in (dl.get("labels") or {}).items() if str(k).isdigit() and int(k) > 1}
