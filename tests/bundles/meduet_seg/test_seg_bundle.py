@@ -220,7 +220,8 @@ def test_torchrun_two_processes_gloo(tiny_data, tiny_vae, tiny_pretrain, tmp_pat
     assert trained and all(torch.isfinite(model[k]).all() for k in trained if model[k].is_floating_point())
     for k in ranks[0]:
         assert torch.equal(ranks[0][k], ranks[1][k]), f"{k} differs between ranks"
-        assert torch.equal(ranks[0][k], model[k]), k
+        if k != "_extra_state":  # model.pt's record also carries the training stamp
+            assert torch.equal(ranks[0][k], model[k]), k
 
 
 def test_dicom_series_in_dicom_seg_out(seg_trained, tiny_data, tmp_path):
