@@ -14,6 +14,16 @@ __all__ = ["LR_SCHEDULES", "warmup_cosine_schedule", "build_lr_schedule"]
 LR_SCHEDULES = ("constant", "warmup_cosine")
 
 
+def _steps(value: object, what: str) -> int:
+    """An iteration count from a config expression (e.g. ``@max_epochs * len(@train#dataloader)``): a non-negative
+    integer, else one line pointing at the epoch keys (``--max_epochs abc`` makes it a string)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise MeduetConfigError(f"the learning-rate schedule's {what} must be a non-negative integer, got {shown}; "
+                                "max_epochs / warmup_epochs / lr_warmup_iterations must be integers")
+    return value
+
+
 def warmup_cosine_schedule(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -21,6 +31,7 @@ def warmup_cosine_schedule(
 
     Stepped once per iteration.
     """
+    warmup_steps, total_steps = _steps(warmup_steps, "warm-up"), _steps(total_steps, "total iterations")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -37,5 +48,5 @@ def build_lr_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup_steps:
     if kind == "constant":
         return None
     if kind == "warmup_cosine":
-        return warmup_cosine_schedule(optimizer, int(warmup_steps), int(total_steps), min_ratio)
+        return warmup_cosine_schedule(optimizer, warmup_steps, total_steps, min_ratio)
     raise MeduetConfigError(f"lr_schedule {kind!r} is not one of {', '.join(LR_SCHEDULES)}")

@@ -72,6 +72,9 @@ class MeduetTrainer(Trainer):
         **workflow_kwargs: Any,
     ) -> None:
         require_bool(amp, "amp")
+        if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+            raise MeduetConfigError(f"max_epochs must be a positive integer, got {max_epochs!r}; fix the config key or "
+                                    "the --max_epochs override")
         if epoch_length is None and hasattr(train_data_loader, "__len__") and len(train_data_loader) == 0:
             dataset = getattr(train_data_loader, "dataset", None)
             n = len(dataset) if hasattr(dataset, "__len__") else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meduet.engines.schedules import build_lr_schedule
+from meduet.engines.schedules import build_lr_schedule, warmup_cosine_schedule
 from meduet.errors import MeduetConfigError
 
 
@@ -32,3 +32,14 @@ def test_constant_is_no_scheduler_and_warmup_cosine_rises_then_falls_to_zero():
 def test_an_unknown_schedule_is_a_one_line_config_error():
     with pytest.raises(MeduetConfigError, match="lr_schedule 'linear' is not one of constant, warmup_cosine"):
         build_lr_schedule(_opt(), "linear", 0, 10)
+
+
+def test_a_string_epoch_count_is_one_line_at_the_schedule():
+    """``--max_epochs abc`` reaches the schedule first (as 'abc' * iterations per epoch): one line naming the keys."""
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), 0.1)
+    for build in (lambda t: build_lr_schedule(opt, "warmup_cosine", 2, t), lambda t: warmup_cosine_schedule(opt, 2, t)):
+        with pytest.raises(MeduetConfigError, match="total iterations must be a non-negative integer, got 'abcabc"):
+            build("abc" * 7)
+    with pytest.raises(MeduetConfigError, match="warm-up must be a non-negative integer"):
+        warmup_cosine_schedule(opt, 1.5, 10)

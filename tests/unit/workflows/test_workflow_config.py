@@ -73,5 +73,9 @@ def test_a_trainer_whose_data_make_no_batch_is_one_line():
     loader = DataLoader([torch.zeros(2)] * 3, batch_size=4, drop_last=True)
     with pytest.raises(MeduetConfigError, match=r"the training data \(3 items\) make no batch of batch_size 4.*at most 3"):
         MeduetTrainer("cpu", 1, loader, net, torch.optim.SGD(net.parameters(), 0.1))
+    for bad in ("abc", 0, 2.5):  # `--max_epochs abc` used to end in an ignite traceback
+        with pytest.raises(MeduetConfigError, match=rf"max_epochs must be a positive integer, got {bad!r}"):
+            MeduetTrainer("cpu", bad, DataLoader([torch.zeros(2)] * 3, batch_size=1), net,
+                          torch.optim.SGD(net.parameters(), 0.1))
     ok = DataLoader([torch.zeros(2)] * 3, batch_size=4, drop_last=False)
     assert MeduetTrainer("cpu", 1, ok, net, torch.optim.SGD(net.parameters(), 0.1)).state.max_epochs == 1
