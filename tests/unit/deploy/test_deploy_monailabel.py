@@ -38,6 +38,8 @@ def _ml_python() -> str:
     override = os.environ.get("MEDUET_MONAILABEL_PYTHON")
     py = override or str(venv / "bin" / "python")
     if not override and not venv.exists():  # pytest run by hand without `make test`, which builds it (CI always does)
+        if os.environ.get("MEDUET_REQUIRE_MONAILABEL") == "1":  # set by `make test`: a missing venv is a failure
+            pytest.fail(f"MONAI Label's virtualenv is missing ({venv}) although `make test` builds it")
         pytest.skip(f"MONAI Label's virtualenv is not installed ({venv}); `make monailabel-setup` builds it")
     # a MONAI Label interpreter that was asked for (the virtualenv exists, or MEDUET_MONAILABEL_PYTHON is set) but is
     # missing, does not run or cannot import monailabel is a broken install: a failure, never a skip
