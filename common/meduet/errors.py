@@ -25,12 +25,16 @@ class MeduetConfigError(MeduetError, ValueError):
     """A missing upstream checkpoint or an inconsistent configuration."""
 
 
+def fire_bool_hint(key: str) -> str:
+    """How to pass a bool on ``monai.bundle run``'s command line (python-fire reads ``false`` as a string)."""
+    return f"on the command line: --{key} True or --{key} False, capitalised, so that python-fire passes a bool"
+
+
 def require_bool(value: Any, key: str) -> bool:
     """``value`` if it is a bool, else a one-line ``MeduetConfigError`` naming ``key``: python-fire (``monai.bundle
     run``) passes ``--key false`` as the string 'false', which Python reads as true."""
     if not isinstance(value, bool):
-        raise MeduetConfigError(f"{key} must be True or False, got {value!r} (on the command line: --{key} True or "
-                                f"--{key} False, capitalised, so that python-fire passes a bool)")
+        raise MeduetConfigError(f"{key} must be True or False, got {value!r} ({fire_bool_hint(key)})")
     return value
 
 

@@ -12,8 +12,8 @@ top-level folder ``<name>/`` with:
   ``bundle_root: .``; the configs find the bundles they chain through ``siblings``, the folder that holds
   ``bundle_root`` -- so, as in the MONAI model zoo, workflows run from the bundle folder (or with
   ``--bundle_root``) and the sibling bundles' checkpoints are found at ``<siblings>/<sibling>/models/model.pt``
-  when the bundles are downloaded into one folder. Overlays (``multi_gpu_train.yaml``, ``mae_baseline.yaml``) and ``presets/`` are copied as they are,
-  so another preset can still be merged on top.
+  when the bundles are downloaded into one folder. Overlays (``multi_gpu_train.yaml``, ``mae_baseline.yaml``) and
+  ``presets/`` are copied as they are, so another preset can still be merged on top.
 - ``docs/``, ``LICENSE``, ``scripts/`` and ``large_files.yml`` when the bundle has them;
 - ``models/``: ``model.pt`` and the other exported weights (not ``checkpoint*.pt`` resume states, which carry
   optimizer state, nor ``*_stage*`` intermediates, nor files the bundle's own ``large_files.yml`` lists, such as

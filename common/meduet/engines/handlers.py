@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
-
-import logging
 
 from ignite.engine import Engine, Events
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from meduet.errors import MeduetConfigError
+from meduet.errors import MeduetConfigError, fire_bool_hint
 
 __all__ = ["WorkflowConfig", "check_types"]
 
@@ -72,8 +72,7 @@ def check_types(config: Any) -> None:
         value = getattr(config, f.name)
         tp = hints.get(f.name, Any)
         if not _matches(value, tp):
-            hint = (f" (on the command line: --{f.name} True or --{f.name} False, capitalised, so that python-fire "
-                    "passes a bool)") if tp is bool and isinstance(value, str) else ""
+            hint = f" ({fire_bool_hint(f.name)})" if tp is bool and isinstance(value, str) else ""
             raise MeduetConfigError(f"{type(config).__module__.removeprefix('meduet.workflows.')}: '{f.name}' must be "
                                     f"{_describe(tp)}, got {value!r}; fix the config key or command-line override that "
                                     f"sets it{hint}")

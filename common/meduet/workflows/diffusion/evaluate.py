@@ -17,7 +17,7 @@ from meduet.errors import MeduetConfigError
 from meduet.io import write_json
 from meduet.latent import LatentDatalist, LatentSpace, load_latent
 from meduet.metrics.features import build_feature_extractor
-from meduet.metrics.generation import outline_agreement, generation_report
+from meduet.metrics.generation import generation_report, outline_agreement
 from meduet.viz import save_pair_grid
 from meduet.workflows.config import WorkflowConfig
 from meduet.workflows.diffusion.common import check_vae, conditioner_for, decode, generate, load_generator, load_prior

@@ -84,9 +84,9 @@ def run(config: Config) -> str:
     dl = load_datalist(datalist)
     splits = [s for s in cfg.splits if s in dl]
     if not any(dl[s] for s in splits):
+        present = sorted(k for k, v in dl.items() if isinstance(v, list) and v and isinstance(v[0], dict))
         raise MeduetConfigError(f"'{datalist}' has no items in the splits to encode {list(cfg.splits)} (it has "
-                                f"{sorted(k for k, v in dl.items() if isinstance(v, list) and v and isinstance(v[0], dict))}); "
-                                "fix the datalist or the `splits` key")
+                                f"{present}); fix the datalist or the `splits` key")
     prep = preprocessing_for(vae, dl)
     transform = get_load_transforms(**prep, keys=("image", "label"),  # a 4-D image: one line, not a conv error
                                     expected_channels=int(vae.architecture.get("in_channels", 1)))
