@@ -147,12 +147,18 @@ def fix_hint(bundle: str) -> str:
 
 
 def require(path: str | Path, bundle: str) -> str:
-    """``path`` as a string if the file exists and is not from an unfinished training run; else a one-line error
-    naming it and how to make it (before any workflow component is built)."""
+    """``path`` as a string if the file exists, holds a network of ``bundle`` and is not from an unfinished training
+    run; else a one-line error naming it and how to make it (before any workflow component is built)."""
     if not Path(path).is_file():
         raise MeduetConfigError(f"checkpoint '{path}' does not exist; {fix_hint(bundle)}")
     state = read_state_dict(path, "checkpoint", fix_hint(bundle))
-    _require_complete(decode(state.get("_extra_state")), path, "checkpoint")
+    record = decode(state.get("_extra_state"))
+    kind = kind_of(record)
+    if kind and KIND_BUNDLE.get(kind) != bundle:
+        raise MeduetConfigError(f"checkpoint '{path}' holds a '{kind}' network (a "
+                                f"{KIND_BUNDLE.get(kind, 'foreign')} checkpoint), not a {bundle} one; give this "
+                                f"bundle's own models/model.pt (--ckpt_path), or {fix_hint(bundle)}")
+    _require_complete(record, path, "checkpoint")
     return str(path)
 
 

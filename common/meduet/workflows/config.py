@@ -1,5 +1,7 @@
-"""The base of every workflow's typed config: a dataclass whose fields are checked against their annotations when a
-bundle config builds it, so ``--max_cases abc`` is one line naming the key rather than a traceback later."""
+"""Typed configs: the base of every workflow's typed config (a dataclass whose fields are checked against their
+annotations when a bundle config builds it, so ``--max_cases abc`` is one line naming the key rather than a traceback
+later), and :func:`check_keys`, the same check for the top-level keys of the train and inference configs, which
+build MONAI components directly (``--batch_size abc`` would otherwise fail inside a DataLoader)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 
 from meduet.errors import MeduetConfigError, fire_bool_hint
 
-__all__ = ["WorkflowConfig", "check_types"]
+__all__ = ["WorkflowConfig", "check_types", "check_keys", "KEY_KINDS"]
 
 _SIMPLE = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 _UNIONS = (typing.Union, types.UnionType)
@@ -84,3 +86,56 @@ class WorkflowConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
+
+
+# What each top-level key of the bundles' train/inference configs must hold; one table for every bundle.
+_KINDS_BY_NAME: dict[str, tuple[str, ...]] = {
+    "a positive integer": ("batch_size", "max_epochs", "val_interval", "crops_per_latent", "crops_per_volume",
+                           "decoder_batch_size", "decoder_epochs", "num_per_site", "feature_size", "out_channels",
+                           "latent_channels", "content_dim", "style_dim"),
+    "an integer >= 0": ("num_workers", "warmup_epochs", "adv_warmup_iterations", "lr_warmup_iterations", "seed",
+                        "decode_overlap", "patch_min_overlap", "num_domains"),
+    "a number >= 0": ("learning_rate", "d_learning_rate", "decoder_learning_rate", "weight_decay", "grad_clip",
+                      "kl_weight", "adv_weight", "perceptual_weight", "encoder_lr_scale", "guidance_scale"),
+    "a number in [0, 1]": ("ema_decay", "cond_dropout", "label_fraction", "flip_prob", "rot90_prob", "patch_overlap"),
+    "a positive integer or a list of 3 positive integers": ("roi_size", "crop_size", "patch_size"),
+    "True or False": ("resume", "amp", "content_map", "zero_terminal_snr", "init_from_pretrained",
+                      "decay_bias_and_norm", "paper_weights_required", "allow_missing_paper_weights",
+                      "write_dicom_seg", "output_hounsfield"),
+}
+KEY_KINDS: dict[str, str] = {key: kind for kind, keys in _KINDS_BY_NAME.items() for key in keys}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+_FITS = {
+    "a positive integer": lambda v: _is_int(v) and v > 0,
+    "an integer >= 0": lambda v: _is_int(v) and v >= 0,
+    "a number >= 0": lambda v: _is_number(v) and v >= 0,
+    "a number in [0, 1]": lambda v: _is_number(v) and 0 <= v <= 1,
+    "a positive integer or a list of 3 positive integers": lambda v: (_is_int(v) and v > 0) or (
+        isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_int(x) and x > 0 for x in v)),
+    "True or False": lambda v: isinstance(v, bool),
+}
+
+
+def check_keys(**values: Any) -> bool:
+    """One-line ``MeduetConfigError`` for the first ``key=value`` that does not hold what :data:`KEY_KINDS` says
+    (``--batch_size abc``, ``--roi_size abc``, ``--learning_rate -1``), naming the key and the override to fix;
+    ``True`` when all fit. A bundle config calls it first in its run lists, before any component is built. A key
+    not in the table is a programming error (``KeyError``), so a config cannot list a key nobody checks."""
+    for key, value in values.items():
+        kind = KEY_KINDS[key]
+        if value is None and key == "seed":
+            continue
+        if not _FITS[kind](value):
+            hint = f" ({fire_bool_hint(key)})" if kind == "True or False" and isinstance(value, str) else ""
+            raise MeduetConfigError(f"'{key}' must be {kind}, got {value!r}; fix the config key or the command-line "
+                                    f"override --{key}{hint}")
+    return True
