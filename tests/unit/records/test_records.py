@@ -115,6 +115,14 @@ def test_missing_and_foreign_files_are_one_line_errors(tmp_path):
         records.read(tmp_path / "junk.pt", expect="vae")
     with pytest.raises(MeduetConfigError, match="does not exist; train meduet_vae first"):
         records.require(tmp_path / "missing.pt", "meduet_vae")
+    # another bundle's model.pt given as this bundle's weights (--ckpt_path): named, before anything is built
+    torch.save(build_vae(TINY_VAE).state_dict(), tmp_path / "vae.pt")
+    assert records.require(tmp_path / "vae.pt", "meduet_vae") == str(tmp_path / "vae.pt")
+    with pytest.raises(MeduetConfigError) as err:
+        records.require(tmp_path / "vae.pt", "meduet_seg")
+    msg = str(err.value)
+    assert f"'{tmp_path / 'vae.pt'}' holds a 'vae' network (a meduet_vae checkpoint), not a meduet_seg one" in msg
+    assert "\n" not in msg
 
 
 def test_load_part_takes_the_encoder_of_a_pretraining_file(tmp_path):
