@@ -163,8 +163,15 @@ def load_datalist(path: str | os.PathLike, split: str | None = None, check_files
 
 
 def get_split(path: str | os.PathLike, split: str, check_files: bool = True) -> list[dict]:
-    """Return the validated, resolved items of one split of a datalist (see :func:`load_datalist`)."""
-    return load_datalist(path, split=split, check_files=check_files)[split]
+    """Return the validated, resolved items of one split of a datalist (see :func:`load_datalist`); an empty split
+    is a one-line error (every workflow that reads a split needs items in it: an empty one would fail later inside
+    a sampler or a loader with a message that names neither the datalist nor the split)."""
+    items = load_datalist(path, split=split, check_files=check_files)[split]
+    if not items:
+        raise MeduetInputError(f"{path}: split '{split}' has no items; add items to it, or choose another split of "
+                               "this datalist with the workflow's split key (e.g. --train_split, --val_split, "
+                               "--data_split)")
+    return items
 
 
 def write_datalist(path: str | os.PathLike, data: dict) -> str:

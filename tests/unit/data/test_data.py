@@ -393,6 +393,12 @@ def test_datalist_errors(tmp_path, sample):
     with pytest.raises(MeduetInputError) as excinfo:
         get_split(dl, "validation")
     _assert_one_line(excinfo, "dl.json")
+    empty = tmp_path / "empty.json"
+    write_datalist(empty, {"domains": ["site0"], "training": [], "validation": []})
+    assert load_datalist(empty)["training"] == []
+    with pytest.raises(MeduetInputError) as excinfo:  # an empty split would fail in a sampler ("num_samples=0")
+        get_split(empty, "training")
+    _assert_one_line(excinfo, "empty.json", "'training' has no items", "--train_split")
 
 
 def test_write_datalist_atomic(tmp_path):
