@@ -15,7 +15,9 @@ so every tool that copies state dicts by tensor shape carries it along and ``tor
 * ``register``: the class decorator with which a network module declares the kind it builds; ``load(path)`` rebuilds
   any registered network from its file alone (the networks package registers every kind when it is imported).
 * ``read(path)``: the state dict and its record, with a one-line error naming the file and the fix; ``require``:
-  the same error for a missing upstream checkpoint before anything is built.
+  the same error for a missing upstream checkpoint before anything is built. Both (through ``read_state_dict``)
+  first check the packaged bundle the file belongs to, if any (``meduet.integrity.check_path``), whichever
+  ``meduet`` is imported.
 * ``fix_hint(bundle)``: the one place that says how to make a missing checkpoint.
 * ``stamp_training(state, epoch, max_epochs, complete)``: the record's ``training`` entry, which the training
   checkpointer writes into every ``model.pt`` it saves: ``complete`` is false in the per-epoch saves and true only
@@ -37,6 +39,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn as nn
 
+from meduet import integrity
 from meduet.errors import MeduetConfigError
 from meduet.io import jsonable
 
@@ -174,10 +177,13 @@ def _require_complete(record: Mapping[str, Any], path: str | Path, what: str) ->
 def read_state_dict(path: str | Path, what: str, fix: str) -> dict[str, Any]:
     """A state dict loaded with ``torch.load(weights_only=True)``; the usual wrappers (``{"model": sd}``,
     ``{"state_dict": sd}``, ``{"autoencoder": sd}``, ``{"unet_state_dict": sd}``) and ``module.`` prefixes are
-    accepted. Any failure is one ``MeduetConfigError`` line naming the file and ``fix``."""
+    accepted. Any failure is one ``MeduetConfigError`` line naming the file and ``fix``. A file inside a packaged
+    bundle is read only after that bundle passed its checksum check (``meduet.integrity.check_path``: a
+    ``BundleIntegrityError`` line naming the changed file otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise MeduetConfigError(f"{what} '{path}' does not exist; {fix}")
+    integrity.check_path(path)  # a checkpoint of a packaged bundle: that bundle's files first, whatever meduet runs
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is reported as one line
