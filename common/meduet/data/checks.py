@@ -119,7 +119,7 @@ def _values(path: str, arr: np.ndarray, what: str) -> None:
             n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
             raise MeduetInputError(
                 f"{path}: {what} contains {n_nan} NaN and {n_inf} Inf voxels; "
-                "replace them (e.g. by the background value) before training"
+                "replace them (e.g. by the background value) and run again"
             )
     lo, hi = arr.min(), arr.max()
     if lo == hi:
@@ -349,7 +349,7 @@ class CheckInputd(MapTransform):
                 n_nan = int(torch.isnan(t).sum())
                 raise MeduetInputError(
                     f"{name}: {what} contains {n_nan} NaN and {int((~finite).sum()) - n_nan} Inf voxels; "
-                    "replace them (e.g. by the background value) before training"
+                    "replace them (e.g. by the background value) and run again"
                 )
         if t.numel() and bool(t.min() == t.max()):
             raise MeduetInputError(

@@ -11,6 +11,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 
 from meduet.errors import find_meduet_error
+from meduet.io import folder_state, remove_new_outputs
 
 __all__ = ["OneLineErrors", "ProgressBar", "EpochSeeder", "loss_terms"]
 
@@ -30,15 +31,29 @@ class OneLineErrors:
     exception is re-raised at once when ignite hands it to the ``EXCEPTION_RAISED`` handlers, so MONAI's
     ``StatsHandler`` does not log its traceback (twice: ignite raises it through two levels), and ignite's own
     "terminating due to exception" lines are dropped for our ``MeduetError``\ s. What reaches the user is the one
-    line ``meduet.errors``' excepthook prints; any other exception keeps its full traceback (Python's)."""
+    line ``meduet.errors``' excepthook prints; any other exception keeps its full traceback (Python's).
+
+    ``output_dir`` (inference evaluators): the files the failed run wrote there (new or changed since the engine
+    started) are removed first, so a bad second item does not leave the first item's output looking like a result
+    (:func:`meduet.io.remove_new_outputs`)."""
+
+    def __init__(self, output_dir: str | os.PathLike | None = None) -> None:
+        self.output_dir = output_dir
+        self._before: dict[str, int] = {}
 
     def attach(self, engine: Engine) -> None:
         if not any(isinstance(f, _DropTerminatingLogs) for f in engine.logger.filters):
             engine.logger.addFilter(_DropTerminatingLogs())
+        if self.output_dir is not None:
+            engine.add_event_handler(Events.STARTED, self._snapshot)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._raise)
 
-    @staticmethod
-    def _raise(engine: Engine, e: BaseException) -> None:
+    def _snapshot(self, engine: Engine) -> None:
+        self._before = folder_state(self.output_dir)
+
+    def _raise(self, engine: Engine, e: BaseException) -> None:
+        if self.output_dir is not None:
+            remove_new_outputs(self.output_dir, self._before)
         raise e
 
 

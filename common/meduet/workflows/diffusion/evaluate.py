@@ -14,7 +14,7 @@ import torch
 from meduet import records
 from meduet.engines.diffusion import ValidationLoss, center_crop_or_pad
 from meduet.errors import MeduetConfigError
-from meduet.io import write_json
+from meduet.io import removes_partial_outputs, write_json
 from meduet.latent import LatentDatalist, LatentSpace, load_latent
 from meduet.metrics.features import build_feature_extractor
 from meduet.metrics.generation import generation_report, outline_agreement
@@ -55,6 +55,7 @@ class Config(WorkflowConfig):
     device: str | torch.device = "cpu"
 
 
+@removes_partial_outputs
 def run(config: Config) -> dict[str, Any]:
     """Generation quality of the EMA generator -> ``<output_dir>/metrics.json`` and ``real_vs_generated.png``.
 

@@ -12,7 +12,7 @@ import torch
 
 from meduet import records
 from meduet.errors import MeduetConfigError
-from meduet.io import write_json
+from meduet.io import removes_partial_outputs, write_json
 from meduet.latent import LatentDatalist, LatentSpace
 from meduet.viz import save_pair_grid
 from meduet.workflows.config import WorkflowConfig
@@ -51,6 +51,7 @@ class Config(WorkflowConfig):
     inferer: Any = None
 
 
+@removes_partial_outputs
 def run(config: Config) -> dict[str, Any]:
     """Generate volumes and write ``<output_dir>/<group>_<k>.nii.gz``, ``samples.json`` and ``samples.png``.
 

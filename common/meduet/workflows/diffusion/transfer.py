@@ -16,7 +16,7 @@ from meduet.data import get_load_transforms
 from meduet.engines.diffusion import center_crop_or_pad, metadata_vector
 from meduet.engines.sampling import invert_latents, predict, sample_latents
 from meduet.errors import MeduetConfigError
-from meduet.io import write_json
+from meduet.io import removes_partial_outputs, write_json
 from meduet.latent import LatentDatalist, LatentSpace, load_latent
 from meduet.losses.diffusion import DiffusionObjective
 from meduet.metrics.disentanglement import bootstrap_mean_interval
@@ -95,6 +95,7 @@ class Config(WorkflowConfig):
     device: str | torch.device = "cpu"
 
 
+@removes_partial_outputs
 def run(config: Config) -> dict[str, Any]:
     """Re-render scan A with the style of scan B (``style_from="scan"``) or of B's site (``"site"``: the mean
     pooled style of ``style_items`` of that site; the site index for the metadata condition) and keep A's content.

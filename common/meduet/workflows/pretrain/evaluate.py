@@ -16,7 +16,7 @@ import torch
 from meduet import records
 from meduet.data import case_name
 from meduet.errors import MeduetConfigError
-from meduet.io import atomic_path
+from meduet.io import atomic_path, removes_partial_outputs
 from meduet.latent import LatentDatalist, LatentSpace, load_latent
 from meduet.metrics.disentanglement import (bootstrap_interval, chance_level, embed_2d, fit_linear_eraser,
                                             probe_predictions, similarity_ratio)
@@ -142,6 +142,7 @@ def _erased_rows(encoders: dict[str, PretrainedEncoder], features: dict[str, np.
             "shrinkage": shrinkage, "rows": [f"{n} + LEACE" for n in encoders]}
 
 
+@removes_partial_outputs
 def run(config: Config) -> dict[str, Any]:
     """The disentanglement report (paper Figure 1) on the latent datalist's ``split`` (cases held out of
     pretraining): probes and similarity ratios for MeDUET's pooled content and style (and the masked-autoencoder

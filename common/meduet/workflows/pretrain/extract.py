@@ -16,7 +16,7 @@ from monai.data import decollate_batch
 from meduet import records
 from meduet.data import case_name
 from meduet.engines.checkpoint import atomic_save
-from meduet.io import write_json
+from meduet.io import removes_partial_outputs, write_json
 from meduet.latent import LatentDatalist, LatentSpace, load_latent
 from meduet.networks.encoder import PretrainedEncoder
 from meduet.networks.windows import encode_latents, style_vector
@@ -37,6 +37,7 @@ class Config(WorkflowConfig):
     device: str | torch.device = "cpu"
 
 
+@removes_partial_outputs
 def run(config: Config) -> str:
     """Content and style embeddings of every item of the latent datalist's ``splits``.
 

@@ -22,7 +22,7 @@ from meduet import records
 from meduet.data import case_name, get_load_transforms, get_split, load_datalist
 from meduet.engines.seg import label_names
 from meduet.errors import MeduetInputError
-from meduet.io import atomic_path
+from meduet.io import atomic_path, removes_partial_outputs
 from meduet.viz import save_orthoslices
 from meduet.workflows.config import WorkflowConfig
 
@@ -58,6 +58,7 @@ class Config(WorkflowConfig):
 
 
 @torch.no_grad()
+@removes_partial_outputs
 def run(config: Config) -> dict[str, Any]:
     """Dice and HD95 (mm) per foreground class, per case, per site and for seen vs held-out sites.
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from meduet import records
 from meduet.data import SyntheticSiteAugment, case_name, get_appearance_augment, get_load_transforms, load_datalist
 from meduet.errors import MeduetConfigError
+from meduet.io import removes_partial_outputs
 from meduet.latent import LatentDatalist, LatentSpace, save_latent
 from meduet.networks.vae import PatchEncoding
 from meduet.workflows.config import WorkflowConfig
@@ -53,6 +54,7 @@ class Config(WorkflowConfig):
 
 
 @torch.no_grad()
+@removes_partial_outputs
 def run(config: Config) -> str:
     """Cache the latent mean of every item (whole volumes of any size, encoded patch-wise) as 4D NIfTI.
 

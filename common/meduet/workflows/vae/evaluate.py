@@ -21,7 +21,7 @@ from tqdm import tqdm
 from meduet import records
 from meduet.data import case_name, get_load_transforms, load_datalist
 from meduet.data.reference import noise_free_phantom
-from meduet.io import save_nifti
+from meduet.io import removes_partial_outputs, save_nifti
 from meduet.errors import MeduetInputError
 from meduet.metrics.reconstruction import anatomy_fidelity, reconstruction_metrics, seam_error
 from meduet.networks.vae import PatchEncoding
@@ -84,6 +84,7 @@ def noise_free_on_grid(datalist: str, item: dict[str, Any], prep: dict[str, Any]
 
 
 @torch.no_grad()
+@removes_partial_outputs
 def run(config: Config) -> dict[str, Any]:
     """PSNR / SSIM / MS-SSIM of whole-volume reconstruction, and the seam error of patch-wise encoding followed by
     whole-volume decoding (the scheme's decoding windows when its ``decode_window`` is set), per case, per domain
