@@ -30,8 +30,8 @@ class OneLineErrors:
     """Attach first (the first entry of a config's ``handlers`` list; ``MeduetTrainer`` attaches one itself): an
     exception is re-raised at once when ignite hands it to the ``EXCEPTION_RAISED`` handlers, so MONAI's
     ``StatsHandler`` does not log its traceback (twice: ignite raises it through two levels), and ignite's own
-    "terminating due to exception" lines are dropped for our ``MeduetError``\ s. What reaches the user is the one
-    line ``meduet.errors``' excepthook prints; any other exception keeps its full traceback (Python's).
+    "terminating due to exception" lines are dropped for our ``MeduetError`` exceptions. What reaches the user is
+    the one line ``meduet.errors``' excepthook prints; any other exception keeps its full traceback (Python's).
 
     ``output_dir`` (inference evaluators): the files the failed run wrote there (new or changed since the engine
     started) are removed first, so a bad second item does not leave the first item's output looking like a result
