@@ -15,6 +15,13 @@ by those two files. This module writes such a copy of a *trained* meduet_seg bun
 
 The folder is written next to its destination and renamed into place, so a failed run leaves nothing behind.
 
+When the destination sits in an app whose ``main.py`` is MONAI Label's ``monaibundle`` sample app, that file is kept
+as ``main_monaibundle.py`` and replaced by a ``main.py`` whose app class is the sample's with
+``meduet_monailabel.MeduetHTTPErrors`` (``monailabel_site/``) in front: a bad inference request then gets a 4xx
+with our one-line reason instead of a bare 500 (404 naming an unknown image id; 400 for an unreadable, empty or
+non-NIfTI upload or a bad volume), and a failed upload leaves no temp file. Why it is done in the app class and
+not in the task: that module's docstring. ``--keep-app-main`` leaves ``main.py`` alone.
+
     python -m meduet.deploy.monailabel --bundle <trained meduet_seg folder> --out apps/monaibundle/model/meduet_seg
 
 MONAI Label itself lives in its own virtualenv (see DEVELOPERS.md); ``meduet`` must be importable there
@@ -36,7 +43,30 @@ from typing import Any
 from meduet import records
 from meduet.errors import MeduetConfigError
 
-__all__ = ["prepare_monailabel_bundle", "site_path", "main"]
+__all__ = ["prepare_monailabel_bundle", "install_app_main", "site_path", "main"]
+
+#: first line of the app ``main.py`` this module writes
+APP_MAIN_MARKER = "# meduet-monailabel-app: written by meduet.deploy.monailabel"
+_APP_MAIN = f"""{APP_MAIN_MARKER}
+# MONAI Label's monaibundle sample app (kept as main_monaibundle.py) with meduet's HTTP errors in front: a bad
+# infer request gets a 4xx with meduet's one-line reason (see monailabel_site/meduet_monailabel.py in meduet).
+import os
+import sys
+
+import meduet.deploy
+from monailabel.interfaces.app import MONAILabelApp
+
+_SITE = os.path.join(os.path.dirname(meduet.deploy.__file__), "monailabel_site")
+if _SITE not in sys.path:  # normally on PYTHONPATH already (python -m meduet.deploy.monailabel --print-pythonpath)
+    sys.path.append(_SITE)
+
+import main_monaibundle as _sample  # noqa: E402
+from meduet_monailabel import MeduetHTTPErrors  # noqa: E402
+
+
+class MeduetApp(MeduetHTTPErrors, _sample.MyApp, MONAILabelApp):
+    \"\"\"The monaibundle sample app; bad infer requests are answered with a 4xx and meduet's one-line reason.\"\"\"
+"""
 
 
 def site_path() -> str:
@@ -69,8 +99,8 @@ def _inference_config(src: Path, record: dict[str, Any]) -> dict[str, Any]:
     cfg["bundle_root"] = "."
     cfg["write_dicom_seg"] = False
     cfg["network_def"] = _network_def(arch)
-    for key in ("model_preset", "init", "features", "feature_size", "vae"):
-        cfg.pop(key, None)  # all in network_def now
+    for key in ("model_preset", "init", "features", "vae"):
+        cfg.pop(key, None)  # all in network_def now (feature_size stays: the config's key_check reads it)
     cfg["out_channels"] = int(arch["out_channels"])
     if record.get("roi_size"):
         cfg["roi_size"] = [int(r) for r in record["roi_size"]]
@@ -84,8 +114,8 @@ def _train_config(src: Path, record: dict[str, Any]) -> dict[str, Any]:
 
     cfg = ConfigParser.load_config_file(str(src))
     arch = record["architecture"]
-    for key in ("vae_ckpt", "pretrain_ckpt", "model_preset", "init", "features", "feature_size", "label_fraction",
-                "train_domains"):
+    # (feature_size and label_fraction stay, unused: the config's key_check, run by multi_gpu_train.yaml, reads them)
+    for key in ("vae_ckpt", "pretrain_ckpt", "model_preset", "init", "features", "train_domains"):
         cfg.pop(key, None)
     cfg["bundle_root"] = "."
     cfg["out_channels"] = int(arch["out_channels"])
@@ -105,8 +135,32 @@ def _train_config(src: Path, record: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def install_app_main(app: str | os.PathLike) -> bool:
+    """Put meduet's HTTP errors in front of the ``monaibundle`` sample app in ``app`` (see the module docstring).
+
+    Returns True when ``app/main.py`` is (now) ours; False, touching nothing, when ``app`` has no ``main.py`` or
+    another app's (add ``meduet_monailabel.MeduetHTTPErrors`` in front of its app class by hand).
+    """
+    app = Path(app)
+    main_py = app / "main.py"
+    if not main_py.is_file():
+        return False
+    text = main_py.read_text()
+    if text.startswith(APP_MAIN_MARKER):
+        return True
+    if "class MyApp(MONAILabelApp)" not in text or "get_bundle_models" not in text:
+        return False
+    for name, content in (("main_monaibundle.py", text), ("main.py", _APP_MAIN)):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=app)
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, app / name)
+    return True
+
+
 def prepare_monailabel_bundle(bundle: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
-                              overwrite: bool = False) -> Path:
+                              overwrite: bool = False, app_main: bool = True) -> Path:
     """Write a MONAI-Label-ready copy of the trained meduet_seg bundle ``bundle`` to the folder ``out``.
 
     Args:
@@ -115,6 +169,8 @@ def prepare_monailabel_bundle(bundle: str | os.PathLike, out: str | os.PathLike,
             (avoid names containing "deepedit", "deepgrow" or "detection": they switch MONAI Label's task type).
         model: another ``model.pt`` to serve instead of ``<bundle>/models/model.pt``.
         overwrite: replace an existing ``out``.
+        app_main: when ``out`` is ``<app>/model/<name>`` and ``<app>/main.py`` is the monaibundle sample app, put
+            meduet's HTTP errors in front of it (:func:`install_app_main`).
 
     Returns:
         ``out`` as a ``Path``.
@@ -163,6 +219,8 @@ def prepare_monailabel_bundle(bundle: str | os.PathLike, out: str | os.PathLike,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if app_main and out.parent.name == "model":
+        install_app_main(out.parent.parent)
     return out
 
 
@@ -174,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="destination, e.g. apps/monaibundle/model/meduet_seg")
     parser.add_argument("--model", default=None, help="serve this model.pt instead of <bundle>/models/model.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    parser.add_argument("--keep-app-main", action="store_true",
+                        help="leave the app's main.py alone (bad requests then get MONAI Label's bare 500)")
     parser.add_argument("--print-pythonpath", action="store_true",
                         help="print the folder to put on PYTHONPATH for MONAI Label on CPU-only torch, and exit")
     args = parser.parse_args(argv)
@@ -183,11 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out or not args.bundle:
         parser.error("--bundle and --out are required")
     try:
-        out = prepare_monailabel_bundle(args.bundle, args.out, args.model, args.overwrite)
+        out = prepare_monailabel_bundle(args.bundle, args.out, args.model, args.overwrite,
+                                        app_main=not args.keep_app_main)
     except MeduetConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = out.parent.parent
+    if (app / "main.py").is_file() and (app / "main.py").read_text().startswith(APP_MAIN_MARKER):
+        print(f"{app / 'main.py'}: the monaibundle app (kept as main_monaibundle.py) with meduet's HTTP errors")
     print(f"wrote {out}\nstart MONAI Label (in its own virtualenv, see DEVELOPERS.md):\n"
           f"  PYTHONPATH={site_path()} python -m monailabel.main start_server --app {app} --studies <images> "
           f"--conf models {out.name} --conf zoo_source github --conf sam2 false --host 127.0.0.1 --port 8000")

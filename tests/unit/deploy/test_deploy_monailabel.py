@@ -15,9 +15,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import nibabel as nib
@@ -25,7 +27,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, bundle_run
-from meduet.deploy.monailabel import prepare_monailabel_bundle, site_path
+from meduet.deploy.monailabel import APP_MAIN_MARKER, install_app_main, prepare_monailabel_bundle, site_path
 from meduet.errors import MeduetConfigError
 from meduet import records
 
@@ -97,7 +99,7 @@ def studies(tiny_data, tmp_path_factory) -> Path:
 def _bundle_prediction(seg_trained: Path, image: Path, out: Path) -> np.ndarray:
     """The same image through our own inference.json (monai.bundle run), for comparison."""
     bundle_run("meduet_seg", "inference", "--bundle_root", str(seg_trained), "--output_dir", str(out),
-               "--input_data", f"[{{'image': '{image}'}}]", "--write_dicom_seg", "0")
+               "--input_data", f"[{{'image': '{image}'}}]", "--write_dicom_seg", "False")
     (path,) = list(out.glob("*_seg.nii.gz"))
     return np.asarray(nib.load(path).dataobj)
 
@@ -130,6 +132,25 @@ def test_prepared_bundle_describes_the_trained_network(seg_trained, tmp_path):
     with pytest.raises(MeduetConfigError, match="does not exist"):
         prepare_monailabel_bundle(BUNDLE, missing, model=str(tmp_path / "no_model.pt"))
     assert not missing.parent.exists()  # nothing written
+
+
+def test_install_app_main_wraps_the_monaibundle_app_once(tmp_path):
+    sample = ("from monailabel.interfaces.app import MONAILabelApp\nfrom monailabel.utils.others.generic import "
+              "get_bundle_models\n\n\nclass MyApp(MONAILabelApp):\n    pass\n")
+    app = tmp_path / "monaibundle"
+    app.mkdir()
+    (app / "main.py").write_text(sample)
+    assert install_app_main(app) and install_app_main(app)  # the second call finds it done
+    main = (app / "main.py").read_text()
+    assert main.startswith(APP_MAIN_MARKER) and "class MeduetApp(MeduetHTTPErrors, _sample.MyApp, MONAILabelApp)" in main
+    assert (app / "main_monaibundle.py").read_text() == sample  # the sample app kept, not overwritten by ours
+    assert sorted(p.name for p in app.iterdir()) == ["main.py", "main_monaibundle.py"]  # no temp files
+    compile(main, "main.py", "exec")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "main.py").write_text("class CustomApp:\n    pass\n")
+    assert not install_app_main(other) and not install_app_main(tmp_path / "none")  # another app: left alone
+    assert (other / "main.py").read_text() == "class CustomApp:\n    pass\n"
 
 
 def test_monailabel_bundle_infer_task_matches_the_bundle(ml_python, ml_app, seg_trained, studies, tmp_path):
@@ -172,22 +193,50 @@ def _get(url: str, timeout: float = 10) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-@pytest.mark.slow
-def test_monailabel_server_serves_inference_over_http(ml_python, ml_app, seg_trained, studies, tmp_path):
-    port = _free_port()
-    store = tmp_path / "studies"
+def _post(url: str, data: bytes = b"{}", content_type: str = "application/json", timeout: float = 120) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, method="POST", data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _upload(url: str, filename: str, content: bytes, timeout: float = 120) -> tuple[int, bytes]:
+    """``POST url`` with one multipart file field ``file`` (what ``curl -F file=@x`` sends)."""
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return _post(url, body, f"multipart/form-data; boundary={boundary}", timeout=timeout)
+
+
+def _label(payload: bytes, path: Path) -> np.ndarray:
+    path.write_bytes(payload)
+    return np.asarray(nib.load(path).dataobj)
+
+
+@pytest.fixture(scope="module")
+def ml_server(ml_python, ml_app, studies, tmp_path_factory):
+    """A real ``monailabel start_server`` on 127.0.0.1 serving the prepared app (MONAI Label's defaults, e.g. no
+    MONAI_LABEL_INFER_CONCURRENCY), with ``TMPDIR`` set to a folder of its own so the temp files it leaves are
+    visible; killed (its whole process group) at teardown."""
+    root = tmp_path_factory.mktemp("mlserver")
+    store, tmpdir = root / "studies", root / "tmp"
     shutil.copytree(studies, store)
-    log = open(tmp_path / "server.log", "w")
+    tmpdir.mkdir()
+    port = _free_port()
+    log_path = root / "server.log"
+    log = open(log_path, "w")
     cmd = [ml_python, "-m", "monailabel.main", "start_server", "--app", str(ml_app), "--studies", str(store),
            "--conf", "models", NAME, "--conf", "zoo_source", "github", "--conf", "sam2", "false",
            "--conf", "preload", "false", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_ml_env(), cwd=tmp_path,
-                              start_new_session=True)
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(_ml_env(), TMPDIR=str(tmpdir)),
+                              cwd=root, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline, info = time.time() + 240, None
         while time.time() < deadline:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+            assert server.poll() is None, log_path.read_text()[-4000:]
             try:
                 status, body = _get(f"{base}/info/", timeout=5)
                 if status == 200:
@@ -196,24 +245,8 @@ def test_monailabel_server_serves_inference_over_http(ml_python, ml_app, seg_tra
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(2)
-        assert info is not None, "MONAI Label did not answer /info/ in 240 s:\n" + (tmp_path / "server.log").read_text()[-4000:]
-        assert NAME in info["models"], info["models"].keys()
-        assert set(info["models"][NAME]["labels"]) == {"body", "organ_a", "organ_b", "lesion"}
-
-        image = sorted(store.glob("*.nii.gz"))[0]
-        image_id = image.name[: -len(".nii.gz")]
-        req = urllib.request.Request(f"{base}/infer/{NAME}?image={image_id}&output=image", method="POST",
-                                     data=b"{}", headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=300) as r:
-            assert r.status == 200
-            payload = r.read()
-        label = tmp_path / "served.nii.gz"
-        label.write_bytes(payload)
-        seg, src = nib.load(label), nib.load(image)
-        assert seg.shape == src.shape and np.allclose(seg.affine, src.affine, atol=1e-4)
-        served = np.asarray(seg.dataobj)
-        ours = _bundle_prediction(seg_trained, studies / image.name, tmp_path / "ours")
-        assert float((served == ours).mean()) > 0.999
+        assert info is not None, "MONAI Label did not answer /info/ in 240 s:\n" + log_path.read_text()[-4000:]
+        yield {"base": base, "info": info, "store": store, "tmpdir": tmpdir, "log": log_path, "root": root}
     finally:
         try:
             os.killpg(server.pid, signal.SIGTERM)
@@ -223,3 +256,94 @@ def test_monailabel_server_serves_inference_over_http(ml_python, ml_app, seg_tra
             server.wait(timeout=30)
         log.close()
     assert server.poll() is not None
+
+
+@pytest.mark.slow
+def test_monailabel_server_serves_inference_over_http(ml_server, ml_app, seg_trained, studies, tmp_path):
+    base, info, store = ml_server["base"], ml_server["info"], ml_server["store"]
+    assert (ml_app / "main.py").read_text().startswith(APP_MAIN_MARKER)  # the sample app with our HTTP errors
+    assert NAME in info["models"], info["models"].keys()
+    assert set(info["models"][NAME]["labels"]) == {"body", "organ_a", "organ_b", "lesion"}
+
+    image = sorted(store.glob("*.nii.gz"))[0]
+    image_id = image.name[: -len(".nii.gz")]
+    status, payload = _post(f"{base}/infer/{NAME}?image={image_id}&output=image", timeout=300)
+    assert status == 200, payload[-2000:]
+    label = tmp_path / "served.nii.gz"
+    label.write_bytes(payload)
+    seg, src = nib.load(label), nib.load(image)
+    assert seg.shape == src.shape and np.allclose(seg.affine, src.affine, atol=1e-4)
+    served = np.asarray(seg.dataobj)
+    ours = _bundle_prediction(seg_trained, studies / image.name, tmp_path / "ours")
+    assert float((served == ours).mean()) > 0.999
+
+
+def _detail(body: bytes) -> str:
+    return json.loads(body)["detail"]
+
+
+@pytest.mark.slow
+def test_monailabel_server_burst_of_good_and_bad_requests(ml_server, tmp_path):
+    """A bounded burst on 127.0.0.1: 6 good requests (5 by image id, 1 upload) and 3 bad ones (unknown id, empty
+    upload, non-NIfTI upload) at once. Good ones give the serial labels; bad ones a 4xx with our one-line reason;
+    the server answers /info/ afterwards and no temp file is left (MONAI Label's TMPDIR, listed before and after)."""
+    base, store, tmpdir = ml_server["base"], ml_server["store"], ml_server["tmpdir"]
+    images = sorted(store.glob("*.nii.gz"))[:3]
+    ids = [p.name[: -len(".nii.gz")] for p in images]
+    serial = {}
+    for i in ids:  # one at a time first: the reference labels
+        status, payload = _post(f"{base}/infer/{NAME}?image={i}&output=image", timeout=300)
+        assert status == 200, payload[-2000:]
+        serial[i] = _label(payload, tmp_path / f"serial_{i}.nii.gz")
+    time.sleep(1)  # MONAI Label deletes a returned label file after the response: let it settle
+    before = sorted(os.listdir(tmpdir))
+
+    url = f"{base}/infer/{NAME}?output=image"
+    jobs = {f"good{k}": (lambda i=ids[k % 3]: _post(f"{base}/infer/{NAME}?image={i}&output=image")) for k in range(5)}
+    jobs["good_upload"] = lambda: _upload(url, images[1].name, images[1].read_bytes())
+    jobs["unknown_id"] = lambda: _post(f"{base}/infer/{NAME}?image=no_such_image&output=image")
+    jobs["empty_upload"] = lambda: _upload(url, "empty.nii.gz", b"")
+    jobs["text_upload"] = lambda: _upload(url, "notes.txt", b"not an image\n")
+    results: dict[str, tuple[int, bytes] | BaseException] = {}
+
+    def run(name):
+        try:
+            results[name] = jobs[name]()
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            results[name] = e
+
+    threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in jobs]
+    start = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(1.0, 150 - (time.time() - start)))
+    assert set(results) == set(jobs), f"no answer within 150 s: {sorted(set(jobs) - set(results))}"
+    errors = {n: r for n, r in results.items() if isinstance(r, BaseException)}
+    assert not errors, errors
+
+    for k in range(5):
+        status, payload = results[f"good{k}"]
+        assert status == 200, payload[-2000:]
+        assert np.array_equal(_label(payload, tmp_path / f"good{k}.nii.gz"), serial[ids[k % 3]])
+    status, payload = results["good_upload"]
+    assert status == 200, payload[-2000:]
+    assert np.array_equal(_label(payload, tmp_path / "good_upload.nii.gz"), serial[ids[1]])
+
+    status, body = results["unknown_id"]
+    assert status == 404, body
+    detail = _detail(body)
+    assert "unknown image id 'no_such_image'" in detail and str(ml_server["root"]) not in detail
+    for name in ("empty_upload", "text_upload"):
+        status, body = results[name]
+        assert status == 400, (name, body)
+        detail = _detail(body)
+        assert detail.startswith("MeduetInputError: uploaded file: cannot read") and "\n" not in detail, detail
+        assert str(tmpdir) not in detail  # the server's temp path means nothing to the client
+
+    status, body = _get(f"{base}/info/", timeout=30)  # still serving
+    assert status == 200 and NAME in json.loads(body)["models"]
+    deadline = time.time() + 10
+    while sorted(os.listdir(tmpdir)) != before and time.time() < deadline:
+        time.sleep(0.5)  # returned labels are deleted just after their response
+    assert sorted(os.listdir(tmpdir)) == before, "temp files left by the requests"
