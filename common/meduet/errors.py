@@ -8,6 +8,7 @@ instead of the whole traceback. Set ``MEDUET_TRACEBACK=1`` to see full traceback
 from __future__ import annotations
 
 import os
+import re
 import sys
 from types import TracebackType
 from typing import Any
@@ -51,12 +52,19 @@ def find_meduet_error(exc: BaseException | None) -> MeduetError | None:
 
 def _excepthook(etype: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
     err: BaseException | None = find_meduet_error(value)
-    if err is None:
-        err = _failed_meduet_import(value)
-    if err is None or os.environ.get("MEDUET_TRACEBACK", "0") not in ("", "0"):
+    failed_import = _failed_meduet_import(value) if err is None else None
+    if (err is None and failed_import is None) or os.environ.get("MEDUET_TRACEBACK", "0") not in ("", "0"):
         _previous_hook(etype, value, tb)
         return
-    print(f"{type(err).__name__}: {err}", file=sys.stderr)
+    print(f"{type(err).__name__}: {err}" if err is not None else _original_line(failed_import), file=sys.stderr)
+
+
+def _original_line(exc: BaseException) -> str:
+    """The original error's own line (``BundleIntegrityError: ...``), which MONAI's ``OptionalImportError`` quotes as
+    the last line of an "Original traceback"; its first line if there is none."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    match = re.match(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.*)$", lines[-1]) if lines else None
+    return f"{match.group(1)}: {match.group(2)}" if match else f"{type(exc).__name__}: {lines[0] if lines else exc}"
 
 
 def _failed_meduet_import(exc: BaseException | None) -> BaseException | None:

@@ -16,7 +16,7 @@ from meduet.workflows.config import KEY_KINDS, check_keys
 REPO = Path(__file__).resolve().parents[2]
 RUN_CONFIGS = sorted(glob.glob(str(REPO / "bundles/*/configs/train*.yaml"))
                      + glob.glob(str(REPO / "bundles/*/configs/inference.json")))
-PRESETS = ("tiny", "demo", "paper")
+PRESETS = (None, "tiny", "demo", "paper")  # None: the base config alone
 
 
 def _parser(config: str, preset: str | None = None) -> ConfigParser:
@@ -62,7 +62,7 @@ def test_a_wrong_override_is_one_line_naming_the_key(key, bad):
 
 
 def test_check_keys_kinds():
-    assert check_keys(roi_size=32, crop_size=[24, 24, 24], seed=None, flip_prob=0.5, num_workers=0)
+    assert check_keys(roi_size=32, crop_size=[24, 24, 24], patch_size=None, seed=None, flip_prob=0.5, num_workers=0)
     for key, value in [("roi_size", [24, 24, 0]), ("flip_prob", 1.5), ("num_workers", -1), ("amp", 1),
                        ("grad_clip", float("nan")), ("batch_size", 2.0), ("batch_size", True)]:
         with pytest.raises(MeduetConfigError, match=f"'{key}' must be"):

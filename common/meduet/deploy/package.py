@@ -19,7 +19,8 @@ top-level folder ``<name>/`` with:
   optimizer state, nor ``*_stage*`` intermediates, nor files the bundle's own ``large_files.yml`` lists, such as
   MAISI's downloaded autoencoder: ``download_large_files`` fetches those from their source);
 - ``meduet/``: this library, vendored, so the bundle runs where only the packages its metadata declares are
-  installed (MONAI puts the bundle folder on ``sys.path`` for ``monai.bundle run``); it carries
+  installed (MONAI puts the bundle folder on ``sys.path`` for ``monai.bundle run``), without ``NOT_VENDORED``
+  (MONAI Label's site folder, which only that server's virtualenv uses); it carries
   ``_packaged.json``, which makes it verify the bundle on import (:mod:`meduet.deploy.integrity`);
 - ``checksums.sha256``: the sha256 of every file above, large files included.
 
@@ -57,6 +58,9 @@ ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 _DIST_OF = {"yaml": "pyyaml", "ignite": "pytorch-ignite", "skimage": "scikit-image", "sklearn": "scikit-learn",
             "PIL": "pillow"}
 _ALWAYS = {"torch", "numpy", "monai"}  # monai_version / pytorch_version / numpy_version
+# folders of the library that belong to another program's environment, not to a bundle: MONAI Label's site folder
+# (its app's HTTP-error hook imports fastapi and monailabel, which only MONAI Label's virtualenv has)
+NOT_VENDORED = ("monailabel_site",)
 
 
 def _vendored_source() -> Path:
@@ -121,6 +125,8 @@ def module_level_imports(package_dir: Path) -> dict[str, set[str]]:
     stdlib = set(sys.stdlib_module_names)
     found: dict[str, set[str]] = {}
     for py in sorted(package_dir.rglob("*.py")):
+        if any(part in NOT_VENDORED for part in py.relative_to(package_dir).parts):
+            continue
         tree = ast.parse(py.read_text(), filename=str(py))
         for node in tree.body:
             names: list[str] = []
@@ -271,7 +277,7 @@ def package_bundle(bundle: str | Path, out: str | Path, preset: str | None = Non
             (root / "models").mkdir()
             for f in model_files:
                 shutil.copy2(f, root / "models" / f.name)
-        shutil.copytree(vendored, root / "meduet", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(vendored, root / "meduet", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", *NOT_VENDORED))
         (root / "meduet" / PACKAGED_MARKER).write_text(json.dumps(
             {"name": name, "version": version, "preset": preset, "meduet_version": __version__}, indent=2) + "\n")
         if check:

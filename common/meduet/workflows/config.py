@@ -98,7 +98,7 @@ _KINDS_BY_NAME: dict[str, tuple[str, ...]] = {
     "a number >= 0": ("learning_rate", "d_learning_rate", "decoder_learning_rate", "weight_decay", "grad_clip",
                       "kl_weight", "adv_weight", "perceptual_weight", "encoder_lr_scale", "guidance_scale"),
     "a number in [0, 1]": ("ema_decay", "cond_dropout", "label_fraction", "flip_prob", "rot90_prob", "patch_overlap"),
-    "a positive integer or a list of 3 positive integers": ("roi_size", "crop_size", "patch_size"),
+    "a positive integer, a list of 3 positive integers, or null": ("roi_size", "crop_size", "patch_size"),
     "True or False": ("resume", "amp", "content_map", "zero_terminal_snr", "init_from_pretrained",
                       "decay_bias_and_norm", "paper_weights_required", "allow_missing_paper_weights",
                       "write_dicom_seg", "output_hounsfield"),
@@ -119,7 +119,7 @@ _FITS = {
     "an integer >= 0": lambda v: _is_int(v) and v >= 0,
     "a number >= 0": lambda v: _is_number(v) and v >= 0,
     "a number in [0, 1]": lambda v: _is_number(v) and 0 <= v <= 1,
-    "a positive integer or a list of 3 positive integers": lambda v: (_is_int(v) and v > 0) or (
+    "a positive integer, a list of 3 positive integers, or null": lambda v: v is None or (_is_int(v) and v > 0) or (
         isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_int(x) and x > 0 for x in v)),
     "True or False": lambda v: isinstance(v, bool),
 }

@@ -240,6 +240,6 @@ def test_monai_bundle_run_from_outside_the_folder_refuses_a_changed_model(bundle
     out = (proc.stdout + proc.stderr).strip()
     assert proc.returncode != 0 and "RECORD" not in out, out[-3000:]
     assert "models/model.pt differs from the published file" in out.splitlines()[-1], out[-3000:]
+    assert out.splitlines()[-1].startswith("BundleIntegrityError: ") and "Traceback" not in out, out[-3000:]
     if meduet_first:
         assert f"MEDUET {REPO / 'common/meduet/__init__.py'}" in out, out[-3000:]
-        assert out.splitlines()[-1].startswith("BundleIntegrityError: ") and "Traceback" not in out, out[-3000:]
