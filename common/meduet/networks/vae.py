@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiGroupNorm3D
 
-from meduet.errors import MeduetConfigError
+from meduet.errors import MeduetConfigError, require_bool
 from meduet.records import RecordMixin, register
 
 __all__ = [
@@ -54,7 +54,7 @@ MAISI_CT_ARCHITECTURE: dict[str, Any] = {
 
 # Arguments that change only how the network computes (memory/speed), never its weights.
 _RUNTIME_ARGS = ("num_splits", "dim_split", "norm_float16", "use_checkpointing", "use_flash_attention", "fast_norm",
-                 "forward_mode")
+                 "forward_mode", "checkpoint_blocks")
 FORWARD_MODES = ("train", "reconstruct")
 
 
@@ -86,6 +86,9 @@ class MeduetVAE(RecordMixin, AutoencoderKlMaisi):
             or ``"reconstruct"``: ``forward(x) -> decode(encode_mean(x))``, one deterministic tensor, what the
             inference config declares (MONAI's ``verify_net_in_out`` and exporters call ``forward``). The weights
             are the same.
+        checkpoint_blocks: checkpoint each decoder block on its own when gradients are on (decoder fine-tuning:
+            the step's peak memory falls several times; ``decode``); MAISI's ``use_checkpointing`` does not lower
+            it there. Values and gradients unchanged. Not in the seed papers (a memory option).
     """
 
     kind = "vae"
@@ -113,6 +116,7 @@ class MeduetVAE(RecordMixin, AutoencoderKlMaisi):
         use_flash_attention: bool = False,
         fast_norm: bool = True,
         forward_mode: str = "train",
+        checkpoint_blocks: bool = False,
     ) -> None:
         if attention_levels is None:
             attention_levels = [False] * len(num_channels)
@@ -145,6 +149,7 @@ class MeduetVAE(RecordMixin, AutoencoderKlMaisi):
         if fast_norm and not norm_float16:
             _use_torch_group_norm(self)
         self.forward_mode = forward_mode
+        self.checkpoint_blocks = require_bool(checkpoint_blocks, "checkpoint_blocks")
         self.architecture: dict[str, Any] = {
             "spatial_dims": spatial_dims,
             "in_channels": in_channels,
@@ -183,6 +188,19 @@ class MeduetVAE(RecordMixin, AutoencoderKlMaisi):
         if self.forward_mode == "reconstruct":
             return self.decode(self.encode_mean(x))  # (B, C_out, H, W, D)
         return super().forward(x)  # (reconstruction, z_mu, z_sigma)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, c, h, w, d) -> (B, C_out, h*f, w*f, d*f)``. With ``checkpoint_blocks`` and gradients on, each decoder
+        block is checkpointed on its own (``torch.utils.checkpoint``): the backward keeps only the blocks' inputs and
+        recomputes one block at a time. MAISI's ``use_checkpointing`` checkpoints the decoder as one piece, whose
+        backward recomputes all of it at once, so it lowers the peak of a step only when the encoder trains too
+        (``bench/decoder_memory.py``). Same values and gradients either way."""
+        if not (self.checkpoint_blocks and torch.is_grad_enabled()):
+            return super().decode(z)
+        x = self.post_quant_conv(z)
+        for block in self.decoder.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return x
 
     def encode_mean(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic latent: the posterior mean ``z_mu`` of ``x``; ``(B, C, H, W, D) -> (B, c, H/f, W/f, D/f)``."""
