@@ -12,7 +12,7 @@ def _verify_if_packaged() -> None:
     from pathlib import Path
 
     if (Path(__file__).parent / "_packaged.json").is_file():
-        from meduet.deploy.integrity import verify_on_import
+        from meduet.integrity import verify_on_import
 
         verify_on_import(Path(__file__).parent)
 

@@ -37,7 +37,7 @@ BOTTOM_ALLOWED = {"errors": set(), "io": set(), "integrity": {"errors"}, "record
 
 #: imports of ours that stay inside a function, with the reason (a dependency never hides there otherwise)
 FUNCTION_LEVEL_ALLOWED = {
-    ("meduet", "meduet.deploy.integrity"): "only a packaged (vendored) copy verifies its bundle when imported",
+    ("meduet", "meduet.integrity"): "only a packaged (vendored) copy verifies its bundle when imported",
 }
 
 
