@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -174,6 +175,16 @@ def _require_complete(record: Mapping[str, Any], path: str | Path, what: str) ->
                                 f"{training.get('epoch')} to keep it as it is")
 
 
+def _load_failure(path: Path, e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words (torch's message is a paragraph)."""
+    text = str(e).strip()
+    if "Weights only load failed" in text or "weights_only" in text:
+        if not zipfile.is_zipfile(path):
+            return "it is not a file written by torch.save"
+        return "it holds Python objects other than tensors, which weights_only=True refuses to unpickle"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def read_state_dict(path: str | Path, what: str, fix: str) -> dict[str, Any]:
     """A state dict loaded with ``torch.load(weights_only=True)``; the usual wrappers (``{"model": sd}``,
     ``{"state_dict": sd}``, ``{"autoencoder": sd}``, ``{"unet_state_dict": sd}``) and ``module.`` prefixes are
@@ -187,8 +198,7 @@ def read_state_dict(path: str | Path, what: str, fix: str) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is reported as one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MeduetConfigError(f"{what} '{path}' cannot be loaded safely ({first}); {fix}") from None
+        raise MeduetConfigError(f"{what} '{path}' cannot be loaded safely ({_load_failure(path, e)}); {fix}") from None
     for key in ("model", "state_dict", "autoencoder", "unet_state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

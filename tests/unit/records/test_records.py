@@ -111,8 +111,11 @@ def test_missing_and_foreign_files_are_one_line_errors(tmp_path):
     with pytest.raises(MeduetConfigError, match="has no checkpoint record"):
         records.load(tmp_path / "plain.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(MeduetConfigError, match="cannot be loaded safely"):
+    with pytest.raises(MeduetConfigError, match="cannot be loaded safely .it is not a file written by torch.save"):
         records.read(tmp_path / "junk.pt", expect="vae")
+    torch.save({"weight": torch.zeros(2), "step": torch.optim.SGD([torch.zeros(1)], lr=0.1)}, tmp_path / "obj.pt")
+    with pytest.raises(MeduetConfigError, match="holds Python objects other than tensors"):
+        records.read(tmp_path / "obj.pt", expect="vae")
     with pytest.raises(MeduetConfigError, match="does not exist; train meduet_vae first"):
         records.require(tmp_path / "missing.pt", "meduet_vae")
     # another bundle's model.pt given as this bundle's weights (--ckpt_path): named, before anything is built
