@@ -422,6 +422,10 @@ def load_weights(network: nn.Module, path: str | Path | None, what: str = "pretr
         return network
     state = read_state_dict(path, what, fix)
     file_record = state.pop("_extra_state", None)
+    file_kind, own_kind = kind_of(decode(file_record)), getattr(network, "kind", None)
+    if file_kind and own_kind and file_kind != own_kind:
+        raise MeduetConfigError(f"{what} '{path}' holds a '{file_kind}' network (a "
+                                f"{KIND_BUNDLE.get(file_kind, 'foreign')} checkpoint), not '{own_kind}'; {fix}")
     expected = {k: v for k, v in network.state_dict().items() if k != "_extra_state"}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

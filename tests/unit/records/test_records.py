@@ -167,6 +167,10 @@ def test_load_weights_keeps_the_networks_record_and_refuses_other_shapes(tmp_pat
     assert records.load_weights(dst, None) is dst
     with pytest.raises(MeduetConfigError, match="do not fit the configured architecture"):
         records.load_weights(build_vae(dict(TINY_VAE, latent_channels=8)), tmp_path / "plain.pt")
+    # another bundle's model.pt as these weights: named by what it holds, not by a list of keys
+    torch.save(build_dit("tiny").state_dict(), tmp_path / "dit.pt")
+    with pytest.raises(MeduetConfigError, match="holds a 'dit' network .a meduet_diffusion checkpoint., not 'vae'"):
+        records.load_weights(build_vae(TINY_VAE), tmp_path / "dit.pt", "pretrained VAE weights")
 
 
 def test_with_meta_stores_json(tmp_path):
