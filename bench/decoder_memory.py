@@ -5,9 +5,15 @@ memory options (``vae_runtime``), so that a GPU user knows which whole volumes f
 One step as ``DecoderFinetuneTrainer`` runs it: the frozen encoder encodes the whole volume patch-wise under
 ``torch.no_grad`` (3D MedDiffusion: 64^3 windows, no overlap), the decoder decodes the whole latent with gradients
 (one call), L1 to the input, backward. Each (runtime, size) runs in a fresh child process (``--worker``) at the
-paper width (MAISI's CT autoencoder, 64/128/256 channels), fp32 on CPU; the child reports its RSS right before the
-decoder call and its peak RSS (``getrusage``) after the backward: their difference is what the step itself needs
-(activations kept for the backward, gradients, workspace), divided by the image voxels. The weights are the same
+paper width (MAISI's CT autoencoder, 64/128/256 channels), fp32 on CPU, and reports, per image voxel:
+
+* the activations alive at the backward's peak, the device-independent number: the distinct tensors autograd keeps
+  through the forward (saved-tensor hooks), plus what a checkpointed piece recomputes at once in the backward (MAISI's
+  ``use_checkpointing``: the whole decoder; ``checkpoint_blocks``: the largest single block). Gradient buffers and
+  convolution workspace come on top;
+* the CPU step's RSS increase: peak RSS (``getrusage``) after the backward minus RSS right before the decoder call.
+  On CPU this includes PyTorch's 3D-convolution workspace (an im2col buffer of 27 x input channels per output
+  voxel at full resolution), which a GPU's cuDNN does not allocate. The weights are the same
 in every row, so the rows compare like with like; the baseline row is the step with no memory option (what
 train_decoder.yaml did before it applied ``vae_runtime``).
 
@@ -92,6 +98,9 @@ def worker(spec: dict) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # what one block keeps when it runs with gradients: with checkpoint_blocks the backward recomputes the blocks one
     # at a time, so the largest of these comes on top of the kept inputs
+    # the decoder's activations with nothing checkpointed: what MAISI's use_checkpointing recomputes at once in the
+    # backward (it checkpoints the decoder as one piece), so that much is alive at the backward's peak either way
+    decoder_all, _ = _saved_bytes(lambda latent: vae.decoder(vae.post_quant_conv(latent)), z)
     h = vae.post_quant_conv(z)
     largest = 0
     for block in vae.decoder.blocks:
@@ -100,6 +109,7 @@ def worker(spec: dict) -> dict:
         largest = max(largest, nbytes)
     voxels = s**3
     return {"size": s, "saved_per_voxel": saved / voxels, "largest_block_per_voxel": largest / voxels,
+            "decoder_all_per_voxel": decoder_all / voxels,
             "before_kib": before, "peak_kib": peak, "seconds": seconds,
             "rss_per_voxel": (peak - before) * 1024 / voxels,
             "grad_norm": float(sum(p.grad.norm() ** 2 for p in params) ** 0.5)}
@@ -123,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.runtimes:
             r = spawn(__file__, {"size": size, "patch": args.patch, "threads": args.threads,
                                  "runtime": RUNTIMES[name]}, RESULT_TAG, timeout=3600)
-            kept = r["saved_per_voxel"] + (r["largest_block_per_voxel"] if RUNTIMES[name].get("checkpoint_blocks")
-                                           else 0.0)
+            rt = RUNTIMES[name]
+            recomputed = (r["largest_block_per_voxel"] if rt.get("checkpoint_blocks") else
+                          r["decoder_all_per_voxel"] if rt.get("use_checkpointing") else 0.0)
+            kept = r["saved_per_voxel"] + recomputed  # kept through the forward + recomputed at once in the backward
             r.update(name=name, kept_per_voxel=kept, ratio=(base["kept_per_voxel"] if base else kept) / kept,
                      same_gradient=base is None or abs(r["grad_norm"] - base["grad_norm"]) <= 1e-4 * base["grad_norm"])
             base = base or r
