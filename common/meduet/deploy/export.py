@@ -99,6 +99,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from meduet import integrity
 from meduet.deploy.wrappers import WHATS, Built, build_wrapper
 from meduet.errors import MeduetConfigError
 from meduet.io import atomic_path
@@ -182,7 +183,7 @@ def _save_torchscript(module: nn.Module, example: torch.Tensor, out: Path, meta:
     from monai.data import save_net_with_metadata
 
     ts = _trace(module, example)
-    with atomic_path(out, suffix=".ts") as tmp:
+    with integrity.writing(out), atomic_path(out, suffix=".ts") as tmp:  # inside a packaged bundle: the user's own
         # a name with extension: save_net_with_metadata appends ".ts" only to names without one
         save_net_with_metadata(ts, str(tmp), include_config_vals=False, append_timestamp=False, meta_values=meta)
 
@@ -192,7 +193,7 @@ def _save_onnx(module: nn.Module, example: torch.Tensor, out: Path, meta: dict[s
     import onnx
 
     in_name, out_names = module.input_names[0], list(_outputs(module))
-    with atomic_path(out, suffix=".onnx") as tmp, torch.no_grad(), warnings.catch_warnings():
+    with integrity.writing(out), atomic_path(out, suffix=".onnx") as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "legacy":
             # batch always dynamic; the VAE wrappers (5D in and out, fully convolutional) also spatially
