@@ -87,8 +87,9 @@ class MeduetVAE(RecordMixin, AutoencoderKlMaisi):
             inference config declares (MONAI's ``verify_net_in_out`` and exporters call ``forward``). The weights
             are the same.
         checkpoint_blocks: checkpoint each decoder block on its own when gradients are on (decoder fine-tuning:
-            the step's peak memory falls several times; ``decode``); MAISI's ``use_checkpointing`` does not lower
-            it there. Values and gradients unchanged. Not in the seed papers (a memory option).
+            the activations at the backward's peak fall 1.6x at the paper width, ``bench/decoder_memory.py``;
+            ``decode``); MAISI's ``use_checkpointing`` does not lower them there. Values and gradients unchanged.
+            Not in the seed papers (a memory option).
     """
 
     kind = "vae"
