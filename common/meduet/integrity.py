@@ -22,7 +22,7 @@ Success writes the stamp ``.meduet_verified`` (JSON): the manifest's sha256, the
 every listed file and of every file under the code-bearing folders (so also the set of those files), and the
 "local" digests the user accepted. Later checks skip hashing only when all of that is unchanged; a file changed,
 added or removed since -- or a new extraction over the folder -- makes the next check a full verification. The
-change time is recorded besides the brief's size and mtime because mtime is settable (``unzip`` restores a zip's
+change time is recorded besides size and mtime because mtime is settable (``unzip`` restores a zip's
 timestamps, ``touch -r``), ctime is not; a changed ctime only costs one more full verification.
 
 The bundle is the user's after download. Files this library's own checkpoint writer

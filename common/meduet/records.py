@@ -150,6 +150,12 @@ def fix_hint(bundle: str) -> str:
             f"holds the bundles) or download the bundle")
 
 
+def _other_kind(what: str, path: str | Path, kind: str, wanted: str, fix: str) -> MeduetConfigError:
+    """The one wording of "this file holds another network than the one wanted"."""
+    return MeduetConfigError(f"{what} '{path}' holds a '{kind}' network (a {KIND_BUNDLE.get(kind, 'foreign')} "
+                             f"checkpoint), not {wanted}; {fix}")
+
+
 def require(path: str | Path, bundle: str) -> str:
     """``path`` as a string if the file exists, holds a network of ``bundle`` and is not from an unfinished training
     run; else a one-line error naming it and how to make it (before any workflow component is built)."""
@@ -159,9 +165,8 @@ def require(path: str | Path, bundle: str) -> str:
     record = decode(state.get("_extra_state"))
     kind = kind_of(record)
     if kind and KIND_BUNDLE.get(kind) != bundle:
-        raise MeduetConfigError(f"checkpoint '{path}' holds a '{kind}' network (a "
-                                f"{KIND_BUNDLE.get(kind, 'foreign')} checkpoint), not a {bundle} one; give this "
-                                f"bundle's own models/model.pt (--ckpt_path), or {fix_hint(bundle)}")
+        raise _other_kind("checkpoint", path, kind, f"a {bundle} one",
+                          f"give this bundle's own models/model.pt (--ckpt_path), or {fix_hint(bundle)}")
     _require_complete(record, path, "checkpoint")
     return str(path)
 
@@ -244,9 +249,7 @@ def read(path: str | Path, expect: str | Sequence[str] | None = None,
         raise MeduetConfigError(f"{what} '{path}' has no checkpoint record (not a model.pt of {made_by} training); "
                                 f"{fix}")
     if kinds and kind not in kinds:
-        holds = KIND_BUNDLE.get(kind, "another program")
-        raise MeduetConfigError(f"{what} '{path}' holds a '{kind}' network (a {holds} checkpoint), not "
-                                f"{' or '.join(repr(k) for k in kinds)}; {fix}")
+        raise _other_kind(what, path, kind, " or ".join(repr(k) for k in kinds), fix)
     _require_complete(record, path, what)
     return state, record
 
@@ -424,8 +427,7 @@ def load_weights(network: nn.Module, path: str | Path | None, what: str = "pretr
     file_record = state.pop("_extra_state", None)
     file_kind, own_kind = kind_of(decode(file_record)), getattr(network, "kind", None)
     if file_kind and own_kind and file_kind != own_kind:
-        raise MeduetConfigError(f"{what} '{path}' holds a '{file_kind}' network (a "
-                                f"{KIND_BUNDLE.get(file_kind, 'foreign')} checkpoint), not '{own_kind}'; {fix}")
+        raise _other_kind(what, path, file_kind, repr(own_kind), fix)
     expected = {k: v for k, v in network.state_dict().items() if k != "_extra_state"}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
