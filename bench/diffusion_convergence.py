@@ -87,10 +87,9 @@ def training_parts(preset: str, overrides: dict) -> dict:
 def reference_items(latent_datalist: str, split: str, real_sites: str) -> list[dict]:
     """The real latents the FID proxy compares with: ``split``'s items, only the sites seen in training unless
     ``real_sites == "all"``."""
-    from meduet.engines.diffusion import diffusion_items
-    from meduet.latent import read_items
+    from meduet.latent import LatentDatalist, read_items
 
-    items = diffusion_items(latent_datalist, split)
+    items = LatentDatalist(latent_datalist).items(split)  # whole items: the outline measure groups by subject
     if real_sites == "all":
         return items
     seen = {it["domain"] for it in read_items(latent_datalist, "training")}

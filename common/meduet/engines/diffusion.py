@@ -5,7 +5,8 @@ loss handler and the factor prior fit.
   ``none`` -> ``None``; ``metadata`` -> ``{"domain": (B,), "metadata": (B, k)}``; ``factors`` -> pooled ``content``
   ``(B, Dc)`` / ``style`` ``(B, Ds)`` and optionally ``content_map`` ``(B, Dc, g1, g2, g3)`` from meduet_pretrain's
   frozen encoder applied to the clean latent, by sliding windows of its pretraining crop (the ViT does not
-  generalise to token grids it was not trained on).
+  generalise to token grids it was not trained on); ``semantic`` -> ``{"x0": clean latents}``, which the network's
+  own semantic encoder (trained with it, LDAE) turns into a code.
 * ``build_diffusion_network``: a ``LatentDiT`` whose condition sizes come from the conditioner and whose record
   carries what sampling needs (latent scale factor, channels, domains, crop, objective, condition, VAE hash).
 * ``DiffusionTrainer``: MONAI ``Trainer`` step = objective loss (DDPM noise / RFlow velocity), finite check,
@@ -47,7 +48,7 @@ from meduet.networks.windows import crop_size_of, factor_map, pad_for_windows, s
 __all__ = ["FactorPriorFit", "Conditioner", "build_conditioner", "build_diffusion_network", "DiffusionTrainer", "ValidationLoss",
            "fit_factor_prior", "metadata_vector", "diffusion_items", "diffusion_record", "center_crop_or_pad"]
 
-CONDITIONS = ("none", "metadata", "factors")
+CONDITIONS = ("none", "metadata", "factors", "semantic")
 
 
 def metadata_vector(item: Mapping[str, Any], keys: Sequence[str]) -> list[float]:
@@ -63,19 +64,24 @@ def metadata_vector(item: Mapping[str, Any], keys: Sequence[str]) -> list[float]
 
 
 def diffusion_items(latent_datalist: str, split: str, metadata_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Items of a split of meduet_vae's latent datalist (absolute ``latent`` paths, ``domain_index``), with
-    ``metadata`` vectors when ``metadata_keys`` are given."""
-    items = LatentDatalist(latent_datalist).items(split)
-    if metadata_keys:
-        items = [{**it, "metadata": np.asarray(metadata_vector(it, metadata_keys), dtype=np.float32)} for it in items]
-    return items
+    """Items of a split of meduet_vae's latent datalist: the keys training reads (absolute ``latent`` path,
+    ``domain``, ``domain_index``) and a ``metadata`` vector when ``metadata_keys`` are given. Other keys
+    (a label path, per-case attributes) are left out, so items of splits that carry different keys (the unlabelled
+    pretraining pool, a longitudinal cohort) collate into one batch."""
+    out = []
+    for it in LatentDatalist(latent_datalist).items(split):
+        row = {k: it[k] for k in ("latent", "domain", "domain_index") if k in it}
+        if metadata_keys:
+            row["metadata"] = np.asarray(metadata_vector(it, metadata_keys), dtype=np.float32)
+        out.append(row)
+    return out
 
 
 class Conditioner(nn.Module):
     """Batch -> ``cond`` dict of ``LatentDiT`` (see the module docstring).
 
     Args:
-        condition: ``"none"``, ``"metadata"`` or ``"factors"``.
+        condition: ``"none"``, ``"metadata"``, ``"factors"`` or ``"semantic"``.
         encoder: for ``factors``: meduet_pretrain's encoder (``PretrainedEncoder``, its ``model.pt``:
             ``meduet.records.load_part``; a whole ``MeDUET`` / masked-autoencoder network works too), frozen and in
             eval mode.
@@ -130,6 +136,8 @@ class Conditioner(nn.Module):
             return None
         if self.condition == "factors":
             return self.factors(x)
+        if self.condition == "semantic":  # the network encodes it (its encoder is trained with it)
+            return {"x0": x}
         batch = batch or {}
         if "domain_index" not in batch:
             raise MeduetConfigError("condition 'metadata' needs each item's domain_index (a latent datalist item)")

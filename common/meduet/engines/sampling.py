@@ -14,8 +14,11 @@ the network has it (``meduet.networks.dit.LatentDiT``), else ``model(x, t)`` (gu
   MONAI's ``RFlowScheduler.set_timesteps(n)`` gives ``T, T - T/n, ..., T/n`` and ``step(v, t, x, t_next)`` moves
   ``x += v (t - t_next) / T``, with ``t_next = 0`` after the last one.
 
-``invert_latents`` runs the rectified-flow ODE the other way (clean latent -> noise) with the same MONAI ``step``
-and negative increments, for interpolation in noise space (deterministic; rflow only).
+``invert_latents`` maps a clean latent to the noise that sampling maps back to it (deterministic): for ``rflow`` the
+ODE the other way with the same MONAI ``step`` and negative increments; for ``ddpm`` DDIM inversion, each of MONAI's
+DDIM steps (``eta = 0``) undone in the reverse order with the noise predicted at the step's own timestep (DDIM
+encoding; MONAI's ``DDIMScheduler.reversed_step`` walks a grid that its ``set_timesteps`` does not sample, so it is
+written here). Used by diffusion autoencoding, interpolation in noise space and style transfer.
 
 Random numbers (the initial noise and DDPM/DDIM-eta noise) come from ``generator``; the initial noise is drawn on
 the generator's device (CPU when None) and moved to the model's device, so a seed gives the same start on any
@@ -34,7 +37,7 @@ import torch.nn as nn
 from meduet.errors import MeduetConfigError
 from meduet.losses.diffusion import SAMPLERS, DiffusionObjective
 
-__all__ = ["LatentSampler", "sample_latents", "invert_latents", "predict"]
+__all__ = ["LatentSampler", "sample_latents", "invert_latents", "ddim_invert", "predict"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -180,16 +183,18 @@ def invert_latents(
     guidance_scale: float = 1.0,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Deterministic inversion ``x0 (B, C, S1, S2, S3) -> x_T`` of a rectified-flow network: Euler steps over the
-    reversed ``RFlowScheduler`` grid ``0, T/n, ..., T`` with MONAI's ``step(v, t, x, t_next)`` (``t_next > t``, so
-    ``x += v (t - t_next) / T`` moves towards noise). ``sample_latents(..., noise=x_T, num_steps=n)`` maps it back
-    to about ``x0`` (up to the Euler discretisation error of both directions). Objective ddpm is not supported
-    (MONAI's DDIM ``reversed_step`` does not fit its own ``set_timesteps`` grid)."""
+    """Deterministic inversion ``x0 (B, C, S1, S2, S3) -> x_T``; ``sample_latents(..., noise=x_T, num_steps=n)`` (with
+    the same ``cond``; sampler ``rflow`` or ``ddim``) maps it back to about ``x0``, up to the discretisation error of
+    both directions.
+
+    * rflow: Euler steps over the reversed ``RFlowScheduler`` grid ``0, T/n, ..., T`` with MONAI's
+      ``step(v, t, x, t_next)`` (``t_next > t``, so ``x += v (t - t_next) / T`` moves towards noise).
+    * ddpm: DDIM inversion on MONAI's DDIM grid (``ddim_invert``).
+    """
     obj = _objective(objective)
-    if obj.objective != "rflow":
-        raise MeduetConfigError("invert_latents needs a network trained with objective 'rflow' (deterministic ODE); "
-                                "DDIM inversion of 'ddpm' networks is not implemented")
     obj.check_model(model)
+    if obj.objective != "rflow":
+        return ddim_invert(model, x0, cond, obj, num_steps, guidance_scale, progress)
     T = obj.num_train_timesteps
     if not 1 <= num_steps <= T:
         raise MeduetConfigError(f"num_steps must be in [1, {T}], got {num_steps}")
@@ -207,6 +212,44 @@ def invert_latents(
             t_batch = torch.full((x.shape[0],), t.item(), device=device, dtype=t.dtype)
             v = predict(model, x, t_batch, cond, guidance_scale)
             x, _ = scheduler.step(v, t, x, t_next)
+    finally:
+        net.train(was_training)
+    return x
+
+
+@torch.no_grad()
+def ddim_invert(model: nn.Module, x0: torch.Tensor, cond: Mapping[str, Any] | None, objective: DiffusionObjective,
+                num_steps: int = 50, guidance_scale: float = 1.0, progress: bool = False) -> torch.Tensor:
+    """DDIM inversion ``x0 -> x_T`` of a ``ddpm`` network, the exact reverse of ``sample_latents(sampler="ddim",
+    eta=0)``'s steps given the predicted noise: MONAI's DDIM visits ``t_i = round(linspace(T-1, 0, n))`` and moves
+    ``x`` from ``alpha_bar(t_i)`` to ``alpha_bar(t_i - T // n)`` (``final_alpha_cumprod`` below 0); here, from
+    ``i = n-1`` down to 0, ``x`` at ``alpha_bar(t_i - T // n)`` goes to ``alpha_bar(t_i)`` with the noise the network
+    predicts for ``(x, t_i)`` (``x0_hat = (x - sqrt(1 - a_prev) eps) / sqrt(a_prev)``,
+    ``x <- sqrt(a_t) x0_hat + sqrt(1 - a_t) eps``). The only approximation is that the noise is predicted from the
+    less noisy ``x`` (DDIM encoding, as diffusion autoencoders do)."""
+    T = objective.num_train_timesteps
+    if not 1 <= num_steps <= T:
+        raise MeduetConfigError(f"num_steps must be in [1, {T}], got {num_steps}")
+    device = _device(model)
+    x = x0.to(device=device, dtype=torch.float32).clone()
+    scheduler = objective.make_scheduler("ddim")
+    scheduler.set_timesteps(num_steps, device=device)
+    alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=device)
+    stride = T // num_steps
+    v_pred = objective.prediction_type == "v_prediction"
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    try:
+        for t in _progress([int(t) for t in scheduler.timesteps.flip(0)], progress, "ddim inversion"):
+            a_t = alphas[t]
+            a_prev = alphas[t - stride] if t - stride >= 0 else final
+            out = predict(model, x, torch.full((x.shape[0],), t, device=device, dtype=torch.long), cond,
+                          guidance_scale)
+            eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x if v_pred else out
+            x0_hat = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
+            x = a_t.sqrt() * x0_hat + (1 - a_t).sqrt() * eps
     finally:
         net.train(was_training)
     return x

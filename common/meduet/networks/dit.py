@@ -26,6 +26,9 @@ Conditions (``condition=``):
   vector replaces it for dropped samples. With ``content_map=True`` also ``cond["content_map"] (B, Dc, h1, h2, h3)``
   (the content token map of the frozen encoder), trilinearly resampled to ``g`` when ``h != g``, projected per
   token by a zero-initialised linear and added to the tokens (nothing is added for dropped samples).
+* ``"semantic"`` (LDAE): the network owns a ``SemanticEncoder`` (``meduet.networks.semantic``) trained with it by the
+  diffusion loss; ``cond["x0"]`` (the clean scaled latent) is encoded to a code ``(B, code_dim)`` in the same graph, or
+  ``cond["semantic"]`` gives the code (``encode_semantic`` once, then edit it); the factors' MLP and null vector.
 
 Classifier-free guidance: in training each sample's condition is dropped with probability ``cond_dropout``
 (``force_drop (B,)`` bool overrides the draw); ``forward(x, t, cond=None)`` on a conditional network is the
@@ -61,6 +64,7 @@ from meduet.networks.dit_blocks import (
 )
 from meduet.networks.dit_init import init_from_vit
 from meduet.networks.latent_vit import sincos_position_embedding_3d, to_3tuple, token_grid, unpatchify
+from meduet.networks.semantic import SemanticEncoder, semantic_encoder_args
 from meduet.records import RecordMixin, register
 
 __all__ = ["DIT_PRESETS", "CONDITIONS", "LatentDiT", "build_dit"]
@@ -74,7 +78,7 @@ DIT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 #: Accepted values of ``condition``.
-CONDITIONS = ("none", "metadata", "factors")
+CONDITIONS = ("none", "metadata", "factors", "semantic")
 
 #: Constructor arguments that do not change which weights the network has (ignored when a checkpoint's
 #: architecture is compared with a network's).
@@ -94,12 +98,14 @@ class LatentDiT(RecordMixin, nn.Module):
             ``patch_size`` works).
         patch_size: latent patch side ``p``.
         dim, depth, num_heads, mlp_ratio: transformer width, blocks, heads, MLP ratio (DiT-B: 768, 12, 12, 4).
-        condition: ``"none"``, ``"metadata"`` or ``"factors"``.
+        condition: ``"none"``, ``"metadata"``, ``"factors"`` or ``"semantic"``.
         num_domains: metadata: number of sites (``cond["domain"]`` in ``[0, num_domains)``).
         num_metadata_scalars: metadata: width ``k`` of ``cond["metadata"] (B, k)`` (0 = site only).
         content_dim, style_dim: factors: widths of the pooled content/style vectors (``Dc``, ``Ds``; ``Ds=0`` for
             content only).
         content_map: factors: also add the content token map ``cond["content_map"] (B, Dc, h1, h2, h3)``.
+        semantic_encoder: semantic: the ``SemanticEncoder``'s arguments (``patch_size``, ``dim``, ``depth``,
+            ``num_heads``, ``code_dim``; ``meduet.networks.semantic.SEMANTIC_PRESETS``).
         cond_dropout: probability of dropping a sample's condition in training (classifier-free guidance).
         qkv_bias: bias of the qkv projection.
         num_train_timesteps: range of ``t`` (``T``; 1000 for MONAI's DDPM/RFlow schedulers).
@@ -128,6 +134,7 @@ class LatentDiT(RecordMixin, nn.Module):
         content_dim: int = 0,
         style_dim: int = 0,
         content_map: bool = False,
+        semantic_encoder: Mapping[str, Any] | None = None,
         cond_dropout: float = 0.1,
         qkv_bias: bool = True,
         num_train_timesteps: int = 1000,
@@ -136,10 +143,13 @@ class LatentDiT(RecordMixin, nn.Module):
         super().__init__()
         _check_args(condition, num_domains, num_metadata_scalars, content_dim, style_dim, content_map, cond_dropout,
                     dim, num_heads)
+        if (condition == "semantic") != (semantic_encoder is not None):
+            raise MeduetConfigError("semantic_encoder (its sizes) goes with condition 'semantic' and only with it")
         self.arch = dict(in_channels=in_channels, input_size=input_size, patch_size=patch_size, dim=dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio, condition=condition, num_domains=num_domains,
                          num_metadata_scalars=num_metadata_scalars, content_dim=content_dim, style_dim=style_dim,
-                         content_map=content_map, cond_dropout=cond_dropout, qkv_bias=qkv_bias,
+                         content_map=content_map, semantic_encoder=dict(semantic_encoder) if semantic_encoder else None,
+                         cond_dropout=cond_dropout, qkv_bias=qkv_bias,
                          num_train_timesteps=num_train_timesteps, freq_dim=freq_dim)
         self.meta: dict[str, Any] = {}
         self.in_channels, self.patch_size, self.dim, self.depth = in_channels, patch_size, dim, depth
@@ -154,12 +164,17 @@ class LatentDiT(RecordMixin, nn.Module):
         self.t_embedder = TimestepEmbedder(dim, freq_dim, num_train_timesteps)
         self.y_embedder: nn.Module | None = None
         self.content_map_embedder: ContentMapEmbedder | None = None
+        self.semantic_encoder: SemanticEncoder | None = None
         if condition == "metadata":
             self.y_embedder = MetadataEmbedder(num_domains, num_metadata_scalars, dim)
         elif condition == "factors":
             self.y_embedder = FactorEmbedder(content_dim, style_dim, dim)
             if content_map:
                 self.content_map_embedder = ContentMapEmbedder(content_dim, dim)
+        elif condition == "semantic":
+            self.semantic_encoder = SemanticEncoder(in_channels, input_size, **dict(semantic_encoder))
+            self.code_dim = self.semantic_encoder.code_dim
+            self.y_embedder = FactorEmbedder(self.code_dim, 0, dim)
         self.blocks = nn.ModuleList(DiTBlock(dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth))
         self.final_layer = FinalLayer(dim, patch_size, in_channels)
         self.initialize_weights()
@@ -191,7 +206,6 @@ class LatentDiT(RecordMixin, nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    # ------------------------------------------------------------------ record
     # ------------------------------------------------------------------ helpers
     def positions(self, grid: Sequence[int]) -> torch.Tensor:
         """Fixed sin-cos positions ``(1, N, dim)`` of a token grid (buffer for the default grid, cached otherwise)."""
@@ -224,7 +238,28 @@ class LatentDiT(RecordMixin, nn.Module):
         if self.condition == "factors":
             keys = (("content",) if self.content_dim else ()) + (("style",) if self.style_dim else ())
             return keys + (("content_map",) if self.use_content_map else ())
+        if self.condition == "semantic":
+            return ("semantic",)
         return ()
+
+    def encode_semantic(self, x0: torch.Tensor) -> torch.Tensor:
+        """Semantic code ``(B, code_dim)`` of clean scaled latents ``x0 (B, C, S1, S2, S3)`` (condition semantic)."""
+        if self.semantic_encoder is None:
+            raise MeduetConfigError(f"this generator is conditioned on '{self.condition}', not 'semantic'; it has no "
+                                    "semantic encoder (train meduet_diffusion with --condition semantic)")
+        if x0.ndim != 5 or x0.shape[1] != self.in_channels:
+            raise MeduetConfigError(f"encode_semantic needs latents (B, {self.in_channels}, S1, S2, S3), got "
+                                    f"{tuple(x0.shape)}")
+        return self.semantic_encoder(x0)
+
+    def semantic_cond(self, cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"semantic": code}`` from ``cond``'s code, or from its clean latent ``x0`` (encoded here)."""
+        if cond.get("semantic") is not None:
+            return {"semantic": cond["semantic"]}
+        if cond.get("x0") is None:
+            raise MeduetConfigError(f"condition 'semantic' needs cond['semantic'] (B, {self.code_dim}) or cond['x0'] "
+                                    f"(the clean latents); got keys {sorted(cond)}")
+        return {"semantic": self.encode_semantic(torch.as_tensor(cond["x0"]))}
 
     def drop_mask(self, batch: int, cond: Mapping[str, torch.Tensor] | None,
                   force_drop: torch.Tensor | bool | None, device: torch.device) -> torch.Tensor:
@@ -289,6 +324,9 @@ class LatentDiT(RecordMixin, nn.Module):
             if self.num_metadata_scalars:
                 scalars = self._cond_tensor(cond, "metadata", b, (self.num_metadata_scalars,)).to(t.device)
             y = self.y_embedder(domain, scalars, drop)  # type: ignore[misc]
+        elif self.condition == "semantic":
+            code = self._cond_tensor(self.semantic_cond(cond), "semantic", b, (self.code_dim,)).to(t.device)
+            y = self.y_embedder(code, None, drop)  # type: ignore[misc]
         else:
             content = (self._cond_tensor(cond, "content", b, (self.content_dim,)).to(t.device)
                        if self.content_dim else None)
@@ -351,6 +389,8 @@ class LatentDiT(RecordMixin, nn.Module):
         if float(guidance_scale) == 1.0:
             return self(x, t, cond, force_drop=False)
         t = self._timesteps(t, b, x.device)
+        if self.condition == "semantic":
+            cond = self.semantic_cond(cond)
         cond2 = {k: _repeat2(v) for k, v in cond.items() if k in self.cond_keys}
         drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
         out = self(torch.cat([x, x]), torch.cat([t, t]), cond2, force_drop=drop)
@@ -392,7 +432,8 @@ def _check_args(condition: str, num_domains: int, num_metadata_scalars: int, con
 # builders
 # ----------------------------------------------------------------------------------------------------------------
 def build_dit(preset: str | Mapping[str, Any] | None = "tiny", **overrides: Any) -> LatentDiT:
-    """``LatentDiT(**DIT_PRESETS[preset] | overrides)`` (``preset`` may also be a dict or None)."""
+    """``LatentDiT(**DIT_PRESETS[preset] | overrides)`` (``preset`` may also be a dict or None); condition semantic
+    gets ``SEMANTIC_PRESETS[preset]`` updated by an overriding ``semantic_encoder`` dict."""
     if preset is None:
         kw: dict[str, Any] = {}
     elif isinstance(preset, str):
@@ -402,4 +443,7 @@ def build_dit(preset: str | Mapping[str, Any] | None = "tiny", **overrides: Any)
     else:
         kw = dict(preset)
     kw.update(overrides)
+    if kw.get("condition") == "semantic":  # the encoder sized like the DiT preset, overridable key by key
+        kw["semantic_encoder"] = semantic_encoder_args(preset if isinstance(preset, str) else None,
+                                                       kw.get("semantic_encoder"))
     return LatentDiT(**kw)
