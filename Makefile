@@ -42,7 +42,7 @@ $(MLSTAMP): pyproject.toml Makefile
 monailabel-setup: $(MLSTAMP)
 
 sample: setup
-	$(BIN)/python -m meduet.data.sample --out data/sample --pretrain-subjects 72
+	$(BIN)/python -m meduet.data.sample --out data/sample --pretrain-subjects 72 --longitudinal-subjects 16
 
 demo: setup
 	$(BIN)/python tools/demo.py --out outputs/demo --preset demo

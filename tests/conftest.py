@@ -103,11 +103,13 @@ def torchrun_launcher(nproc: int = 2) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """Phantoms of 32^3, 8 subjects, 4 sites (one held out), and the 32^3 MNI152 brain."""
+    """Phantoms of 32^3, 8 subjects, 4 sites (one held out), a longitudinal cohort of 4 subjects x 3 visits, and the
+    32^3 MNI152 brain."""
     from meduet.data.sample import main
 
     out = tmp_path_factory.mktemp("sample")
-    assert main(["--out", str(out), "--size", "32", "--subjects", "8", "--sites", "4", "--brain-size", "32"]) == 0
+    assert main(["--out", str(out), "--size", "32", "--subjects", "8", "--sites", "4", "--brain-size", "32",
+                 "--longitudinal-subjects", "4", "--visits", "3"]) == 0
     return out
 
 

@@ -33,8 +33,8 @@ from meduet.io import write_json
 __all__ = ["SPLITS", "SAMPLE_HINT", "load_datalist", "get_split", "write_datalist", "resolve_path"]
 
 #: Split keys a datalist may hold, in the order they are validated (``pretraining``: unlabeled images for
-#: self-supervised pretraining only).
-SPLITS: tuple[str, ...] = ("training", "validation", "test", "pretraining")
+#: self-supervised pretraining only; ``longitudinal``: the sample data's cohort, several visits per subject).
+SPLITS: tuple[str, ...] = ("training", "validation", "test", "pretraining", "longitudinal")
 
 #: The command that (re)creates the default sample data; quoted in error messages.
 SAMPLE_HINT = "python -m meduet.data.sample --out data/sample"

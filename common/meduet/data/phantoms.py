@@ -2,7 +2,17 @@
 *content*: body, two organs, lesions as a label map) rendered by sites that differ in style only (contrast table,
 blur, smooth multiplicative bias field, global intensity scale/offset, noise). Deterministic from a seed: every
 random quantity has its own ``np.random.SeedSequence`` stream, so adding a site never changes the anatomy and the
-rendering order never changes the noise."""
+rendering order never changes the noise.
+
+Ageing (the longitudinal cohort of ``meduet.data.cohorts``): ``make_anatomy(rng, size, age=a)`` draws the same
+subject as at any other age and applies one deterministic law to it: organ_a's radii are scaled by
+``s_a = 1 + ORGAN_A_GROWTH * (a - AGE_PIVOT) / AGE_SPAN_YEARS`` (it grows) and organ_b's by
+``s_b = 1 - ORGAN_B_SHRINK * (a - AGE_PIVOT) / AGE_SPAN_YEARS`` (it shrinks), about each organ's own centre, for
+``a`` in ``AGE_RANGE``. Body, deformation, the organs' centres, orientations and radial perturbations, and the
+lesions (centres fixed in organ_a's frame, so they move with it; radii fixed) are the same at every age, and every
+organ's region at one age contains (organ_a) or lies inside (organ_b) its region at a younger age, so the volumes
+are monotone in age. With 0.10 / 0.15 / 30 years, organ_b's volume (~ s_b^3) changes by 12-16 % per 10 years (at
+64^3: >= 11 %, median 14 %, over 20 subjects) and by a factor 0.40 from 20 to 80 years; organ_a's grows by 1.8x."""
 
 from __future__ import annotations
 
@@ -11,14 +21,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SPACING_MM", "SiteStyle", "make_site_styles", "make_anatomy", "bias_field", "render", "ANATOMY", "STYLE",
-           "RENDER",
-           "SPLIT", "BIAS"]
+__all__ = ["SPACING_MM", "SiteStyle", "make_site_styles", "make_anatomy", "age_scales", "bias_field", "render",
+           "ANATOMY", "STYLE", "RENDER", "SPLIT", "BIAS", "COHORT", "AGE_RANGE", "AGE_PIVOT", "AGE_SPAN_YEARS",
+           "ORGAN_A_GROWTH", "ORGAN_B_SHRINK"]
 
 SPACING_MM = 1.5
 
 # Stream identifiers for np.random.SeedSequence([seed, STREAM, ...]).
-ANATOMY, STYLE, RENDER, SPLIT, BIAS = range(5)
+ANATOMY, STYLE, RENDER, SPLIT, BIAS, COHORT = range(6)
+
+#: the ageing law (``age_scales``): ages (years) it is defined for; a subject is accepted only when it is valid at
+#: both ends, so every age in the range gives the same subject
+AGE_RANGE = (20.0, 80.0)
+#: the age at which both organs have their drawn size (scale 1)
+AGE_PIVOT = 50.0
+#: years over which the organ radii change by ``ORGAN_A_GROWTH`` / ``ORGAN_B_SHRINK``
+AGE_SPAN_YEARS = 30.0
+#: organ_a's radii grow by this fraction per ``AGE_SPAN_YEARS`` (0.9x at 20 years, 1.1x at 80)
+ORGAN_A_GROWTH = 0.10
+#: organ_b's radii shrink by this fraction per ``AGE_SPAN_YEARS`` (1.15x at 20 years, 0.85x at 80)
+ORGAN_B_SHRINK = 0.15
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,7 +97,23 @@ def _ellipsoid_q(w: Sequence[np.ndarray], centre, radii, rot: np.ndarray) -> np.
     return q
 
 
-def make_anatomy(rng: np.random.Generator, size: int) -> np.ndarray:
+def age_scales(age: float) -> tuple[float, float]:
+    """The ageing law: the factors ``(s_a, s_b)`` on organ_a's and organ_b's radii at ``age`` (years, within
+    :data:`AGE_RANGE`): ``s_a = 1 + ORGAN_A_GROWTH (age - AGE_PIVOT) / AGE_SPAN_YEARS``,
+    ``s_b = 1 - ORGAN_B_SHRINK (age - AGE_PIVOT) / AGE_SPAN_YEARS``; organ volumes scale about as ``s^3``."""
+    age = float(age)
+    if not AGE_RANGE[0] <= age <= AGE_RANGE[1]:
+        raise ValueError(f"age {age:g} is outside the ageing law's range {AGE_RANGE[0]:g}..{AGE_RANGE[1]:g} years")
+    t = (age - AGE_PIVOT) / AGE_SPAN_YEARS
+    return 1.0 + ORGAN_A_GROWTH * t, 1.0 - ORGAN_B_SHRINK * t
+
+
+def _valid(counts: np.ndarray, n: int) -> bool:
+    """A usable subject: a body, both organs of a minimal size, a lesion of at least 4 voxels."""
+    return bool(counts[1] > 0.05 * n and min(counts[2], counts[3]) > 0.004 * n and counts[4] >= 4)
+
+
+def make_anatomy(rng: np.random.Generator, size: int, age: float | None = None, lesions: bool = True) -> np.ndarray:
     """Draw one random subject: a label map of shape (size, size, size), uint8.
 
     Labels: 0 outside the body, 1 body, 2 organ_a, 3 organ_b, 4 lesion(s) inside organ_a. The body is a
@@ -83,7 +121,20 @@ def make_anatomy(rng: np.random.Generator, size: int) -> np.ndarray:
     the body, lesions are 1-3 small spheres centred inside organ_a; a smooth random displacement field deforms
     everything. Shapes are defined on a normalised grid, so a subject looks alike at every ``size``. Every
     label is guaranteed to be present (draws are repeated, deterministically, until it is).
+
+    Args:
+        rng: the subject's random stream (the sample data uses ``[seed, ANATOMY, subject_index]``).
+        size: grid side in voxels.
+        age: ``None`` (default): the subject as the sample data always drew it (lesion centres picked among
+            organ_a's core voxels). A number of years in :data:`AGE_RANGE`: the same draws up to the lesions, then
+            the ageing law of :func:`age_scales` (organ radii scaled about the organ centres; lesion centres drawn
+            in organ_a's own frame, so they move with it; lesion radii fixed). The number of draws and whether an
+            attempt is accepted (valid at both ends of ``AGE_RANGE``) do not depend on ``age``, so one stream at
+            two ages gives the same subject, differing only by the law.
+        lesions: ``False`` paints no lesion (label 4 absent; those voxels stay organ_a) but draws, and accepts,
+            exactly as ``True`` does: the same subject without its lesions.
     """
+    scales = None if age is None else age_scales(age)
     axes = _axes(size)
     voxel = 2.0 / (size - 1)  # one voxel in normalised units
     for _attempt in range(50):
@@ -99,15 +150,20 @@ def make_anatomy(rng: np.random.Generator, size: int) -> np.ndarray:
             v = np.array([side * rng.uniform(0.25, 0.42), rng.uniform(-0.2, 0.2), rng.uniform(-0.25, 0.25)])
             centre = body_c + body_rot @ (body_r * v)
             radii = rng.uniform(r_lo, r_hi, size=3)
-            q = _ellipsoid_q(w, centre, radii, _rotation(rng))
+            rot = _rotation(rng)
+            q = _ellipsoid_q(w, centre, radii, rot)
             wobble = 1.0 + np.float32(rng.uniform(0.08, 0.18)) * np.tanh(_smooth_field(rng, axes, max_cycles=2.0))
             q /= wobble * wobble  # smooth radial perturbation of the ellipsoid: inside is q <= 1
-            organs.append((q, (q <= 1.0) & body))
-        (q_a, organ_a), (_, organ_b) = organs
-
+            organs.append((q, centre, radii, rot))
+        if scales is not None:
+            label = _aged(rng, body, organs, w, voxel, scales, lesions)
+            if label is not None:
+                return label
+            continue
+        (q_a, *_), (q_b, *_) = organs
         label = body.astype(np.uint8)
-        label[organ_b] = 3
-        label[organ_a] = 2  # organ_a wins where the two overlap
+        label[(q_b <= 1.0) & body] = 3
+        label[(q_a <= 1.0) & body] = 2  # organ_a wins where the two overlap
 
         # lesion centres: organ_a voxels well inside the organ (q_a <= 0.4, i.e. within ~63 % of its radius)
         core = np.flatnonzero((q_a <= 0.4) & (label == 2))
@@ -116,16 +172,59 @@ def make_anatomy(rng: np.random.Generator, size: int) -> np.ndarray:
         if core.size == 0:
             continue
         x, y, z = (a.ravel() for a in axes)
+        lesion = np.zeros(label.shape, dtype=bool)
         for _ in range(int(rng.integers(1, 4))):
             r = max(rng.uniform(0.05, 0.10), 1.5 * voxel)
             i, j, k = np.unravel_index(core[int(rng.integers(core.size))], label.shape)
-            lesion = (x[:, None, None] - x[i]) ** 2 + (y[None, :, None] - y[j]) ** 2 + (z[None, None, :] - z[k]) ** 2
-            label[(lesion <= np.float32(r * r)) & (label == 2)] = 4
-
-        counts = np.bincount(label.ravel(), minlength=5)
-        if counts[1] > 0.05 * label.size and min(counts[2], counts[3]) > 0.004 * label.size and counts[4] >= 4:
+            d2 = (x[:, None, None] - x[i]) ** 2 + (y[None, :, None] - y[j]) ** 2 + (z[None, None, :] - z[k]) ** 2
+            lesion |= d2 <= np.float32(r * r)
+        label = _paint_lesion(label, lesion, lesions)
+        if label is not None:
             return label
     raise RuntimeError(f"could not draw a phantom with all labels present at size {size}")  # pragma: no cover
+
+
+def _paint_lesion(label: np.ndarray, lesion: np.ndarray, paint: bool, check: bool = True) -> np.ndarray | None:
+    """``label`` with ``lesion & organ_a`` set to 4 (when ``paint``), or None when ``check`` and the subject, with its
+    lesions, is not valid (so painting or not never changes which attempt is accepted)."""
+    lesion &= label == 2
+    counts = np.bincount(label.ravel(), minlength=5)
+    n_lesion = int(np.count_nonzero(lesion))
+    counts[2] -= n_lesion
+    counts[4] += n_lesion
+    if check and not _valid(counts, label.size):
+        return None
+    if paint:
+        label[lesion] = 4
+    return label
+
+
+def _aged(rng, body, organs, w, voxel: float, scales: tuple[float, float], paint: bool) -> np.ndarray | None:
+    """The aged label map of one attempt (see ``make_anatomy``), or None when the attempt is invalid at either end
+    of ``AGE_RANGE``. Draws the lesions (count, then radius, direction, radial fraction each) before any test."""
+    specs = []
+    for _ in range(int(rng.integers(1, 4))):
+        r = max(rng.uniform(0.05, 0.10), 1.5 * voxel)
+        u = rng.normal(size=3)
+        u *= np.sqrt(0.4) * rng.uniform() ** (1.0 / 3.0) / max(float(np.linalg.norm(u)), 1e-12)
+        specs.append((r, u))  # centre: organ_a's ellipsoid coordinates u (|u| <= 0.63, cf. q_a <= 0.4 above)
+
+    def at(s_a: float, s_b: float, paint_: bool, check: bool = True) -> np.ndarray | None:
+        (q_a, c_a, r_a, rot_a), (q_b, *_) = organs
+        label = body.astype(np.uint8)  # q <= s^2 is the ellipsoid with radii * s (q scales as 1 / radius^2)
+        label[(q_b <= np.float32(s_b * s_b)) & body] = 3
+        label[(q_a <= np.float32(s_a * s_a)) & body] = 2
+        lesion = np.zeros(label.shape, dtype=bool)
+        for r, u in specs:
+            c = c_a + s_a * (rot_a @ (r_a * u))
+            d2 = (w[0] - np.float32(c[0])) ** 2 + (w[1] - np.float32(c[1])) ** 2 + (w[2] - np.float32(c[2])) ** 2
+            lesion |= d2 <= np.float32(r * r)
+        return _paint_lesion(label, lesion, paint_, check)
+
+    ends = [age_scales(a) for a in AGE_RANGE]
+    if any(at(*s, False) is None for s in ends):
+        return None
+    return at(*scales, paint, check=False)  # accepted at both ends: every age gives this subject
 
 
 # ----------------------------------------------------------------------------------------------------------------

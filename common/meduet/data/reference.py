@@ -43,6 +43,8 @@ def noise_free_phantom(datalist_file: str | os.PathLike, item: dict) -> tuple[np
         raise MeduetInputError(f"{datalist_file}: item {item.get('image')!r} is not a generated phantom "
                                f"(domain {item.get('domain')!r}, subject {subject!r})")
     site = by_name[item["domain"]]
-    label = make_anatomy(np.random.default_rng([seed, ANATOMY, int(subject[1:])]), size)
+    age = item.get("age")  # a longitudinal cohort visit: the subject at that age, with or without its lesions
+    label = make_anatomy(np.random.default_rng([seed, ANATOMY, int(subject[1:])]), size,
+                         age=None if age is None else float(age), lesions=bool(item.get("lesion", 1)))
     image = render(label, replace(site, noise_std=0.0), bias_field(seed, site, size), np.random.default_rng(0))
     return image, phantom_affine(size)

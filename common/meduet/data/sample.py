@@ -3,7 +3,8 @@
 Command line::
 
     python -m meduet.data.sample --out data/sample [--seed 0] [--size 64] [--subjects 24] [--sites 6]
-                                 [--pretrain-subjects 0] [--no-brain] [--brain-size 64] [--force]
+                                 [--pretrain-subjects 0] [--longitudinal-subjects 0] [--visits 3]
+                                 [--visit-gap-years 10] [--no-brain] [--brain-size 64] [--force]
 
 Writes::
 
@@ -12,6 +13,7 @@ Writes::
     <out>/phantoms/images/<subject>_<site>.nii.gz   float32 CT-like volume (HU), 1.5 mm isotropic, RAS affine
     <out>/phantoms/labels/<subject>.nii.gz          uint8 label map, same grid: 0 bg, 1 body, 2 organ_a,
                                                     3 organ_b, 4 lesion
+    <out>/phantoms/images/<subject>_v<k>_<site>.nii.gz, labels/<subject>_v<k>.nii.gz   longitudinal cohort, visit k
     <out>/brain/datalist.json                 MR, one item (domain "mni152")
     <out>/brain/images/mni152_t1.nii.gz       nilearn's MNI ICBM152 T1 (values in [0, 1]), cube around the brain
     <out>/brain/labels/mni152_t1.nii.gz       uint8: 0 background, 1 grey matter, 2 white matter
@@ -24,6 +26,11 @@ test subjects are rendered by every site (seen and held out), so the same anatom
 ``--pretrain-subjects N`` adds the split ``pretraining``: N further subjects, each rendered once by a seen site
 (balanced), listed *without labels* -- the unlabeled multi-site pool that self-supervised pretraining is for
 (meduet_pretrain trains on it; the VAE and the segmentation never see it). Adding it changes no other file.
+``--longitudinal-subjects N`` adds the split ``longitudinal`` (``meduet.data.cohorts``; changes no other file): N
+further subjects seen at ``--visits`` ages ``--visit-gap-years`` apart, organ_a growing and organ_b shrinking with
+age by a known law (``meduet.data.phantoms.age_scales``), labelled, one seen site each, lesions in half of them.
+Phantom items carry attributes measured on their label map: ``organ_a_ml`` (with its lesions), ``organ_b_ml``,
+``lesion_ml``, ``lesion`` (0/1); cohort items also ``age`` (years) and ``visit`` (0-based).
 
 Everything is deterministic from ``--seed`` (independent of thread scheduling). The output is generated in a
 hidden temporary folder next to ``--out`` and renamed into place, so a killed run leaves nothing half-written.
@@ -45,9 +52,10 @@ from typing import Sequence
 
 import numpy as np
 
+from meduet.data.cohorts import (ATTRIBUTES, ageing_law, assign_cohort, assign_pool, assign_splits, baseline_age_range,
+                                 cohort_cases, label_attributes)
 from meduet.data.datalist import load_datalist, write_datalist
-from meduet.data.phantoms import (ANATOMY, RENDER, SPACING_MM, SPLIT, bias_field, make_anatomy,
-                                  make_site_styles, render)
+from meduet.data.phantoms import ANATOMY, RENDER, SPACING_MM, bias_field, make_anatomy, make_site_styles, render
 from meduet.errors import MeduetInputError
 
 __all__ = [
@@ -60,7 +68,8 @@ __all__ = [
     "main",
 ]
 
-GENERATOR_VERSION = 1
+#: 2: items carry attributes (``meduet.data.cohorts``), params the cohort options; images and labels as in 1
+GENERATOR_VERSION = 2
 LABELS = {"0": "background", "1": "body", "2": "organ_a", "3": "organ_b", "4": "lesion"}
 BRAIN_LABELS = {"0": "background", "1": "grey matter", "2": "white matter"}
 #: a voxel is tissue when max(P(GM), P(WM)) reaches this; then the larger of the two wins
@@ -73,30 +82,6 @@ PHANTOM_CENTRE_MM = (0.0, 20.0, -120.0)
 # ----------------------------------------------------------------------------------------------------------------
 # splits, affine, I/O
 # ----------------------------------------------------------------------------------------------------------------
-def assign_splits(n_subjects: int, seen: Sequence[str], seed: int) -> dict[str, list[tuple[int, str | None]]]:
-    """Split subjects ~60/15/25 % into training / validation / test (each at least one subject).
-
-    Returns ``{"training": [(subject_index, site), ...], "validation": [...], "test": [(subject_index, None)]}``;
-    training and validation subjects get one seen site each, cycling through ``seen`` in a random order so that
-    the sites are balanced; test subjects are rendered by every site (site ``None``). Lists are sorted.
-    """
-    if n_subjects < 3:
-        raise MeduetInputError(f"--subjects {n_subjects}: need at least 3 subjects (training, validation, test)")
-    rng = np.random.default_rng([seed, SPLIT])
-    n_test = max(1, int(round(0.25 * n_subjects)))
-    n_val = max(1, int(round(0.15 * n_subjects)))
-    n_train = n_subjects - n_test - n_val
-    order = rng.permutation(n_subjects)
-    site_order = list(rng.permutation(len(seen)))
-    cycle = [seen[site_order[i % len(seen)]] for i in range(n_train + n_val)]
-    train_sites, val_sites = cycle[:n_train], cycle[n_train:]
-    rng.shuffle(train_sites)
-    train = sorted(zip(order[:n_train].tolist(), train_sites))
-    val = sorted(zip(order[n_train : n_train + n_val].tolist(), val_sites))
-    test = sorted((int(s), None) for s in order[n_train + n_val :])
-    return {"training": train, "validation": val, "test": test}
-
-
 def phantom_affine(size: int) -> np.ndarray:
     """RAS voxel-to-world affine (4, 4): 1.5 mm isotropic, grid centred at :data:`PHANTOM_CENTRE_MM`."""
     aff = np.diag([SPACING_MM, SPACING_MM, SPACING_MM, 1.0])
@@ -114,16 +99,8 @@ def _save_nifti(path: str, array: np.ndarray, affine: np.ndarray) -> None:
     nib.save(img, path)
 
 
-def assign_pool(n_subjects: int, n_pool: int, seen: Sequence[str], seed: int) -> list[tuple[int, str]]:
-    """The unlabeled pretraining pool: subjects ``n_subjects .. n_subjects + n_pool - 1`` (after every labelled
-    subject, so the pool never changes them), each with one seen site, balanced over the seen sites."""
-    rng = np.random.default_rng([seed, SPLIT, 1])
-    sites = [seen[i % len(seen)] for i in range(n_pool)]
-    rng.shuffle(sites)
-    return [(n_subjects + i, site) for i, site in enumerate(sites)]
-
-
-def _make_phantoms(root: str, seed: int, size: int, n_subjects: int, n_sites: int, n_pool: int = 0) -> dict:
+def _make_phantoms(root: str, seed: int, size: int, n_subjects: int, n_sites: int, n_pool: int = 0,
+                   n_cohort: int = 0, visits: int = 3, gap_years: float = 10.0) -> dict:
     """Write ``root/{images,labels,datalist.json}``; returns the datalist dict (relative paths).
 
     Volumes are computed in this thread and gzip-written by two worker threads (zlib releases the GIL), so
@@ -138,6 +115,7 @@ def _make_phantoms(root: str, seed: int, size: int, n_subjects: int, n_sites: in
     splits = assign_splits(n_subjects, seen, seed)
     if n_pool > 0:
         splits["pretraining"] = assign_pool(n_subjects, n_pool, seen, seed)
+    cohort = assign_cohort(n_subjects + n_pool, n_cohort, visits, gap_years, seen, seed) if n_cohort > 0 else []
     affine = phantom_affine(size)
     biases = {s.name: bias_field(seed, s, size) for s in styles}
     by_name = {s.name: s for s in styles}
@@ -154,10 +132,13 @@ def _make_phantoms(root: str, seed: int, size: int, n_subjects: int, n_sites: in
         "heldout_domains": heldout,
         "labels": dict(LABELS),
         "sites": {s.name: {k: v for k, v in asdict(s).items() if k not in ("name", "index")} for s in styles},
+        "attributes": dict(ATTRIBUTES),
+        **({"ageing_law": ageing_law()} if cohort else {}),
         "training": [],
         "validation": [],
         "test": [],
         **({"pretraining": []} if n_pool > 0 else {}),
+        **({"longitudinal": []} if cohort else {}),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending = []
@@ -176,11 +157,16 @@ def _make_phantoms(root: str, seed: int, size: int, n_subjects: int, n_sites: in
                     image_rel = f"images/{subject}_{name}.nii.gz"
                     pending.append(pool.submit(_save_nifti, os.path.join(root, image_rel), image, affine))
                     item = {"image": image_rel, **({} if unlabeled else {"label": label_rel}), "domain": name,
-                            "subject": subject}
+                            "subject": subject, **label_attributes(label)}
                     datalist[split].append(item)
                 # bound the memory held by queued volumes; .result() re-raises a failed write here
                 while len(pending) > 8:
                     pending.pop(0).result()
+        for files, item in cohort_cases(seed, size, cohort, by_name, biases):  # the longitudinal cohort
+            pending += [pool.submit(_save_nifti, os.path.join(root, rel), array, affine) for rel, array in files]
+            datalist["longitudinal"].append(item)
+            while len(pending) > 8:
+                pending.pop(0).result()
         for f in pending:
             f.result()
     write_datalist(os.path.join(root, "datalist.json"), datalist)
@@ -330,6 +316,9 @@ def generate_sample_data(
     force: bool = False,
     log=print,
     pretrain_subjects: int = 0,
+    longitudinal_subjects: int = 0,
+    visits: int = 3,
+    visit_gap_years: float = 10.0,
 ) -> dict:
     """Generate the sample data into ``out`` (see the module docstring); returns the ``sample.json`` record.
 
@@ -346,10 +335,15 @@ def generate_sample_data(
         raise MeduetInputError(f"--subjects {subjects}: need at least 3 subjects (training, validation, test)")
     if pretrain_subjects < 0:
         raise MeduetInputError(f"--pretrain-subjects {pretrain_subjects}: must be >= 0")
+    if longitudinal_subjects < 0:
+        raise MeduetInputError(f"--longitudinal-subjects {longitudinal_subjects}: must be >= 0")
+    baseline_age_range(visits, visit_gap_years)  # one-line error for visits the ageing law cannot hold
     out = os.path.abspath(os.fspath(out))
     params = {"version": GENERATOR_VERSION, "seed": seed, "size": size, "subjects": subjects, "sites": sites,
               "brain": bool(brain), "brain_size": brain_size if brain else None,
-              "pretrain_subjects": int(pretrain_subjects)}
+              "pretrain_subjects": int(pretrain_subjects), "longitudinal_subjects": int(longitudinal_subjects),
+              "visits": int(visits) if longitudinal_subjects else None,
+              "visit_gap_years": float(visit_gap_years) if longitudinal_subjects else None}
     if os.path.isdir(out) and not force and _is_up_to_date(out, params):
         log(f"{out} already holds sample data with these parameters; nothing to do (--force regenerates)")
         with open(os.path.join(out, "sample.json"), encoding="utf-8") as f:
@@ -369,7 +363,8 @@ def generate_sample_data(
     t0 = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent)
     try:
-        phantoms = _make_phantoms(os.path.join(tmp, "phantoms"), seed, size, subjects, sites, pretrain_subjects)
+        phantoms = _make_phantoms(os.path.join(tmp, "phantoms"), seed, size, subjects, sites, pretrain_subjects,
+                                  longitudinal_subjects, visits, visit_gap_years)
         brain_dl = None
         if brain:
             if importlib.util.find_spec("nilearn") is None:
@@ -409,6 +404,9 @@ def generate_sample_data(
     )
     if pretrain_subjects:
         log(f"            pretraining pool: {pretrain_subjects} unlabeled images (one seen site each)")
+    if longitudinal_subjects:
+        log(f"            longitudinal: {longitudinal_subjects} subjects x {visits} visits {visit_gap_years:g} years "
+            "apart (one seen site each; organ_a grows, organ_b shrinks with age)")
     if brain_dl is not None:
         log(f"  brain:    MNI152 T1 {brain_size}^3 at {brain_dl['spacing'][0]:.2f} mm, MR, labels 0 bg, 1 GM, 2 WM")
     return record
@@ -424,13 +422,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sites", type=int, default=6, help="number of sites; the last third is held out of training")
     p.add_argument("--pretrain-subjects", type=int, default=0,
                    help="unlabeled subjects in a 'pretraining' split (one seen site each), default 0")
+    p.add_argument("--longitudinal-subjects", type=int, default=0,
+                   help="subjects of a 'longitudinal' split, each at --visits ages (one seen site each), default 0")
+    p.add_argument("--visits", type=int, default=3, help="visits per longitudinal subject, default 3")
+    p.add_argument("--visit-gap-years", type=float, default=10.0, help="years between visits, default 10")
     p.add_argument("--no-brain", action="store_true", help="skip the MNI152 brain sample")
     p.add_argument("--brain-size", type=int, default=64, help="brain cube side in voxels, default 64")
     p.add_argument("--force", action="store_true", help="regenerate even if the output is up to date")
     a = p.parse_args(argv)
     try:
         generate_sample_data(a.out, a.seed, a.size, a.subjects, a.sites, not a.no_brain, a.brain_size, a.force,
-                             pretrain_subjects=a.pretrain_subjects)
+                             pretrain_subjects=a.pretrain_subjects, longitudinal_subjects=a.longitudinal_subjects,
+                             visits=a.visits, visit_gap_years=a.visit_gap_years)
     except MeduetInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -128,6 +128,12 @@ def test_encode_caches_latents_with_affine(trained, tiny_data):
     assert dl["domains"] == src["domains"] and dl["latent_channels"] == 4 and dl["downsample_factor"] == 4
     assert len(dl["training"]) == len(src["training"]) and len(dl["test"]) == len(src["test"])
     assert np.isfinite(dl["latent_std"]) and dl["latent_std"] > 0
+    # the longitudinal cohort is encoded too, its items keep the subject, age, visit and attributes
+    keys = ("subject", "age", "visit", "organ_a_ml", "organ_b_ml", "lesion_ml", "lesion")
+    assert len(dl["longitudinal"]) == len(src["longitudinal"]) == 4 * 3
+    for lat_item, src_item in zip(dl["longitudinal"], src["longitudinal"]):
+        assert {k: lat_item[k] for k in keys} == {k: src_item[k] for k in keys}
+    assert all("organ_b_ml" in it for it in dl["training"])
     item = dl["training"][0]
     lat = nib.load(out / item["latent"])
     assert lat.shape == tuple(s // 4 for s in item["image_shape"]) + (4,)
