@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: unlabeled subjects in the sample data's pretraining pool (meduet_pretrain trains on them, and its report fits the
 #: labelled site-eraser rows on them; the VAE, diffusion and segmentation stages never see them)
 PRETRAIN_POOL = 72
+LONGITUDINAL = 16  # subjects of the longitudinal cohort (3 visits each): LDAE's probes and interpolation
 
 
 def bundle_cmd(bundle: str, workflow: str, preset: str, run_id: str | None = None, extra: tuple[str, ...] = (),
@@ -87,7 +88,7 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 def stage_sample_data(d: Demo) -> None:
     d.run("sample data", [sys.executable, "-m", "meduet.data.sample", "--out", "data/sample",
-                          "--pretrain-subjects", str(PRETRAIN_POOL)])
+                          "--pretrain-subjects", str(PRETRAIN_POOL), "--longitudinal-subjects", str(LONGITUDINAL)])
     dl = json.loads((REPO / "data/sample/phantoms/datalist.json").read_text())
     d.sections.append(
         "## Sample data\n\n"
@@ -95,7 +96,9 @@ def stage_sample_data(d: Demo) -> None:
         f"{', '.join(dl.get('heldout_domains', []))}), {len(dl['training'])} training / {len(dl['validation'])} "
         f"validation / {len(dl['test'])} test images, labels {dl['labels']}. "
         f"Unlabeled pretraining pool (meduet_pretrain only): {len(dl.get('pretraining', []))} images, one seen "
-        f"site each. Made by `python -m meduet.data.sample --out data/sample --pretrain-subjects {PRETRAIN_POOL}`.\n"
+        f"site each. Longitudinal cohort: {len(dl.get('longitudinal', []))} images (subjects scanned at 3 ages). "
+        f"Made by `python -m meduet.data.sample --out data/sample --pretrain-subjects {PRETRAIN_POOL} "
+        f"--longitudinal-subjects {LONGITUDINAL}`.\n"
     )
 
 

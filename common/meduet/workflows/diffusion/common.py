@@ -25,7 +25,7 @@ from meduet.latent import LatentSpace, load_latent
 from meduet.losses.diffusion import DiffusionObjective
 
 __all__ = ["progress_enabled", "load_generator", "generator_parts", "conditioner_for", "load_prior", "decode", "save_volume",
-           "latent_shape", "factors_of", "generate", "check_vae"]
+           "latent_shape", "factors_of", "generate", "check_vae", "fit_slices"]
 
 
 def progress_enabled() -> bool:
@@ -152,3 +152,20 @@ def check_vae(vae, rec: Mapping[str, Any], vae_ckpt: str, model_ckpt: str) -> No
     if want and have and want != have:
         raise MeduetConfigError(f"'{model_ckpt}' was trained on latents of another VAE than '{vae_ckpt}' (config "
                                 f"hash {want} vs {have}); pass the meduet_vae model.pt it was trained with")
+
+
+def fit_slices(shape: Sequence[int], crop: Sequence[int]) -> tuple[list[slice], list[slice]]:
+    """Where a volume of ``shape`` lands in ``center_crop_or_pad(.., crop)``: (slices in the crop, slices in the
+    source), per axis."""
+    in_fit, in_src = [], []
+    for s, c in zip(shape, crop):
+        s, c = int(s), int(c)
+        if s <= c:
+            pb = (c - s) // 2
+            in_fit.append(slice(pb, pb + s))
+            in_src.append(slice(0, s))
+        else:
+            st = (s - c) // 2
+            in_fit.append(slice(0, c))
+            in_src.append(slice(st, st + c))
+    return in_fit, in_src

@@ -23,8 +23,8 @@ from meduet.metrics.disentanglement import bootstrap_mean_interval
 from meduet.metrics.transfer import eta_squared, region_means, swap_gaps, swap_pairs
 from meduet.viz import save_pair_grid
 from meduet.workflows.config import WorkflowConfig
-from meduet.workflows.diffusion.common import (check_vae, conditioner_for, decode, factors_of, load_generator,
-                                               save_volume)
+from meduet.workflows.diffusion.common import (check_vae, conditioner_for, decode, factors_of, fit_slices,
+                                               load_generator, save_volume)
 
 __all__ = ["Config", "run", "sdedit"]
 
@@ -45,23 +45,6 @@ def sdedit(model, x0: torch.Tensor, cond, objective: DiffusionObjective, strengt
         eps = predict(model, x, tt, cond, guidance_scale)
         x, _ = sched.step(eps, int(t), x)
     return x
-
-
-def _fit_slices(shape: Sequence[int], crop: Sequence[int]) -> tuple[list[slice], list[slice]]:
-    """Where a volume of ``shape`` lands in ``center_crop_or_pad(.., crop)``: (slices in the crop, slices in the
-    source), per axis."""
-    in_fit, in_src = [], []
-    for s, c in zip(shape, crop):
-        s, c = int(s), int(c)
-        if s <= c:
-            pb = (c - s) // 2
-            in_fit.append(slice(pb, pb + s))
-            in_src.append(slice(0, s))
-        else:
-            st = (s - c) // 2
-            in_fit.append(slice(0, c))
-            in_src.append(slice(st, st + c))
-    return in_fit, in_src
 
 
 def center_slice(vol: np.ndarray, like: Sequence[int]) -> np.ndarray:
@@ -163,7 +146,7 @@ def run(config: Config) -> dict[str, Any]:
     rows, results = [], []
     for a_item, b_item, t_item in chosen:
         za = load_latent(a_item["latent"])
-        fit, src = _fit_slices(za.shape[1:], crop)
+        fit, src = fit_slices(za.shape[1:], crop)
         xa = space.scale(center_crop_or_pad(za, crop)[None].to(device))
         if condition == "factors":
             cond_a = conditioner.factors(xa)
