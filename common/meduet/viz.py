@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 from meduet.io import atomic_path  # noqa: E402
 
-__all__ = ["save_orthoslices", "save_pair_grid"]
+__all__ = ["save_orthoslices", "save_pair_grid", "save_interval_bars"]
 
 
 def _as_3d(v) -> np.ndarray:
@@ -98,6 +98,56 @@ def save_pair_grid(path: str | Path, rows: Sequence[Sequence[tuple[str, object]]
             ax.imshow(np.rot90(np.asarray(img, dtype=np.float32)), cmap="gray", vmin=vrange[0], vmax=vrange[1],
                       interpolation="nearest")
             ax.set_title(caption, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_interval_bars(path: str | Path, panels: Sequence[Mapping[str, object]], title: str = "") -> Path:
+    """Write a PNG of bar charts with intervals, one panel per entry of ``panels``, each a mapping with
+    ``"title"``, ``"groups"`` (x-axis groups, e.g. metrics), ``"series"`` (``{name: [(value, low, high) or None per
+    group]}``, drawn side by side in each group, one colour per name across panels), optional ``"reference"``
+    (a value per group or None, drawn as a dashed line across the group, e.g. the chance level) and ``"ylabel"``."""
+    names = list(dict.fromkeys(n for p in panels for n in p["series"]))  # type: ignore[union-attr]
+    cmap = plt.get_cmap("tab10")
+    ncol = min(3, max(1, len(panels)))
+    nrow = (len(panels) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.4 * ncol, 3.4 * nrow), squeeze=False, layout="constrained")
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.axis("off")
+            continue
+        panel = panels[k]
+        groups, series = list(panel["groups"]), dict(panel["series"])  # type: ignore[arg-type]
+        width = 0.8 / max(1, len(series))
+        labelled: set[str] = set()
+        for j, name in enumerate(series):
+            for g, entry in enumerate(series[name]):
+                if entry is None:
+                    continue
+                v, lo, hi = (float(e) for e in entry)
+                xpos = g - 0.4 + width * (j + 0.5)
+                ax.bar(xpos, v, width * 0.9, color=cmap(names.index(name) % cmap.N),
+                       label=None if name in labelled else name)
+                labelled.add(name)
+                ax.errorbar(xpos, v, yerr=[[max(0.0, v - lo)], [max(0.0, hi - v)]], color="black", capsize=3, lw=1)
+        for g, ref in enumerate(panel.get("reference") or []):  # type: ignore[union-attr]
+            if ref is not None:
+                ax.hlines(float(ref), g - 0.45, g + 0.45, colors="grey", linestyles="dashed", lw=1.2)
+        ax.set_xticks(range(len(groups)), groups, fontsize=8)
+        ax.set_title(str(panel.get("title", "")), fontsize=9)
+        ax.set_ylabel(str(panel.get("ylabel", "")), fontsize=8)
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(6, len(labels)), fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     with atomic_path(path, suffix=".png") as tmp:

@@ -46,3 +46,17 @@ def test_label_colour_bar_names_the_classes(tmp_path, monkeypatch):
     assert [t.get_text() for t in seen[1].ax.get_yticklabels()] == names
     assert list(seen[1].get_ticks()) == [0, 1, 2]
     assert [t.get_text() for t in seen[0].ax.get_yticklabels()] != names  # grey rows keep numeric ticks
+
+
+def test_interval_bars_draw_one_colour_per_series(tmp_path):
+    from meduet.viz import save_interval_bars
+
+    panels = [{"title": "lesion", "groups": ["BA", "AUC"], "reference": [0.5, 0.5],
+               "series": {"a": [(0.8, 0.7, 0.9), (0.9, 0.8, 1.0)], "b": [(0.5, 0.4, 0.6), None]}},
+              {"title": "age", "groups": ["MAE"], "series": {"a": [(3.0, 2.0, 4.0)], "c": [(5.0, 4.0, 6.0)]}}]
+    png = save_interval_bars(tmp_path / "bars.png", panels, title="probes")
+    got = _colours(png)
+    import matplotlib.pyplot as plt
+
+    for k in range(3):  # a, b, c: tab10's first three colours
+        assert tuple(int(round(v * 255)) for v in plt.get_cmap("tab10")(k)[:3]) in got

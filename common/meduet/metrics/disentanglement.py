@@ -18,8 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["probe_accuracy", "probe_predictions", "bootstrap_interval", "bootstrap_mean_interval", "similarity_ratio",
-           "embed_2d", "chance_level", "LinearEraser", "fit_linear_eraser"]
+__all__ = ["probe_accuracy", "probe_predictions", "probe_probabilities", "linear_probe", "bootstrap_interval",
+           "bootstrap_mean_interval", "group_resample_counts", "similarity_ratio", "embed_2d", "chance_level",
+           "LinearEraser", "fit_linear_eraser"]
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
@@ -33,6 +34,16 @@ def chance_level(labels: Sequence) -> float:
     return 1.0 / max(1, len(set(labels)))
 
 
+def linear_probe(c: float = 1.0):
+    """The probe every classification here fits: standardised features, L2-regularised logistic regression with
+    inverse strength ``c`` (an unfitted scikit-learn pipeline)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+
+
 def probe_predictions(features: np.ndarray, labels: Sequence, groups: Sequence | None = None,
                       folds: int | None = None, c: float = 1.0) -> np.ndarray:
     """Out-of-fold predictions ``(n,)`` of a cross-validated linear probe ``features (n, f) -> labels (n,)``.
@@ -42,10 +53,7 @@ def probe_predictions(features: np.ndarray, labels: Sequence, groups: Sequence |
             groups, stratified ``folds``-fold (default 5) cross-validation.
         c: inverse regularisation strength of the logistic regression.
     """
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
@@ -61,8 +69,36 @@ def probe_predictions(features: np.ndarray, labels: Sequence, groups: Sequence |
         n_min = min(np.unique(y, return_counts=True)[1])
         cv = StratifiedKFold(n_splits=max(2, min(folds or 5, n_min)), shuffle=True, random_state=0)
         split = list(cv.split(x, y))
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
-    return cross_val_predict(probe, x, y, cv=split)
+    return cross_val_predict(linear_probe(c), x, y, cv=split)
+
+
+def probe_probabilities(features: np.ndarray, labels: Sequence, splits: Sequence[tuple[np.ndarray, np.ndarray]],
+                        c: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(classes (k,), probabilities (n, k))``: out-of-fold class probabilities of the ``linear_probe`` for the
+    given ``splits`` (``(train_index, test_index)`` pairs covering every case once as a test case).
+
+    A class absent from a fold's training cases gets probability 0 on that fold's test cases (the probe cannot
+    name it); a fold whose training cases hold a single class predicts that class with probability 1.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    if x.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"features must be (n, f) with n = len(labels), got {x.shape} and {len(y)}")
+    classes = np.unique(y)
+    proba = np.full((len(y), len(classes)), np.nan)
+    for train, test in splits:
+        train, test = np.asarray(train), np.asarray(test)
+        present = np.unique(y[train])
+        cols = np.searchsorted(classes, present)
+        proba[test] = 0.0
+        if len(present) == 1:
+            proba[test, cols[0]] = 1.0
+            continue
+        probe = linear_probe(c).fit(x[train], y[train])
+        proba[np.ix_(test, cols)] = probe.predict_proba(x[test])
+    if np.isnan(proba).any():
+        raise ValueError("the splits must hold every case as a test case")
+    return classes, proba
 
 
 def probe_accuracy(features: np.ndarray, labels: Sequence, groups: Sequence | None = None, folds: int | None = None,
@@ -88,25 +124,36 @@ def bootstrap_interval(labels: Sequence, predictions: Sequence, groups: Sequence
         raise ValueError(f"labels and predictions must have the same non-zero length, got {len(y)} and {len(p)}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    g = np.arange(len(y)) if groups is None else np.asarray(groups)
-    if len(g) != len(y):
-        raise ValueError(f"groups must have one entry per case, got {len(g)} for {len(y)}")
-    _, gi = np.unique(g, return_inverse=True)
+    gi, times = group_resample_counts(len(y), groups, resamples, seed)
     classes, ci = np.unique(y, return_inverse=True)
-    n_groups = int(gi.max()) + 1
-    count = np.zeros((n_groups, len(classes)))  # cases of each class in each group, and how many were right
-    hit = np.zeros((n_groups, len(classes)))
+    count = np.zeros((times.shape[1], len(classes)))  # cases of each class in each group, and how many were right
+    hit = np.zeros((times.shape[1], len(classes)))
     np.add.at(count, (gi, ci), 1.0)
     np.add.at(hit, (gi, ci), (p == y).astype(np.float64))
-    draws = np.random.default_rng(seed).integers(0, n_groups, size=(int(resamples), n_groups))
-    times = np.zeros((int(resamples), n_groups))  # how often each group was drawn in each resample
-    np.add.at(times, (np.arange(int(resamples))[:, None], draws), 1.0)
     n, h = times @ count, times @ hit
     present = n > 0
     stats = np.where(present, h / np.where(present, n, 1.0), 0.0).sum(1) / present.sum(1)  # balanced accuracy
     tail = 100.0 * (1.0 - level) / 2.0
     low, high = np.percentile(stats, [tail, 100.0 - tail])
     return float(low), float(high)
+
+
+def group_resample_counts(n: int, groups: Sequence | None = None, resamples: int = 2000,
+                          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(group_index (n,), times (resamples, n_groups))``: the bootstrap draws of whole groups with replacement
+    (each resample draws as many groups as there are), as how often each group was drawn; single cases without
+    ``groups``. A statistic that is a ratio of per-group sums is then ``times @ sums`` per resample. The same
+    ``seed`` gives the same draws for every statistic of the same cases (so intervals of several metrics of one
+    probe come from one set of resamples)."""
+    g = np.arange(n) if groups is None else np.asarray(groups)
+    if len(g) != n:
+        raise ValueError(f"groups must have one entry per case, got {len(g)} for {n}")
+    _, gi = np.unique(g, return_inverse=True)
+    n_groups = int(gi.max()) + 1
+    draws = np.random.default_rng(seed).integers(0, n_groups, size=(int(resamples), n_groups))
+    times = np.zeros((int(resamples), n_groups))  # how often each group was drawn in each resample
+    np.add.at(times, (np.arange(int(resamples))[:, None], draws), 1.0)
+    return gi.reshape(-1), times
 
 
 def bootstrap_mean_interval(values: Sequence[float], level: float = 0.95, resamples: int = 2000,
