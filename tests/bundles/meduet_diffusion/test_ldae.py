@@ -113,3 +113,37 @@ def test_interpolating_two_subjects_needs_the_flag(ldae, tiny_vae, tiny_latents,
                  "True", "--weights", "[0.5]")
     report = json.loads((out / "interpolate.json").read_text())
     assert report["weights"] == [0.5] and report["volumes"] == ["interp_0.5.nii.gz"]
+
+
+def _manipulate(ldae: Path, tiny_vae: Path, tiny_latents: Path, out: Path, *extra: str, check: bool = True):
+    return bundle_run("meduet_diffusion", "manipulate", "--bundle_root", str(ldae), "--vae_ckpt",
+                      str(tiny_vae / "models/model.pt"), "--latent_datalist", str(tiny_latents), "--output_dir",
+                      str(out), "--num_steps", "10", "--max_cases", "2", *extra, check=check)
+
+
+def test_manipulation_reports_probe_volume_and_change_per_step(ldae, tiny_vae, tiny_latents, tmp_path):
+    out = tmp_path / "edit"
+    _manipulate(ldae, tiny_vae, tiny_latents, out, "--attribute", "organ_b_ml", "--steps", "[-4,0,4]")
+    report = json.loads((out / "manipulate.json").read_text())
+    assert report["task"] == "regression" and report["fit_cases"] == 12 and report["measured_labels"] == [3]
+    assert len(report["cases"]) == 2
+    for case in report["cases"]:
+        zero = case["steps"].index(0.0)
+        assert case["change_outside"][zero] == 0.0 and case["change_inside"][zero] == 0.0
+        assert all(v > 0 for v in case["volume_ml"])  # the organ is found in every decoded edit
+        # the probe reads the re-encoded edits: the code moved, so the reading moved with the step
+        assert case["probe"][0] != case["probe"][-1]
+    assert -1.0 <= report["rho_probe"] <= 1.0 and len(list(out.glob("*_step*.nii.gz"))) == 6
+    assert (out / "manipulate.png").exists()
+
+
+def test_manipulation_bad_attributes_are_one_line(ldae, tiny_vae, tiny_latents, tmp_path):
+    out = tmp_path / "bad"
+    for attr, words in (("nonexistent", "is missing from"), ("lesion", None)):
+        proc = _manipulate(ldae, tiny_vae, tiny_latents, out, "--attribute", attr, "--fit_splits", "['test']",
+                           check=False)
+        if words is None:  # lesion is 1 on every test item: constant
+            words = "same value"
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode != 0 and words in last and attr in last and "Traceback" not in proc.stderr
+        assert not (out / "manipulate.json").exists()
