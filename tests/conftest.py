@@ -70,7 +70,7 @@ def bundle_run(bundle: str, workflow: str, *overrides: str, run_id: str | None =
     a fork of the ``meduet.forkrun`` helper, or a fresh subprocess with a ``launcher`` (torchrun) or when
     ``MEDUET_FRESH_PROCESS=1``."""
     cfg_dir = f"bundles/{bundle}/configs"
-    ext = "json" if workflow == "inference" else "yaml"
+    ext = "json" if workflow == "inference" or (REPO / cfg_dir / f"{workflow}.json").is_file() else "yaml"
     files = [f"{cfg_dir}/{workflow}.{ext}", *(f"{cfg_dir}/{c}.yaml" for c in extra_configs)]
     if preset:
         files.append(f"{cfg_dir}/presets/{preset}.yaml")

@@ -24,6 +24,14 @@ not in the task: that module's docstring. ``--keep-app-main`` leaves ``main.py``
 
     python -m meduet.deploy.monailabel --bundle <trained meduet_seg folder> --out apps/monaibundle/model/meduet_seg
 
+meduet_diffusion's served harmonisation (``--harmonise``, :func:`prepare_monailabel_harmoniser`): a folder with the
+bundle's ``configs/harmonise.json`` reading only its own ``models/`` (generator, VAE, MeDUET encoder, site style
+bank) and no ``inference.json``; the app ``main.py`` serves it with ``monailabel_site/meduet_harmonise.py``'s task
+(request parameter ``target_site`` or ``reference``; the harmonised volume is the returned file):
+
+    python -m meduet.deploy.monailabel --harmonise --bundle <trained meduet_diffusion folder> \\
+        --out apps/monaibundle/model/meduet_harmonise
+
 MONAI Label itself lives in its own virtualenv (see DEVELOPERS.md); ``meduet`` must be importable there
 (``pip install --no-deps -e .``), and on CPU-only torch its torchvision import needs
 ``PYTHONPATH=$(python -m meduet.deploy.monailabel --print-pythonpath)``.
@@ -43,7 +51,7 @@ from typing import Any
 from meduet import records
 from meduet.errors import MeduetConfigError
 
-__all__ = ["prepare_monailabel_bundle", "install_app_main", "site_path", "main"]
+__all__ = ["prepare_monailabel_bundle", "prepare_monailabel_harmoniser", "install_app_main", "site_path", "main"]
 
 #: first line of the app ``main.py`` this module writes
 APP_MAIN_MARKER = "# meduet-monailabel-app: written by meduet.deploy.monailabel"
@@ -61,11 +69,16 @@ if _SITE not in sys.path:  # normally on PYTHONPATH already (python -m meduet.de
     sys.path.append(_SITE)
 
 import main_monaibundle as _sample  # noqa: E402
+from meduet_harmonise import harmonise_infers  # noqa: E402
 from meduet_monailabel import MeduetHTTPErrors  # noqa: E402
 
 
 class MeduetApp(MeduetHTTPErrors, _sample.MyApp, MONAILabelApp):
     \"\"\"The monaibundle sample app; bad infer requests are answered with a 4xx and meduet's one-line reason.\"\"\"
+
+    def init_infers(self):
+        # model folders prepared for meduet_diffusion's harmonisation (--harmonise) get their own task
+        return harmonise_infers(super().init_infers(), self.models, self.conf, self.datastore)
 """
 
 
@@ -147,16 +160,22 @@ def install_app_main(app: str | os.PathLike) -> bool:
         return False
     text = main_py.read_text()
     if text.startswith(APP_MAIN_MARKER):
+        if text != _APP_MAIN:  # ours, from an older meduet: brought up to date (main_monaibundle.py stays)
+            _write_text(app / "main.py", _APP_MAIN)
         return True
     if "class MyApp(MONAILabelApp)" not in text or "get_bundle_models" not in text:
         return False
     for name, content in (("main_monaibundle.py", text), ("main.py", _APP_MAIN)):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=app)
-        with os.fdopen(fd, "w") as f:
-            f.write(content)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, app / name)
+        _write_text(app / name, content)
     return True
+
+
+def _write_text(path: Path, content: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(content)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 def prepare_monailabel_bundle(bundle: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
@@ -224,16 +243,116 @@ def prepare_monailabel_bundle(bundle: str | os.PathLike, out: str | os.PathLike,
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# meduet_diffusion's served harmonisation (configs/harmonise.json), a task of its own in the app (meduet_harmonise)
+# ----------------------------------------------------------------------------------------------------------------
+HARMONISE_CONDITIONS = ("factors", "metadata")
+
+
+def _harmonise_config(src: Path, condition: str) -> dict[str, Any]:
+    """The bundle's harmonise.json reading everything from the served folder (no sibling bundles, no latent
+    cache): checkpoints and the site style bank in ``models/``, no default input."""
+    cfg = json.loads(src.read_text())
+    cfg["bundle_root"] = "."
+    cfg["vae_ckpt"] = "$os.path.join(@bundle_root, 'models', 'vae.pt')"
+    cfg["pretrain_ckpt"] = "$os.path.join(@bundle_root, 'models', 'pretrain.pt')" if condition == "factors" else None
+    cfg["site_styles_file"] = "$os.path.join(@bundle_root, 'models', 'site_styles.json')"
+    cfg["latent_datalist"] = None
+    cfg["input_data"] = []
+    cfg.pop("site_styles", None)  # the run id that builds the bank from a latent cache: not in a served folder
+    return cfg
+
+
+def prepare_monailabel_harmoniser(bundle: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
+                                  vae: str | None = None, pretrain: str | None = None,
+                                  site_styles: str | None = None, overwrite: bool = False,
+                                  app_main: bool = True) -> Path:
+    """Write a MONAI-Label-ready harmonisation folder of the trained meduet_diffusion bundle ``bundle`` to ``out``.
+
+    The folder holds ``configs/harmonise.json`` (the bundle's, reading only the folder: ``models/model.pt`` the
+    generator, ``models/vae.pt`` meduet_vae's, ``models/pretrain.pt`` meduet_pretrain's encoder for generators
+    conditioned on factors, and ``models/site_styles.json``, the per-site mean styles that harmonise.json's run
+    id ``site_styles`` writes), ``configs/metadata.json``, ``docs/`` and ``LICENSE``; no ``inference.json``, so
+    MONAI Label's bundle task leaves it alone and the app's ``meduet_harmonise.HarmoniseTask`` serves it (the app
+    ``main.py`` this module writes). Defaults: ``<bundle>/models/model.pt`` and ``site_styles.json``, the sibling
+    bundles' ``meduet_vae/models/model.pt`` and ``meduet_pretrain/models/model.pt``. Written next to ``out`` and
+    renamed into place (nothing is left behind on error)."""
+    bundle, out = Path(bundle), Path(out)
+    configs = bundle / "configs"
+    for name in ("harmonise.json", "metadata.json"):
+        if not (configs / name).is_file():
+            raise MeduetConfigError(f"'{bundle}' is not a meduet_diffusion bundle folder ({configs / name} is missing)")
+    model_path = Path(model) if model else bundle / "models" / "model.pt"
+    vae_path = Path(vae) if vae else bundle.parent / "meduet_vae" / "models" / "model.pt"
+    record = records.read(model_path, expect="dit")[1]
+    condition = str(record.get("condition", "none"))
+    if condition not in HARMONISE_CONDITIONS:
+        raise MeduetConfigError(f"'{model_path}' is a generator conditioned on '{condition}', which takes no target "
+                                "style; serve a meduet_diffusion generator conditioned on factors (train.yaml's "
+                                "default) or metadata")
+    records.read(vae_path, expect="vae")
+    files = {"model.pt": model_path, "vae.pt": vae_path}
+    if condition == "factors":
+        files["pretrain.pt"] = Path(pretrain) if pretrain else bundle.parent / "meduet_pretrain" / "models" / "model.pt"
+        records.read(files["pretrain.pt"], expect=("meduet_encoder", "meduet", "mae_encoder", "mae"))
+        styles = Path(site_styles) if site_styles else bundle / "models" / "site_styles.json"
+        if not styles.is_file():
+            raise MeduetConfigError(f"site styles '{styles}' do not exist; write them first: python -m monai.bundle "
+                                    "run site_styles --config_file \"['<meduet_diffusion>/configs/harmonise.json',"
+                                    "'<meduet_diffusion>/configs/presets/demo.yaml']\" (or pass --site-styles)")
+        files["site_styles.json"] = styles
+    if out.exists() and not overwrite:
+        raise MeduetConfigError(f"'{out}' already exists; pass --overwrite to replace it")
+    if any(word in out.name.lower() for word in ("deepedit", "deepgrow", "detection")):
+        raise MeduetConfigError(f"'{out.name}': MONAI Label treats folder names containing deepedit/deepgrow/"
+                                "detection as other task types; choose another name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "configs").mkdir()
+        (tmp / "models").mkdir()
+        (tmp / "configs" / "harmonise.json").write_text(
+            json.dumps(_harmonise_config(configs / "harmonise.json", condition), indent=4) + "\n")
+        shutil.copy2(configs / "metadata.json", tmp / "configs" / "metadata.json")
+        if (configs / "logging.conf").is_file():
+            shutil.copy2(configs / "logging.conf", tmp / "configs" / "logging.conf")
+        if (bundle / "docs").is_dir():
+            shutil.copytree(bundle / "docs", tmp / "docs")
+        if (bundle / "LICENSE").is_file():
+            shutil.copy2(bundle / "LICENSE", tmp / "LICENSE")
+        for name, src in files.items():
+            shutil.copy2(src, tmp / "models" / name)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if app_main and out.parent.name == "model":
+        install_app_main(out.parent.parent)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m meduet.deploy.monailabel",
-        description="Write a MONAI-Label-ready copy of a trained meduet_seg bundle into a monaibundle app.")
-    parser.add_argument("--bundle", help="trained meduet_seg bundle folder (required with --out)")
+        description="Write a MONAI-Label-ready copy of a trained meduet_seg bundle (or, with --harmonise, of "
+                    "meduet_diffusion's harmonisation) into a monaibundle app.")
+    parser.add_argument("--bundle", help="trained meduet_seg bundle folder (meduet_diffusion with --harmonise; "
+                        "required with --out)")
     parser.add_argument("--out", help="destination, e.g. apps/monaibundle/model/meduet_seg")
     parser.add_argument("--model", default=None, help="serve this model.pt instead of <bundle>/models/model.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     parser.add_argument("--keep-app-main", action="store_true",
                         help="leave the app's main.py alone (bad requests then get MONAI Label's bare 500)")
+    parser.add_argument("--harmonise", action="store_true",
+                        help="serve meduet_diffusion's harmonisation (--bundle: the meduet_diffusion folder)")
+    parser.add_argument("--vae", default=None, help="--harmonise: meduet_vae's model.pt (default: the sibling bundle's)")
+    parser.add_argument("--pretrain", default=None,
+                        help="--harmonise: meduet_pretrain's model.pt (default: the sibling bundle's)")
+    parser.add_argument("--site-styles", default=None,
+                        help="--harmonise: the site style bank (default: <bundle>/models/site_styles.json)")
     parser.add_argument("--print-pythonpath", action="store_true",
                         help="print the folder to put on PYTHONPATH for MONAI Label on CPU-only torch, and exit")
     args = parser.parse_args(argv)
@@ -243,8 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out or not args.bundle:
         parser.error("--bundle and --out are required")
     try:
-        out = prepare_monailabel_bundle(args.bundle, args.out, args.model, args.overwrite,
-                                        app_main=not args.keep_app_main)
+        if args.harmonise:
+            out = prepare_monailabel_harmoniser(args.bundle, args.out, args.model, args.vae, args.pretrain,
+                                                args.site_styles, args.overwrite, app_main=not args.keep_app_main)
+        else:
+            out = prepare_monailabel_bundle(args.bundle, args.out, args.model, args.overwrite,
+                                            app_main=not args.keep_app_main)
     except MeduetConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
