@@ -304,7 +304,9 @@ class ValidationLoss:
         self.batch = {"domain_index": torch.tensor([int(it.get("domain_index", 0)) for it in items])}
         keys = conditioner.metadata_keys
         if keys:
-            self.batch["metadata"] = torch.tensor([metadata_vector(it, keys) for it in items])
+            self.batch["metadata"] = torch.tensor(np.stack([  # diffusion_items carry the vector, raw items the keys
+                np.asarray(it["metadata"] if "metadata" in it else metadata_vector(it, keys), dtype=np.float32)
+                for it in items]))
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
