@@ -151,10 +151,12 @@ def test_monailabel_serves_harmonisation_over_http(served, tmp_path):
     assert out.shape == src.shape and np.allclose(out.affine, src.affine, atol=1e-4)
     vol = np.asarray(out.dataobj, dtype=np.float32)
     assert np.isfinite(vol).all() and -175.0 - 1e-3 <= vol.min() and vol.max() <= 250.0 + 1e-3
-    # the library's service on the same folder gives the same volume (the weights and bank arrived)
+    # the library's service on the same folder gives the same volume (the weights and bank arrived); the server runs
+    # in another process and virtualenv with its own thread count, so float32 sums may differ in the last bits:
+    # 0.01 HU on a 425 HU window (a wrong weight or style moves whole regions by far more)
     ours = HarmoniseService(served["folder"] / "configs/harmonise.json", bundle_root=served["folder"])(
         image, tmp_path / "ours.nii.gz", target_site=sites[-1])
-    np.testing.assert_allclose(vol, np.asarray(nib.load(ours).dataobj), atol=1e-3)
+    np.testing.assert_allclose(vol, np.asarray(nib.load(ours).dataobj), atol=1e-2)
 
     # bad requests: 400 with our one line, nothing written
     status, body = _infer(base, image_id, {"target_site": "site9"})
