@@ -3,11 +3,12 @@
 
     .venv/bin/python bench/diffusion_demo_curve.py --epochs 320 --every 40                 # the demo's SiT, longer
     .venv/bin/python bench/diffusion_demo_curve.py --epochs 60 --every 10 --extra-splits pretraining --tag pool
+    .venv/bin/python bench/diffusion_demo_curve.py --epochs 160 --every 40 --model-overrides '{"dim": 256}' --tag wide
 
 One run of meduet_diffusion's own training workflow (train.yaml + the demo preset, parsed in this process with
 MONAI's ``ConfigParser``, as bench/diffusion_convergence.py; overrides: ``bundle_root`` = ``<out>/<tag>``,
 ``resume`` false, ``objective_name`` (default rflow, the demo's SiT), ``condition`` (default factors),
-``max_epochs`` = ``--epochs`` (the warm-up + cosine schedule spans the whole run, as a preset with that many epochs
+``max_epochs`` = ``--epochs``, ``model_overrides`` = ``--model-overrides`` (a wider or deeper DiT than the demo's) (the warm-up + cosine schedule spans the whole run, as a preset with that many epochs
 would), the factor prior off). ``--extra-splits`` adds latent-datalist splits to the training data (e.g. the
 unlabelled ``pretraining`` pool: 72 more latents besides the 14 of ``training``).
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=40, help="epochs between evaluations")
     p.add_argument("--objective", default="rflow", choices=["rflow", "ddpm"])
     p.add_argument("--condition", default="factors", choices=["none", "metadata", "factors"])
+    p.add_argument("--model-overrides", default="{}",
+                   help='JSON dict merged over the demo DiT preset, e.g. \'{"dim": 256, "num_heads": 8}\'')
     p.add_argument("--extra-splits", default="", help="comma-separated latent splits added to the training data")
     p.add_argument("--samples", type=int, default=24)
     p.add_argument("--rflow-steps", type=int, default=30, help="sample.yaml's default for SiT")
@@ -76,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"bundle_root": str(root), "resume": False, "objective_name": args.objective,
                  "condition": args.condition, "val_interval": args.every, "max_epochs": args.epochs,
                  "seed": args.seed, "prior#enabled": False}
+    model_overrides = json.loads(args.model_overrides)
+    if model_overrides:
+        overrides["model_overrides"] = model_overrides
     extra = [s for s in args.extra_splits.split(",") if s]
     if extra:
         overrides["train#dataset#data"] = ("$meduet.engines.diffusion.diffusion_items(@latent_datalist, @train_split)"
@@ -142,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         floor = fid(proxy.real_feats, extractor(crops(reference_items(dl, "training", "all"), crop)))
     result = {"command": command, "torch": torch.__version__, "threads": args.threads, "tag": args.tag,
               "objective": args.objective, "condition": args.condition, "extra_splits": extra,
+              "model_overrides": model_overrides, "architecture": dict(ema.module.arch),
+              "parameters": sum(p.numel() for p in ema.module.parameters()),
               "training_latents": n_train, "epochs": args.epochs, "total_steps": total,
               "steps_per_epoch": total // max(1, args.epochs), "train_wall_s": wall - t_eval[0],
               "eval_wall_s": t_eval[0], "train_s_per_step": (wall - t_eval[0]) / max(1, total),

@@ -41,7 +41,12 @@ WORKFLOWS = {
     "seg_evaluate": ("meduet_seg", "evaluate", None),
     "pretrain_train": ("meduet_pretrain", "train", "training"),
     "diffusion_train": ("meduet_diffusion", "train", "training"),
+    "diffusion_probe": ("meduet_diffusion", "probe", None),
+    "diffusion_interpolate": ("meduet_diffusion", "interpolate", None),
+    "diffusion_manipulate": ("meduet_diffusion", "manipulate", None),
 }
+# the workflows on per-case attributes and cohorts (the tiny factors-conditioned SiT and MeDUET encoder)
+CODE_WORKFLOWS = ("diffusion_probe", "diffusion_interpolate", "diffusion_manipulate")
 IMAGE_WORKFLOWS = ("vae_train", "vae_inference", "vae_encode", "seg_train", "seg_inference")
 
 # (workflow, bad input) -> what the last line must name; "<file>" = the bad file's name
@@ -75,6 +80,11 @@ CASES.update({
     ("vae_encode", "another_bundles_checkpoint"): "model.pt",
     ("vae_inference", "mr_without_modality"): "--preprocessing_args#modality MR",
     ("seg_inference", "mr_without_modality"): "--preprocessing_args#modality MR",
+    ("diffusion_probe", "missing_attribute"): "nonexistent",
+    ("diffusion_probe", "constant_attribute"): "lesion",
+    ("diffusion_manipulate", "missing_attribute"): "nonexistent",
+    ("diffusion_manipulate", "constant_attribute"): "lesion",
+    ("diffusion_interpolate", "different_subjects"): "--allow_different_subjects True",
 })
 # a downloaded (packaged) meduet_vae, run with inference.json from inside its folder (a fresh `python -m monai.bundle
 # run`, which imports the vendored meduet) and from another folder with --bundle_root (the installed meduet)
@@ -134,6 +144,8 @@ def _datalist(path: Path, domains: list[str], good: dict, bad: dict | None, empt
 
 def _args(workflow: str, bad: str, files: dict[str, Path], chain: dict[str, Path], tmp: Path) -> tuple[list, Path]:
     """The command-line overrides of one case and the folder where its outputs would go."""
+    if workflow in CODE_WORKFLOWS:
+        return _code_args(workflow, bad, chain, tmp)
     domains = json.loads((chain["data"] / "phantoms" / "datalist.json").read_text())["domains"]
     good = {"image": str(files["good_image"]), "label": str(files["good_label"]), "domain": domains[0]}
     badi = dict(good)
@@ -184,9 +196,35 @@ def _args(workflow: str, bad: str, files: dict[str, Path], chain: dict[str, Path
     return args, out
 
 
+def _code_args(workflow: str, bad: str, chain: dict[str, Path], tmp: Path) -> tuple[list, Path]:
+    """probe / interpolate / manipulate on the tiny latents: an attribute no item has, one that is the same on every
+    item of the split (the test phantoms all have a lesion), two scans of different subjects."""
+    out = tmp / "out"
+    args = ["--latent_datalist", str(chain["latents"]), "--pretrain_ckpt", str(chain["pretrain"] / "models/model.pt"),
+            "--output_dir", str(out)]
+    if workflow == "diffusion_probe":
+        args += ["--sources", "['meduet_content']"]
+    else:
+        args += ["--model_ckpt", str(chain["diffusion"] / "models/model.pt"), "--vae_ckpt",
+                 str(chain["vae"] / "models/model.pt"), "--num_steps", "2"]
+    attribute = {"missing_attribute": "nonexistent", "constant_attribute": "lesion"}.get(bad)
+    if workflow == "diffusion_probe":
+        args += ["--attributes", f"['{attribute}']", "--splits", "['test']"]
+    elif workflow == "diffusion_manipulate":
+        args += ["--attribute", attribute, "--fit_splits", "['test']"]
+    else:  # the first scans of the first two cohort subjects
+        firsts: dict[str, str] = {}
+        for it in json.loads(chain["latents"].read_text())["longitudinal"]:
+            firsts.setdefault(it["subject"], Path(it["latent"]).name.replace(".nii.gz", ""))
+        a, b = list(firsts.values())[:2]
+        args += ["--cases", f"['{a}','{b}']"]
+    return args, out
+
+
 @pytest.fixture(scope="module")
-def chain(tiny_data, tiny_vae, tiny_latents, tiny_pretrain, seg_trained) -> dict[str, Path]:
-    return {"data": tiny_data, "vae": tiny_vae, "latents": tiny_latents, "pretrain": tiny_pretrain, "seg": seg_trained}
+def chain(tiny_data, tiny_vae, tiny_latents, tiny_pretrain, seg_trained, sit_factors) -> dict[str, Path]:
+    return {"data": tiny_data, "vae": tiny_vae, "latents": tiny_latents, "pretrain": tiny_pretrain, "seg": seg_trained,
+            "diffusion": sit_factors}
 
 
 def _files_under(folder: Path) -> list[str]:

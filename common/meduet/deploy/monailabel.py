@@ -40,11 +40,13 @@ MONAI Label itself lives in its own virtualenv (see DEVELOPERS.md); ``meduet`` m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +180,42 @@ def _write_text(path: Path, content: str) -> None:
     os.replace(tmp, path)
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """One-line errors for a served folder that exists (without ``overwrite``) or whose name MONAI Label reads as
+    another task type."""
+    if out.exists() and not overwrite:
+        raise MeduetConfigError(f"'{out}' already exists; pass --overwrite to replace it")
+    if any(word in out.name.lower() for word in ("deepedit", "deepgrow", "detection")):
+        raise MeduetConfigError(f"'{out.name}': MONAI Label treats folder names containing deepedit/deepgrow/"
+                                "detection as other task types; choose another name")
+
+
+@contextlib.contextmanager
+def _staged(bundle: Path, out: Path, app_main: bool) -> Iterator[Path]:
+    """A folder next to ``out`` with empty ``configs/`` and ``models/`` to fill; afterwards the bundle's ``docs/``
+    and ``LICENSE`` are added and it is renamed to ``out`` (replacing it), or removed if filling it failed; then,
+    with ``app_main`` and ``out`` = ``<app>/model/<name>``, the app's ``main.py`` (:func:`install_app_main`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "configs").mkdir()
+        (tmp / "models").mkdir()
+        yield tmp
+        if (bundle / "docs").is_dir():
+            shutil.copytree(bundle / "docs", tmp / "docs")
+        if (bundle / "LICENSE").is_file():
+            shutil.copy2(bundle / "LICENSE", tmp / "LICENSE")
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if app_main and out.parent.name == "model":
+        install_app_main(out.parent.parent)
+
+
 def prepare_monailabel_bundle(bundle: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
                               overwrite: bool = False, app_main: bool = True) -> Path:
     """Write a MONAI-Label-ready copy of the trained meduet_seg bundle ``bundle`` to the folder ``out``.
@@ -201,17 +239,9 @@ def prepare_monailabel_bundle(bundle: str | os.PathLike, out: str | os.PathLike,
             raise MeduetConfigError(f"'{bundle}' is not a meduet_seg bundle folder ({configs / name} is missing)")
     model_path = Path(model) if model else bundle / "models" / "model.pt"
     record = _record(model_path)
-    if out.exists() and not overwrite:
-        raise MeduetConfigError(f"'{out}' already exists; pass --overwrite to replace it")
-    if any(word in out.name.lower() for word in ("deepedit", "deepgrow", "detection")):
-        raise MeduetConfigError(f"'{out.name}': MONAI Label treats folder names containing deepedit/deepgrow/"
-                                "detection as other task types; choose another name")
+    _check_out(out, overwrite)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / "configs").mkdir()
-        (tmp / "models").mkdir()
+    with _staged(bundle, out, app_main) as tmp:
         (tmp / "configs" / "inference.json").write_text(
             json.dumps(_inference_config(configs / "inference.json", record), indent=4) + "\n")
         (tmp / "configs" / "train.json").write_text(
@@ -226,20 +256,7 @@ def prepare_monailabel_bundle(bundle: str | os.PathLike, out: str | os.PathLike,
         for name in ("multi_gpu_train.yaml", "logging.conf"):
             if (configs / name).is_file():
                 shutil.copy2(configs / name, tmp / "configs" / name)
-        if (bundle / "docs").is_dir():
-            shutil.copytree(bundle / "docs", tmp / "docs")
-        if (bundle / "LICENSE").is_file():
-            shutil.copy2(bundle / "LICENSE", tmp / "LICENSE")
         shutil.copy2(model_path, tmp / "models" / "model.pt")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if app_main and out.parent.name == "model":
-        install_app_main(out.parent.parent)
     return out
 
 
@@ -301,36 +318,15 @@ def prepare_monailabel_harmoniser(bundle: str | os.PathLike, out: str | os.PathL
                                     "run site_styles --config_file \"['<meduet_diffusion>/configs/harmonise.json',"
                                     "'<meduet_diffusion>/configs/presets/demo.yaml']\" (or pass --site-styles)")
         files["site_styles.json"] = styles
-    if out.exists() and not overwrite:
-        raise MeduetConfigError(f"'{out}' already exists; pass --overwrite to replace it")
-    if any(word in out.name.lower() for word in ("deepedit", "deepgrow", "detection")):
-        raise MeduetConfigError(f"'{out.name}': MONAI Label treats folder names containing deepedit/deepgrow/"
-                                "detection as other task types; choose another name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / "configs").mkdir()
-        (tmp / "models").mkdir()
+    _check_out(out, overwrite)
+    with _staged(bundle, out, app_main) as tmp:
         (tmp / "configs" / "harmonise.json").write_text(
             json.dumps(_harmonise_config(configs / "harmonise.json", condition), indent=4) + "\n")
         shutil.copy2(configs / "metadata.json", tmp / "configs" / "metadata.json")
         if (configs / "logging.conf").is_file():
             shutil.copy2(configs / "logging.conf", tmp / "configs" / "logging.conf")
-        if (bundle / "docs").is_dir():
-            shutil.copytree(bundle / "docs", tmp / "docs")
-        if (bundle / "LICENSE").is_file():
-            shutil.copy2(bundle / "LICENSE", tmp / "LICENSE")
         for name, src in files.items():
             shutil.copy2(src, tmp / "models" / name)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if app_main and out.parent.name == "model":
-        install_app_main(out.parent.parent)
     return out
 
 

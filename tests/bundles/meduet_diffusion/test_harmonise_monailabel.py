@@ -9,12 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -23,42 +18,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, bundle_run
-from meduet.deploy.monailabel import APP_MAIN_MARKER, prepare_monailabel_harmoniser, site_path
+from meduet.deploy.monailabel import APP_MAIN_MARKER, prepare_monailabel_harmoniser
 from meduet.workflows.diffusion.harmonise_serve import HarmoniseService
+from monailabel_server import download_app, http, ml_env, ml_python, serve
 
 NAME = "meduet_harmonise"
-
-
-def _ml_python() -> str:
-    venv = REPO / ".venv-monailabel"
-    override = os.environ.get("MEDUET_MONAILABEL_PYTHON")
-    if not override and not venv.exists():
-        if os.environ.get("MEDUET_REQUIRE_MONAILABEL") == "1":
-            pytest.fail(f"MONAI Label's virtualenv is missing ({venv}) although `make test` builds it")
-        pytest.skip(f"MONAI Label's virtualenv is not installed ({venv}); `make monailabel-setup` builds it")
-    return override or str(venv / "bin" / "python")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=site_path(), MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
-                MEDUET_PROGRESS="0", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _request(url: str, data: bytes | None = None, content_type: str | None = None,
-             timeout: float = 10) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, method="POST" if data is not None else "GET", data=data,
-                                 headers={"Content-Type": content_type} if content_type else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def _infer(base: str, image_id: str, params: dict, timeout: float = 300) -> tuple[int, bytes]:
@@ -66,24 +30,21 @@ def _infer(base: str, image_id: str, params: dict, timeout: float = 300) -> tupl
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n{json.dumps(params)}\r\n"
             f"--{boundary}--\r\n").encode()
-    return _request(f"{base}/infer/{NAME}?image={image_id}&output=image", body,
-                    f"multipart/form-data; boundary={boundary}", timeout)
+    return http(f"{base}/infer/{NAME}?image={image_id}&output=image", body,
+                f"multipart/form-data; boundary={boundary}", timeout)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_data, tiny_vae, tiny_latents, tiny_pretrain, sit_factors):
     """The monaibundle sample app with the tiny chain's harmonisation prepared into ``model/meduet_harmonise``
     (4 sampling steps), a datastore of two test scans, and a running server (its process group killed at teardown)."""
-    py = _ml_python()
+    py = ml_python()
     root = tmp_path_factory.mktemp("ml_harmonise")
     styles = root / "site_styles.json"
     bundle_run("meduet_diffusion", "harmonise", "--bundle_root", str(sit_factors), "--vae_ckpt",
                str(tiny_vae / "models/model.pt"), "--pretrain_ckpt", str(tiny_pretrain / "models/model.pt"),
                "--latent_datalist", str(tiny_latents), "--site_styles_file", str(styles), run_id="site_styles")
-    proc = subprocess.run([py, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output",
-                           str(root)], capture_output=True, text=True, timeout=300, env=_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    app = root / "monaibundle"
+    app = download_app(py, root)
     folder = prepare_monailabel_harmoniser(REPO / "bundles/meduet_diffusion", app / "model" / NAME,
                                            model=str(sit_factors / "models/model.pt"),
                                            vae=str(tiny_vae / "models/model.pt"),
@@ -92,45 +53,14 @@ def served(tmp_path_factory, tiny_data, tiny_vae, tiny_latents, tiny_pretrain, s
     cfg["num_steps"] = 4  # a user edits the served folder's config the same way
     (folder / "configs/harmonise.json").write_text(json.dumps(cfg, indent=4))
     assert (app / "main.py").read_text().startswith(APP_MAIN_MARKER)
-    store, tmpdir = root / "studies", root / "tmp"
+    store = root / "studies"
     store.mkdir()
-    tmpdir.mkdir()
     dl = json.loads((tiny_data / "phantoms/datalist.json").read_text())
     for it in dl["test"][:2]:
         shutil.copy(tiny_data / "phantoms" / it["image"], store / Path(it["image"]).name)
-    port = _free_port()
-    log_path = root / "server.log"
-    log = open(log_path, "w")
-    cmd = [py, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(store), "--conf",
-           "models", NAME, "--conf", "zoo_source", "github", "--conf", "sam2", "false", "--conf", "preload", "false",
-           "--conf", "skip_trainers", "true", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(TMPDIR=str(tmpdir)), cwd=root,
-                              start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline, info = time.time() + 300, None
-        while time.time() < deadline:
-            assert server.poll() is None, log_path.read_text()[-4000:]
-            try:
-                status, body = _request(f"{base}/info/", timeout=5)
-                if status == 200:
-                    info = json.loads(body)
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(2)
-        assert info is not None, "MONAI Label did not answer /info/ in 300 s:\n" + log_path.read_text()[-4000:]
-        yield {"base": base, "info": info, "store": store, "tmpdir": tmpdir, "folder": folder, "styles": styles,
-               "log": log_path}
-    finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
-        log.close()
-    assert server.poll() is not None
+    with serve(py, app, store, root, NAME, conf=("--conf", "skip_trainers", "true"),
+               env=ml_env(OMP_NUM_THREADS="1")) as server:
+        yield {**server, "store": store, "folder": folder, "styles": styles}
 
 
 @pytest.mark.slow
@@ -166,7 +96,7 @@ def test_monailabel_serves_harmonisation_over_http(served, tmp_path):
     status, body = _infer(base, image_id, {})
     assert status == 400 and "name either a target_site" in json.loads(body)["detail"], body
 
-    status, body = _request(f"{base}/info/", timeout=30)  # still serving
+    status, body = http(f"{base}/info/", timeout=30)  # still serving
     assert status == 200 and NAME in json.loads(body)["models"]
     deadline = time.time() + 10
     while sorted(os.listdir(served["tmpdir"])) != before and time.time() < deadline:

@@ -12,13 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -27,39 +23,18 @@ import numpy as np
 import pytest
 
 from conftest import REPO, bundle_run
-from meduet.deploy.monailabel import APP_MAIN_MARKER, install_app_main, prepare_monailabel_bundle, site_path
+from meduet.deploy.monailabel import APP_MAIN_MARKER, install_app_main, prepare_monailabel_bundle
 from meduet.errors import MeduetConfigError
 from meduet import records
+from monailabel_server import download_app, http, ml_env, serve
+from monailabel_server import ml_python as find_ml_python
 
 NAME = "meduet_seg"
 BUNDLE = REPO / "bundles" / "meduet_seg"
 
 
-def _ml_python() -> str:
-    venv = REPO / ".venv-monailabel"
-    override = os.environ.get("MEDUET_MONAILABEL_PYTHON")
-    py = override or str(venv / "bin" / "python")
-    if not override and not venv.exists():  # pytest run by hand without `make test`, which builds it (CI always does)
-        if os.environ.get("MEDUET_REQUIRE_MONAILABEL") == "1":  # set by `make test`: a missing venv is a failure
-            pytest.fail(f"MONAI Label's virtualenv is missing ({venv}) although `make test` builds it")
-        pytest.skip(f"MONAI Label's virtualenv is not installed ({venv}); `make monailabel-setup` builds it")
-    # a MONAI Label interpreter that was asked for (the virtualenv exists, or MEDUET_MONAILABEL_PYTHON is set) but is
-    # missing, does not run or cannot import monailabel is a broken install: a failure, never a skip
-    try:
-        probe = subprocess.run([py, "-c", "import monailabel"], capture_output=True, text=True, timeout=120)
-    except OSError as e:
-        pytest.fail(f"{py} does not run ({e}); rebuild it with `make monailabel-setup`")
-    assert probe.returncode == 0, f"{py} cannot import monailabel: {probe.stderr.strip().splitlines()[-1:]}"
-    return py
-
-
-def _ml_env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=site_path(), MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
-                MEDUET_PROGRESS="0", PYTHONUNBUFFERED="1")
-
-
 def _ml_run(py: str, *args: str, timeout: float = 600) -> dict:
-    proc = subprocess.run([py, *args], capture_output=True, text=True, timeout=timeout, env=_ml_env(), cwd=REPO)
+    proc = subprocess.run([py, *args], capture_output=True, text=True, timeout=timeout, env=ml_env(), cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(lines[-1][len("RESULT "):])
@@ -67,18 +42,14 @@ def _ml_run(py: str, *args: str, timeout: float = 600) -> dict:
 
 @pytest.fixture(scope="module")
 def ml_python() -> str:
-    return _ml_python()
+    return find_ml_python()
 
 
 @pytest.fixture(scope="module")
 def ml_app(ml_python, seg_trained, tmp_path_factory) -> Path:
     """MONAI Label's monaibundle sample app (copied from the monailabel wheel, no network) with the tiny trained
     meduet_seg bundle prepared into ``model/meduet_seg``."""
-    root = tmp_path_factory.mktemp("mlapp")
-    proc = subprocess.run([ml_python, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle",
-                           "--output", str(root)], capture_output=True, text=True, timeout=300, env=_ml_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    app = root / "monaibundle"
+    app = download_app(ml_python, tmp_path_factory.mktemp("mlapp"))
     prepare_monailabel_bundle(BUNDLE, app / "model" / NAME, model=str(seg_trained / "models/model.pt"))
     return app
 
@@ -179,27 +150,8 @@ def test_monailabel_bundle_train_task_finetunes_model_pt(ml_python, ml_app, stud
     records.load(bundle / "models/model.pt", expect="meduet_seg")  # still a complete meduet_seg model.pt with its record
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 10) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 def _post(url: str, data: bytes = b"{}", content_type: str = "application/json", timeout: float = 120) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, method="POST", data=data, headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    return http(url, data, content_type, timeout)
 
 
 def _upload(url: str, filename: str, content: bytes, timeout: float = 120) -> tuple[int, bytes]:
@@ -221,41 +173,10 @@ def ml_server(ml_python, ml_app, studies, tmp_path_factory):
     MONAI_LABEL_INFER_CONCURRENCY), with ``TMPDIR`` set to a folder of its own so the temp files it leaves are
     visible; killed (its whole process group) at teardown."""
     root = tmp_path_factory.mktemp("mlserver")
-    store, tmpdir = root / "studies", root / "tmp"
+    store = root / "studies"
     shutil.copytree(studies, store)
-    tmpdir.mkdir()
-    port = _free_port()
-    log_path = root / "server.log"
-    log = open(log_path, "w")
-    cmd = [ml_python, "-m", "monailabel.main", "start_server", "--app", str(ml_app), "--studies", str(store),
-           "--conf", "models", NAME, "--conf", "zoo_source", "github", "--conf", "sam2", "false",
-           "--conf", "preload", "false", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(_ml_env(), TMPDIR=str(tmpdir)),
-                              cwd=root, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline, info = time.time() + 240, None
-        while time.time() < deadline:
-            assert server.poll() is None, log_path.read_text()[-4000:]
-            try:
-                status, body = _get(f"{base}/info/", timeout=5)
-                if status == 200:
-                    info = json.loads(body)
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(2)
-        assert info is not None, "MONAI Label did not answer /info/ in 240 s:\n" + log_path.read_text()[-4000:]
-        yield {"base": base, "info": info, "store": store, "tmpdir": tmpdir, "log": log_path, "root": root}
-    finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
-        log.close()
-    assert server.poll() is not None
+    with serve(ml_python, ml_app, store, root, NAME) as server:
+        yield {**server, "store": store, "root": root}
 
 
 @pytest.mark.slow
@@ -341,7 +262,7 @@ def test_monailabel_server_burst_of_good_and_bad_requests(ml_server, tmp_path):
         assert detail.startswith("MeduetInputError: uploaded file: cannot read") and "\n" not in detail, detail
         assert str(tmpdir) not in detail  # the server's temp path means nothing to the client
 
-    status, body = _get(f"{base}/info/", timeout=30)  # still serving
+    status, body = http(f"{base}/info/", timeout=30)  # still serving
     assert status == 200 and NAME in json.loads(body)["models"]
     deadline = time.time() + 10
     while sorted(os.listdir(tmpdir)) != before and time.time() < deadline:

@@ -1,7 +1,8 @@
-"""meduet_diffusion autoencode.yaml: diffusion autoencoding with an LDAE generator (condition ``semantic``): a latent
--> its semantic code + its inverted noise -> the reconstructed latent -> the VAE decoder, scored against the input
-scan next to the VAE's own reconstruction of the same latent (the ceiling: the diffusion decoder cannot do better
-than the latent it reconstructs)."""
+"""meduet_diffusion autoencode.yaml: diffusion autoencoding with a generator that has a code per scan -- an LDAE
+(condition ``semantic``, its encoder trained with it) or one conditioned on MeDUET's frozen pretrained factors
+(condition ``factors``; ``meduet.workflows.diffusion.codes``): a latent -> its code + its inverted noise -> the
+reconstructed latent -> the VAE decoder, scored against the input scan next to the VAE's own reconstruction of the
+same latent (the ceiling: the diffusion decoder cannot do better than the latent it reconstructs)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from meduet.metrics.disentanglement import bootstrap_mean_interval
 from meduet.metrics.reconstruction import reconstruction_metrics
 from meduet.viz import save_pair_grid
 from meduet.workflows.config import WorkflowConfig
-from meduet.workflows.diffusion.common import check_vae, decode, fit_slices, load_generator, save_volume
+from meduet.workflows.diffusion.codes import GeneratorCodes
+from meduet.workflows.diffusion.common import check_vae, decode, fit_slices, save_volume
 
-__all__ = ["Config", "run", "semantic_generator"]
+__all__ = ["Config", "run"]
 
 #: the rows of the report: what each reconstruction is
 ROWS = {"vae": "the VAE decoding the input latent (ceiling)",
@@ -36,29 +38,21 @@ ROWS = {"vae": "the VAE decoding the input latent (ceiling)",
 
 @dataclasses.dataclass
 class Config(WorkflowConfig):
-    """autoencode.yaml: the LDAE generator (``model_ckpt``: meduet_diffusion's ``models/ldae/model.pt``), the VAE it
-    was trained on, the latent datalist split to reconstruct, the number of cases and the sampler steps (DDIM for
+    """autoencode.yaml: the generator (``model_ckpt``: meduet_diffusion's ``models/ldae/model.pt``, or
+    ``models/model.pt`` conditioned on factors with the ``pretrain_ckpt`` it was trained with), the VAE it was trained on, the latent datalist split to reconstruct, the number of cases and the sampler steps (DDIM for
     ddpm generators, Euler for rflow ones; inversion uses the same grid)."""
 
     model_ckpt: str
     vae_ckpt: str
     latent_datalist: str
     output_dir: str
+    pretrain_ckpt: str | None = None
     split: str = "test"
     max_cases: int = 0
     num_steps: int = 50
     seed: int = 0
     save_volumes: bool = True
     device: str | torch.device = "cpu"
-
-
-def semantic_generator(model_ckpt: str, device: torch.device) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """``(network, objective, record)`` of an LDAE generator; a one-line error for any other generator."""
-    net, objective, rec = load_generator(model_ckpt, device)
-    if rec.get("condition") != "semantic":
-        raise MeduetConfigError(f"'{model_ckpt}' is a generator conditioned on '{rec.get('condition')}', not an LDAE "
-                                "(condition semantic); train one with configs/ldae.yaml (it writes models/ldae/model.pt)")
-    return net, objective, rec
 
 
 @removes_partial_outputs
@@ -72,7 +66,8 @@ def run(config: Config) -> dict[str, Any]:
     taken on the part of the scan inside that crop."""
     cfg = config
     device = torch.device(cfg.device)
-    net, objective, rec = semantic_generator(cfg.model_ckpt, device)
+    codes = GeneratorCodes(cfg.model_ckpt, cfg.pretrain_ckpt, device)
+    net, objective, rec = codes.net, codes.objective, codes.rec
     vae = records.load(cfg.vae_ckpt, device, expect="vae")
     check_vae(vae, rec, cfg.vae_ckpt, cfg.model_ckpt)
     items = LatentDatalist(cfg.latent_datalist).items(cfg.split)
@@ -95,8 +90,7 @@ def run(config: Config) -> dict[str, Any]:
         z = load_latent(item["latent"])
         fit, src = fit_slices(z.shape[1:], crop)
         x = space.scale(center_crop_or_pad(z, crop)[None].float().to(device))
-        with torch.no_grad():
-            cond = {"semantic": net.encode_semantic(x)}
+        cond = codes.cond(codes.encode(x))
         noise = invert_latents(net, x, cond, objective, num_steps=cfg.num_steps)
         z_rec = sample_latents(net, list(x.shape), cond, objective, sampler, cfg.num_steps, noise=noise)
         z_code = sample_latents(net, list(x.shape), cond, objective, sampler, cfg.num_steps, generator=gen)
@@ -121,14 +115,15 @@ def run(config: Config) -> dict[str, Any]:
                             + [(name, v[:, :, k]) for name, v in vols.items()])
     keys = [k for k in cases[0] if k not in ("case", "domain")]
     summary: dict[str, Any] = {
-        "model_ckpt": os.path.abspath(cfg.model_ckpt), "objective": objective.objective, "sampler": sampler,
+        "model_ckpt": os.path.abspath(cfg.model_ckpt), "condition": codes.condition, "code": codes.what,
+        "code_dim": codes.dim, "objective": objective.objective, "sampler": sampler,
         "num_steps": cfg.num_steps, "split": cfg.split, "cases": cases, "rows": ROWS,
         "mean": {k: float(np.mean([c[k] for c in cases])) for k in keys},
         # how far each mean could move with another draw of as many cases (cases resampled)
         "ci95": {k: list(bootstrap_mean_interval([c[k] for c in cases])) for k in keys},
     }
     summary["picture"] = save_pair_grid(out / "autoencode.png", pictures,
-                                        title=f"LDAE autoencoding ({objective.objective}, {cfg.num_steps} "
+                                        title=f"diffusion autoencoding ({codes.condition}, {objective.objective}, {cfg.num_steps} "
                                               f"{sampler} steps)").name
     write_json(out / "autoencode.json", summary)
     mean = summary["mean"]

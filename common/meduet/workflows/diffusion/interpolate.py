@@ -1,5 +1,6 @@
-"""meduet_diffusion interpolate.yaml: semantic interpolation with an LDAE generator (condition ``semantic``) between two
-scans of one subject -- invert both latents to noise under their own codes, slerp the noises, lerp the codes, decode
+"""meduet_diffusion interpolate.yaml: semantic interpolation with a generator that has a code per scan (an LDAE, condition
+``semantic``, or MeDUET factors, condition ``factors``: ``meduet.workflows.diffusion.codes``) between two scans of one
+subject -- invert both latents to noise under their own codes, slerp the noises, lerp the codes, decode
 the intermediate -- measured on the longitudinal phantoms, whose true intermediate visit exists, against linear
 interpolation of the latents and of the images."""
 
@@ -25,7 +26,7 @@ from meduet.metrics.disentanglement import bootstrap_mean_interval
 from meduet.metrics.reconstruction import reconstruction_metrics
 from meduet.viz import save_pair_grid
 from meduet.workflows.config import WorkflowConfig
-from meduet.workflows.diffusion.autoencode import semantic_generator
+from meduet.workflows.diffusion.codes import GeneratorCodes
 from meduet.workflows.diffusion.common import check_vae, decode, fit_slices, save_volume
 
 __all__ = ["Config", "run", "slerp", "lerp", "triplets", "METHODS"]
@@ -76,13 +77,14 @@ def triplets(items: list[dict[str, Any]]) -> list[tuple[dict, dict, dict, float]
 
 @dataclasses.dataclass
 class Config(WorkflowConfig):
-    """interpolate.yaml: the LDAE generator, the VAE, the latent datalist split with several scans per subject
+    """interpolate.yaml: the generator (LDAE, or factors-conditioned with its ``pretrain_ckpt``), the VAE, the latent datalist split with several scans per subject
     (``longitudinal``: ``subject``, ``age``/``visit`` keys) or two named scans (``cases``), the sampler steps."""
 
     model_ckpt: str
     vae_ckpt: str
     latent_datalist: str
     output_dir: str
+    pretrain_ckpt: str | None = None
     split: str = "longitudinal"
     #: two case names (latent file names without .nii.gz) to interpolate between at ``weights``, instead of the
     #: evaluation on every subject's visits
@@ -100,7 +102,8 @@ class _Interpolator:
 
     def __init__(self, cfg: Config) -> None:
         self.device = torch.device(cfg.device)
-        self.net, self.objective, self.rec = semantic_generator(cfg.model_ckpt, self.device)
+        self.codes = GeneratorCodes(cfg.model_ckpt, cfg.pretrain_ckpt, self.device)
+        self.net, self.objective, self.rec = self.codes.net, self.codes.objective, self.codes.rec
         self.vae = records.load(cfg.vae_ckpt, self.device, expect="vae")
         check_vae(self.vae, self.rec, cfg.vae_ckpt, cfg.model_ckpt)
         self.space = LatentSpace.from_record(self.rec, cfg.model_ckpt)
@@ -129,9 +132,8 @@ class _Interpolator:
         key = item["latent"]
         if key not in self._ends:
             x = self.latent(item)
-            with torch.no_grad():
-                code = self.net.encode_semantic(x)
-            noise = invert_latents(self.net, x, {"semantic": code}, self.objective, num_steps=self.steps)
+            code = self.codes.encode(x)
+            noise = invert_latents(self.net, x, self.codes.cond(code), self.objective, num_steps=self.steps)
             if len(self._ends) >= 4:  # a subject's two ends serve its targets; older subjects' are dropped
                 self._ends.clear()
             self._ends[key] = (x, code, noise)
@@ -141,7 +143,7 @@ class _Interpolator:
         """The intermediate at weight ``w`` by every method of ``METHODS`` (images in the crop's frame)."""
         xa, ca, na = self.ends(a)
         xb, cb, nb = self.ends(b)
-        z = sample_latents(self.net, list(xa.shape), {"semantic": lerp(ca, cb, w)}, self.objective, self.sampler,
+        z = sample_latents(self.net, list(xa.shape), self.codes.cond(lerp(ca, cb, w)), self.objective, self.sampler,
                            self.steps, noise=slerp(na, nb, w))
         ldae, latent_lerp = decode(self.vae, torch.cat([z, lerp(xa, xb, w)]), self.space)
         ia, ib = self.image(a)[0], self.image(b)[0]
@@ -176,8 +178,8 @@ def _two_scans(cfg: Config, items: list[dict[str, Any]], ip: _Interpolator, out:
             files.append(save_volume(out / f"interp_{w:g}.nii.gz", vol, ip.rec).name)
     row.append(("B", ip.image(b)[0]))
     mid = [(name, v[:, :, v.shape[2] // 2]) for name, v in row]
-    picture = save_pair_grid(out / "interpolate.png", [mid], title=f"LDAE interpolation {cfg.cases[0]} -> "
-                                                                   f"{cfg.cases[1]}")
+    picture = save_pair_grid(out / "interpolate.png", [mid], title=f"semantic interpolation ({ip.codes.condition}) "
+                                                                   f"{cfg.cases[0]} -> {cfg.cases[1]}")
     summary = {"cases": list(cfg.cases), "weights": weights, "volumes": files, "picture": picture.name}  # type: ignore
     write_json(out / "interpolate.json", summary)
     return summary
@@ -235,14 +237,15 @@ def run(config: Config) -> dict[str, Any]:
                             + [(name, made[name][:, :, k]) for name in METHODS] + [("last", ip.image(b)[0][:, :, k])])
     keys = [k for k in rows[0] if k.split("_")[0] in ("ssim", "ms", "psnr", "mse")]
     summary: dict[str, Any] = {
-        "model_ckpt": os.path.abspath(cfg.model_ckpt), "split": cfg.split, "methods": METHODS,
+        "model_ckpt": os.path.abspath(cfg.model_ckpt), "condition": ip.codes.condition, "code": ip.codes.what,
+        "split": cfg.split, "methods": METHODS,
         "sampler": ip.sampler, "num_steps": ip.steps, "targets": rows,
         "subjects": len({r["subject"] for r in rows}),
         "mean": {k: float(np.mean([r[k] for r in rows])) for k in keys},
         "ci95": {k: list(bootstrap_mean_interval([r[k] for r in rows])) for k in keys},
     }
     summary["picture"] = save_pair_grid(out / "interpolate.png", pictures,
-                                        title="interpolation to the middle visit: LDAE vs linear baselines").name
+                                        title=f"interpolation to the middle visit: codes ({ip.codes.condition}) vs linear baselines").name
     write_json(out / "interpolate.json", summary)
     mean = summary["mean"]
     print("| method | SSIM | MSE |\n|---|---|---|")

@@ -1,5 +1,6 @@
-"""meduet_diffusion manipulate.yaml: attribute manipulation with an LDAE generator (condition ``semantic``): a linear
-probe of an attribute on the semantic codes gives a direction; a scan's code moved along it by a few steps and
+"""meduet_diffusion manipulate.yaml: attribute manipulation with a generator that has a code per scan (an LDAE, condition
+``semantic``, or MeDUET factors, condition ``factors``: ``meduet.workflows.diffusion.codes``): a linear probe of an
+attribute on the codes gives a direction; a scan's code moved along it by a few steps and
 decoded from the scan's own inverted noise gives the edited scans. Measured per step: the probe's reading of the
 re-encoded edit, an independent measurement on the decoded image (the organ's volume by nearest class mean), and
 how much the image changed outside the organ."""
@@ -26,7 +27,7 @@ from meduet.metrics.disentanglement import bootstrap_mean_interval
 from meduet.metrics.probes import attribute_values, check_varies, infer_task
 from meduet.viz import save_pair_grid
 from meduet.workflows.config import WorkflowConfig
-from meduet.workflows.diffusion.autoencode import semantic_generator
+from meduet.workflows.diffusion.codes import GeneratorCodes
 from meduet.workflows.diffusion.common import check_vae, decode, fit_slices, save_volume
 
 __all__ = ["Config", "run", "ProbeDirection", "fit_direction", "nearest_mean_volume", "MEASURED_LABELS"]
@@ -39,8 +40,11 @@ MEASURED_LABELS = {"organ_a_ml": [2, 4], "organ_b_ml": [3], "lesion_ml": [4], "l
 @dataclasses.dataclass
 class ProbeDirection:
     """A linear probe on codes: ``read(codes) = (codes - mean) / sd @ coef + intercept`` (the attribute, or its
-    log-odds for a binary one); ``step`` is the code change that moves the reading by ``unit`` (one standard
-    deviation of the reading over the fitting cases): ``coef / sd`` scaled to that length."""
+    log-odds for a binary one). ``step`` is the code change of one unit of editing: one standard deviation of the
+    fitting codes along the probe's direction (the unit vector ``coef / |coef|`` in the standardised code space,
+    mapped back by ``sd``) -- a move as large as the population's spread, whatever the probe's gain (a minimum-norm
+    step that moves the reading by a fixed amount is vanishingly short for a probe that reads many dimensions).
+    ``unit`` is the standard deviation of the reading over the fitting cases, to read the edits' readings against."""
 
     mean: np.ndarray
     sd: np.ndarray
@@ -54,8 +58,7 @@ class ProbeDirection:
 
     @property
     def step(self) -> np.ndarray:
-        g = self.coef / self.sd  # d read / d code
-        return self.unit * g / max(float(g @ g), 1e-12)
+        return self.sd * self.coef / max(float(np.linalg.norm(self.coef)), 1e-12)
 
 
 def fit_direction(codes: np.ndarray, values: list, task: str = "auto") -> ProbeDirection:
@@ -94,13 +97,14 @@ def nearest_mean_volume(volume: np.ndarray, means: dict[int, float], body: np.nd
 
 @dataclasses.dataclass
 class Config(WorkflowConfig):
-    """manipulate.yaml: the LDAE generator, the VAE, the attribute and the splits its probe is fitted on, the cases
-    edited and the steps (in units of the probe reading's standard deviation)."""
+    """manipulate.yaml: the generator (LDAE, or factors-conditioned with its ``pretrain_ckpt``), the VAE, the attribute and the splits its probe is fitted on, the cases
+    edited and the steps (in standard deviations of the codes along the probe's direction: ``ProbeDirection.step``)."""
 
     model_ckpt: str
     vae_ckpt: str
     latent_datalist: str
     output_dir: str
+    pretrain_ckpt: str | None = None
     attribute: str = "organ_b_ml"
     task: str = "auto"
     fit_splits: list = dataclasses.field(default_factory=lambda: ["longitudinal"])
@@ -118,7 +122,7 @@ def run(config: Config) -> dict[str, Any]:
     """Edit ``max_cases`` scans of ``split`` along the probe direction of ``attribute`` -> ``<output_dir>/
     manipulate.json``, ``manipulate.png`` and ``<case>_step<s>.nii.gz``.
 
-    Per case and step: ``probe`` = the probe's reading of the edited latent re-encoded by the semantic encoder;
+    Per case and step: ``probe`` = the probe's reading of the edited latent re-encoded by the code's encoder;
     ``volume_ml`` = the measured classes' volume (``MEASURED_LABELS``) in the decoded edit, each voxel of the body
     given the class whose mean intensity (on the step-0 decode, by the case's label map) is nearest;
     ``change_outside`` / ``change_inside`` = mean absolute difference to the step-0 decode outside / inside the
@@ -126,7 +130,8 @@ def run(config: Config) -> dict[str, Any]:
     and ``volume_ml``; means with 95 % bootstrap intervals over cases."""
     cfg = config
     device = torch.device(cfg.device)
-    net, objective, rec = semantic_generator(cfg.model_ckpt, device)
+    codes = GeneratorCodes(cfg.model_ckpt, cfg.pretrain_ckpt, device)
+    net, objective, rec = codes.net, codes.objective, codes.rec
     vae = records.load(cfg.vae_ckpt, device, expect="vae")
     check_vae(vae, rec, cfg.vae_ckpt, cfg.model_ckpt)
     cache = LatentDatalist(cfg.latent_datalist)
@@ -139,8 +144,7 @@ def run(config: Config) -> dict[str, Any]:
 
     def code_of(items: list[dict[str, Any]]) -> torch.Tensor:
         x = torch.stack([center_crop_or_pad(load_latent(it["latent"]), crop) for it in items]).float()
-        with torch.no_grad():
-            return torch.cat([net.encode_semantic(space.scale(x[i:i + 8].to(device))) for i in range(0, len(x), 8)])
+        return codes.encode(space.scale(x))
 
     fit_items = [it for s in cfg.fit_splits for it in cache.items(s)]
     where = f"splits {list(cfg.fit_splits)} of '{cfg.latent_datalist}'"
@@ -166,14 +170,12 @@ def run(config: Config) -> dict[str, Any]:
         z = load_latent(item["latent"])
         fit, _ = fit_slices(z.shape[1:], crop)
         x = space.scale(center_crop_or_pad(z, crop)[None].float().to(device))
-        with torch.no_grad():
-            code = net.encode_semantic(x)
-        noise = invert_latents(net, x, {"semantic": code}, objective, num_steps=cfg.num_steps)
-        codes = torch.cat([code + s * step_vec for s in steps])
-        edits = sample_latents(net, [len(steps), *x.shape[1:]], {"semantic": codes}, objective, sampler,
+        code = codes.encode(x)
+        noise = invert_latents(net, x, codes.cond(code), objective, num_steps=cfg.num_steps)
+        moved = torch.cat([code + s * step_vec for s in steps])
+        edits = sample_latents(net, [len(steps), *x.shape[1:]], codes.cond(moved), objective, sampler,
                                cfg.num_steps, noise=noise.expand(len(steps), *noise.shape[1:]).contiguous())
-        with torch.no_grad():
-            readings = direction.read(net.encode_semantic(edits).cpu().numpy())
+        readings = direction.read(codes.encode(edits).cpu().numpy())
         vols = decode(vae, edits, space)
         data = transform({"image": item["image"], "label": item["label"]})
         lab = np.rint(np.asarray(data["label"])[0]).astype(np.int64)
@@ -201,7 +203,8 @@ def run(config: Config) -> dict[str, Any]:
             k = vols.shape[3] // 2
             pictures.append([(f"step {s:+g}", v[:, :, k]) for s, v in zip(steps, vols)])
     summary: dict[str, Any] = {
-        "model_ckpt": os.path.abspath(cfg.model_ckpt), "attribute": cfg.attribute, "task": direction.task,
+        "model_ckpt": os.path.abspath(cfg.model_ckpt), "condition": codes.condition, "code": codes.what,
+        "attribute": cfg.attribute, "task": direction.task,
         "fit_splits": list(cfg.fit_splits), "fit_cases": len(fit_items), "measured_labels": labels,
         "probe_unit": direction.unit, "steps": steps, "cases": cases,
     }
@@ -214,7 +217,7 @@ def run(config: Config) -> dict[str, Any]:
     summary["change_outside_at_ends"] = float(np.mean([c["change_outside"][i] for c in cases for i in far]))
     summary["change_inside_at_ends"] = float(np.mean([c["change_inside"][i] for c in cases for i in far]))
     summary["picture"] = save_pair_grid(out / "manipulate.png", pictures,
-                                        title=f"LDAE: moving the code along the '{cfg.attribute}' probe").name
+                                        title=f"{codes.condition} code moved along the '{cfg.attribute}' probe").name
     write_json(out / "manipulate.json", summary)
     print(f"manipulate {cfg.attribute}: Spearman rho probe {summary['rho_probe']:.2f}, measured volume "
           f"{summary['rho_volume']:.2f}; change outside / inside the organ at the end steps "
