@@ -80,6 +80,7 @@ KIND_BUNDLE: dict[str, str] = {
     "mae_encoder": "meduet_pretrain",
     "dit": "meduet_diffusion",
     "factor_prior": "meduet_diffusion",
+    "controlnet": "meduet_diffusion",
     "meduet_seg": "meduet_seg",
 }
 

@@ -1,4 +1,5 @@
 """Networks: modules only (tensors in, tensors out). Importing this package registers every checkpoint kind with
 ``meduet.records`` (``meduet.records.load(path)`` rebuilds any of them from its file)."""
 
-from meduet.networks import dit, encoder, factor_prior, mae, meduet, seg, vae  # noqa: F401 - registers the kinds
+from meduet.networks import (  # noqa: F401 - registers the kinds
+    controlnet, dit, encoder, factor_prior, mae, meduet, seg, vae)
