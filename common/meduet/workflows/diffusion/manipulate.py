@@ -206,7 +206,8 @@ def run(config: Config) -> dict[str, Any]:
         "model_ckpt": os.path.abspath(cfg.model_ckpt), "condition": codes.condition, "code": codes.what,
         "attribute": cfg.attribute, "task": direction.task,
         "fit_splits": list(cfg.fit_splits), "fit_cases": len(fit_items), "measured_labels": labels,
-        "probe_unit": direction.unit, "steps": steps, "cases": cases,
+        "probe_unit": direction.unit, "reading_per_step": float(np.linalg.norm(direction.coef)),
+        "step_norm": float(np.linalg.norm(direction.step)), "steps": steps, "cases": cases,
     }
     for key in ("rho_probe", "rho_volume"):
         vals = [c[key] for c in cases if np.isfinite(c[key])]
