@@ -4,7 +4,7 @@ A bundle's ``models/model.pt`` is a flat ``state_dict`` (what ``monai.bundle.loa
 MONAI Label expect). The facts the next stage must not re-guess travel inside it as the network's PyTorch extra state
 (key ``_extra_state``): a fixed-size ``uint8`` tensor holding a JSON *record*
 
-    {"kind": "vae" | "meduet" | "mae" | "dit" | "factor_prior" | "meduet_seg",
+    {"kind": "vae" | "meduet" | "mae" | "dit" | "controlnet" | "factor_prior" | "meduet_seg",
      "architecture": {constructor arguments},
      ...meta: latent scale factor, latent channels, domains, preprocessing, config hashes, crop size, ...}
 
