@@ -315,8 +315,9 @@ def stage_diffusion(d: Demo) -> None:
              "**Aim not met at this budget**: samples with a body outline and organs. The demo trains the generator "
              "160 steps; trained 8x longer (1280 steps, ~10 minutes idle) its samples become compact body-like masses "
              "(FID proxy 2.3, outline IoU 0.65 against 0.66 for real scans) but never get the real scans' elliptical "
-             "outline, and nothing changes past ~1000 steps: more steps alone do not reach it at this size "
-             "(BENCHMARKS.md, \"meduet_diffusion at demo size: samples vs training steps\").\n",
+             "outline, and nothing changes past ~1000 steps; 6x the training latents or twice the width (4x the "
+             "parameters) do not change the pictures either. The demo VAE's decodings of real scans are soft blobs "
+             "themselves: the aim needs the VAE's 27 dB first (BENCHMARKS.md, \"meduet_diffusion at demo size\").\n",
              f"![samples]({d.rel(out / 'samples' / 'samples.png')})\n",
              f"![real vs generated]({d.rel(out / m['picture'])})\n",
              f"Style transfer ({t['method']}): A's content with B's style, measured against T, A's subject scanned "
