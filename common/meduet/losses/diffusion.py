@@ -201,9 +201,12 @@ class DiffusionObjective:
         return sched
 
     def check_model(self, model: nn.Module) -> None:
-        """A network that records its timestep range (``arch["num_train_timesteps"]``) must share ``T``."""
+        """A network that records its timestep range (``arch["num_train_timesteps"]``, or ``arch["base"][...]`` for a
+        ControlNet on a base generator) must share ``T``."""
         net = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
         arch = getattr(net, "arch", None)
+        if isinstance(arch, Mapping) and "num_train_timesteps" not in arch and isinstance(arch.get("base"), Mapping):
+            arch = arch["base"]
         t_net = arch.get("num_train_timesteps") if isinstance(arch, Mapping) else None
         if t_net is not None and int(t_net) != self.num_train_timesteps:
             raise MeduetConfigError(f"the network embeds timesteps in [0, {t_net}] but the objective has "
