@@ -125,3 +125,13 @@ def test_errors_one_line():
     _one_line_error(lambda: ParallelBeamCT(16, 0), "num_angles")
     _one_line_error(lambda: ParallelBeamCT(16, 4, angles=[0.0, 1.0]), "num_angles")
     _one_line_error(lambda: ParallelBeamCT((16, 16, 16), 4), "image_size")
+
+
+def test_the_projector_moves_with_the_module():
+    """``.to()`` moves the system matrices (torch's own ``_apply``, not shadowed) and the projection is unchanged."""
+    ct = ParallelBeamCT(16, 12)
+    x = torch.rand(1, 1, 16, 16, 2)
+    before = ct(x)
+    moved = ct.to(torch.float64).to("cpu")
+    assert moved.matrix.dtype == torch.float64
+    assert torch.allclose(moved(x.double()).float(), before, atol=1e-5)

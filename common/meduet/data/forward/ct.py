@@ -140,7 +140,7 @@ class ParallelBeamCT(nn.Module):
                    for t in (self.matrix, self.matrix_t))
 
     @staticmethod
-    def _apply(matrix: torch.Tensor, v: torch.Tensor, out: tuple[int, int]) -> torch.Tensor:
+    def _matmul(matrix: torch.Tensor, v: torch.Tensor, out: tuple[int, int]) -> torch.Tensor:
         """``matrix`` applied to the planes of ``v`` ``(B, C, P1, P2, S3)`` -> ``(B, C, *out, S3)``."""
         b, c, p1, p2, s3 = v.shape
         cols = v.permute(2, 3, 0, 1, 4).reshape(p1 * p2, b * c * s3)
@@ -153,12 +153,12 @@ class ParallelBeamCT(nn.Module):
         """Image ``(B, C, S1, S2, S3)`` -> sinogram ``(B, C, num_angles, num_detectors, S3)`` (line integrals)."""
         check_volume(x, "image", (*self.image_size, None), type(self).__name__)
         check_real(x, "image", type(self).__name__)
-        return self._apply(self.matrix, x, self.sinogram_shape)
+        return self._matmul(self.matrix, x, self.sinogram_shape)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """Sinogram ``(B, C, num_angles, num_detectors, S3)`` -> back-projection ``A^T y``, ``(B, C, S1, S2, S3)``."""
         self.check_sinogram(y, "adjoint")
-        return self._apply(self.matrix_t, y, self.image_size)
+        return self._matmul(self.matrix_t, y, self.image_size)
 
     def check_sinogram(self, y: torch.Tensor, where: str, name: str = "sinogram") -> None:
         """One-line error unless ``y`` is a real ``(B, C, num_angles, num_detectors, S3)`` tensor of this geometry."""
