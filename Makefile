@@ -12,7 +12,13 @@ MLSTAMP := $(MLVENV)/.meduet-installed
 MONAILABEL_PINS := 'monai[nibabel,pydicom,fire,pyyaml,einops,ignite]==1.6.1' 'monailabel==0.8.5' 'pydicom<3' \
 	'dicomweb-client<0.60' 'pynetdicom<3'
 
-.PHONY: setup monailabel-setup demo test sample clean-outputs
+# MONAI Deploy App SDK 4.0.0 (Holoscan) for apps/meduet_seg_app, in its own virtualenv; pins explained in DEVELOPERS.md
+DEPVENV ?= .venv-deploy
+DEPSTAMP := $(DEPVENV)/.meduet-installed
+DEPLOY_PINS := 'monai-deploy-app-sdk==4.0.0' 'monai[nibabel,pydicom,fire,pyyaml,einops,ignite]==1.6.1' \
+	'highdicom==0.28.2' 'pydicom==3.0.2'
+
+.PHONY: setup monailabel-setup deploy-setup demo test sample clean-outputs
 
 # a new virtualenv takes ~3.5 GB; pip's "No space left on device" halfway through is harder to read than this
 define need_space
@@ -40,6 +46,17 @@ $(MLSTAMP): pyproject.toml Makefile
 	touch $(MLSTAMP)
 
 monailabel-setup: $(MLSTAMP)
+
+$(DEPSTAMP): pyproject.toml Makefile
+	$(call need_space,3,$(DEPVENV))
+	test -x $(DEPVENV)/bin/python || $(PYTHON) -m venv $(DEPVENV)
+	$(DEPVENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DEPVENV)/bin/python -m pip install --quiet $(TORCH)
+	$(DEPVENV)/bin/python -m pip install --quiet $(DEPLOY_PINS)
+	$(DEPVENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(DEPSTAMP)
+
+deploy-setup: $(DEPSTAMP)
 
 sample: setup
 	$(BIN)/python -m meduet.data.sample --out data/sample --pretrain-subjects 72 --longitudinal-subjects 16
