@@ -51,7 +51,8 @@ from meduet.deploy.zoo import output_channels
 from meduet.errors import MeduetConfigError
 
 BUNDLES = ("meduet_vae", "meduet_pretrain", "meduet_diffusion", "meduet_seg")
-OVERLAYS = ("multi_gpu_train.yaml", "mae_baseline.yaml")  # merged on top of train.yaml by users: copied as they are
+# merged on top of train.yaml by users: copied as they are
+OVERLAYS = ("multi_gpu_train.yaml", "mae_baseline.yaml", "controlnet_train.yaml")
 NOT_WORKFLOWS = ("metadata.json", "logging.conf")
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 # module-level third-party imports of the vendored library -> the distribution metadata must declare

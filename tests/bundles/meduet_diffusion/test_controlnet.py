@@ -28,8 +28,13 @@ def _root(tmp_path_factory, sit_factors: Path, name: str) -> Path:
 
 
 def _train(root: Path, tiny_latents: Path, tiny_vae: Path, *extra: str, check: bool = True):
+    """Train with the factor encoder the base was trained with (its record names it; a user's chain finds it next to
+    the bundle, as train.yaml's pretrain_ckpt default)."""
+    base = root / "models/model.pt"
+    pretrain = records.read(base, expect="dit")[1].get("pretrain_ckpt") if base.exists() else None
     return bundle_run(BUNDLE, "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
-                      "--vae_ckpt", str(tiny_vae / "models/model.pt"), *extra, run_id="training",
+                      "--vae_ckpt", str(tiny_vae / "models/model.pt"), *(("--pretrain_ckpt", pretrain) if pretrain
+                                                                       else ()), *extra, run_id="training",
                       extra_configs=("controlnet_train",), check=check)
 
 
