@@ -64,11 +64,13 @@ sample: setup
 demo: setup
 	$(BIN)/python tools/demo.py --out outputs/demo --preset demo
 
-# the two virtualenvs are built side by side (3.5 instead of 6 min on 2 cores), then the suite runs; it has built
-# MONAI Label's virtualenv, so its tests must run here (MEDUET_REQUIRE_MONAILABEL turns their skip into a failure)
+# the three virtualenvs are built two at a time (3.5 instead of 6 min on 2 cores for the first two), then the suite
+# runs; it has built MONAI Label's and MONAI Deploy's virtualenvs, so their tests must run here
+# (MEDUET_REQUIRE_MONAILABEL / MEDUET_REQUIRE_DEPLOY turn their skips into failures)
 test:
-	$(MAKE) -j2 setup monailabel-setup
-	MEDUET_REQUIRE_MONAILABEL=1 $(BIN)/python -m pytest -q
+	$(MAKE) -j2 setup monailabel-setup deploy-setup
+	MEDUET_REQUIRE_MONAILABEL=1 MEDUET_REQUIRE_DEPLOY=1 $(BIN)/python -m pytest -q
 
 clean-outputs:
-	rm -rf outputs data/sample bundles/*/models/*.pt bundles/*/eval bundles/*/runs bundles/*/latents
+	rm -rf outputs data/sample bundles/*/models/*.pt bundles/*/eval bundles/*/runs bundles/*/latents \
+		bundles/*/latents_control
