@@ -90,6 +90,18 @@ def bundle_run(bundle: str, workflow: str, *overrides: str, run_id: str | None =
     return proc
 
 
+def one_line_error(fn, *words: str, error: type = Exception) -> str:
+    """Call ``fn``, which must raise ``error`` with a one-line message holding a fix after ``"; "`` and every word
+    of ``words``; returns the message."""
+    with pytest.raises(error) as info:
+        fn()
+    msg = str(info.value)
+    assert "\n" not in msg and "; " in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
 def torchrun_launcher(nproc: int = 2) -> list[str]:
     """``python -m torch.distributed.run`` with ``nproc`` local processes and a free port on 127.0.0.1."""
     import socket

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from meduet.data.forward import ParallelBeamCT, fbp
+from conftest import one_line_error
 from meduet.errors import MeduetInputError
 
 
@@ -25,13 +26,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _one_line_error(fn, *words: str) -> str:
-    with pytest.raises(MeduetInputError) as info:
-        fn()
-    msg = str(info.value)
-    assert "\n" not in msg and "; " in msg, msg
-    for w in words:
-        assert w in msg, msg
-    return msg
+    return one_line_error(fn, *words, error=MeduetInputError)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])

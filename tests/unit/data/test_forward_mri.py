@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from meduet.data.forward import MRIForward, cartesian_mask, radial_mask
+from conftest import one_line_error
 from meduet.errors import MeduetInputError
 
 SHAPE = (24, 20, 6)  # not powers of two
@@ -23,13 +24,7 @@ def _ellipsoid(n: int = 32) -> torch.Tensor:
 
 
 def _one_line_error(fn, *words: str) -> str:
-    with pytest.raises(MeduetInputError) as info:
-        fn()
-    msg = str(info.value)
-    assert "\n" not in msg and "; " in msg, msg
-    for w in words:
-        assert w in msg, msg
-    return msg
+    return one_line_error(fn, *words, error=MeduetInputError)
 
 
 @pytest.mark.parametrize("pattern", ["1d", "2d"])

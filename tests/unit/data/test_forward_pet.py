@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from meduet.data.forward import ParallelBeamCT, PETForward, mlem, poisson_log_likelihood, simulate_counts
+from conftest import one_line_error
 from meduet.errors import MeduetInputError
 
 N = 32
@@ -20,13 +20,7 @@ def _activity(dtype=torch.float64) -> torch.Tensor:
 
 
 def _one_line_error(fn, *words: str) -> str:
-    with pytest.raises(MeduetInputError) as info:
-        fn()
-    msg = str(info.value)
-    assert "\n" not in msg and "; " in msg, msg
-    for w in words:
-        assert w in msg, msg
-    return msg
+    return one_line_error(fn, *words, error=MeduetInputError)
 
 
 def test_pet_model_is_the_parallel_beam_projector_with_exact_adjoint():
