@@ -105,7 +105,8 @@ def serve(py: str, app: Path, store: Path, root: Path, model: str, conf: Sequenc
                 except (urllib.error.URLError, ConnectionError, TimeoutError):
                     pass
                 time.sleep(2)
-            assert info is not None, f"MONAI Label did not answer /info/ in {wait:g} s:\n" + log_path.read_text()[-4000:]
+            assert info is not None, (f"MONAI Label did not answer /info/ in {wait:g} s:\n"
+                                      + log_path.read_text()[-4000:])
             yield {"base": base, "info": info, "tmpdir": tmpdir, "log": log_path}
         finally:
             try:

@@ -74,7 +74,8 @@ def _edit_lines(d: Any, out: Any, ip: dict, mp: dict) -> list[str]:
         f"\n![interpolation]({d.rel(out / 'interpolate' / ip['picture'])})\n",
         f"Attribute manipulation along the `{mp['attribute']}` probe (steps {mp['steps']} in standard deviations "
         f"of the codes along its direction; one step moves its reading by {_f(mp.get('reading_per_step'))} "
-        f"against the cohort's spread of {_f(mp['probe_unit'])}): Spearman rho of step vs the probe's reading of the re-encoded edit "
+        f"against the cohort's spread of {_f(mp['probe_unit'])}): Spearman rho of step vs the probe's reading of "
+        f"the re-encoded edit "
         f"{_f(mp['rho_probe'])}, vs organ_b's volume measured on the decoded image {_f(mp['rho_volume'])} "
         f"({mp['rho_volume_monotone_cases']} of {len(mp['cases'])} cases monotone); mean absolute change at the "
         f"end steps outside the organ {_f(mp['change_outside_at_ends'], 4)}, inside "

@@ -39,8 +39,9 @@ ROWS = {"vae": "the VAE decoding the input latent (ceiling)",
 @dataclasses.dataclass
 class Config(WorkflowConfig):
     """autoencode.yaml: the generator (``model_ckpt``: meduet_diffusion's ``models/ldae/model.pt``, or
-    ``models/model.pt`` conditioned on factors with the ``pretrain_ckpt`` it was trained with), the VAE it was trained on, the latent datalist split to reconstruct, the number of cases and the sampler steps (DDIM for
-    ddpm generators, Euler for rflow ones; inversion uses the same grid)."""
+    ``models/model.pt`` conditioned on factors with the ``pretrain_ckpt`` it was trained with), the VAE it was
+    trained on, the latent datalist split to reconstruct, the number of cases and the sampler steps (DDIM for ddpm
+    generators, Euler for rflow ones; inversion uses the same grid)."""
 
     model_ckpt: str
     vae_ckpt: str
@@ -57,7 +58,8 @@ class Config(WorkflowConfig):
 
 @removes_partial_outputs
 def run(config: Config) -> dict[str, Any]:
-    """Reconstruct ``split``'s latents through the LDAE and score them -> ``<output_dir>/autoencode.json`` (per case
+    """Reconstruct ``split``'s latents through the generator's code and score them -> ``<output_dir>/
+    autoencode.json`` (per case
     and mean PSNR / SSIM / MS-SSIM of each row of ``ROWS`` against the preprocessed input scan, with 95 % bootstrap
     intervals over cases, plus the LDAE reconstruction against the VAE's: how close the diffusion decoder gets to
     its ceiling), ``autoencode.png`` (middle axial slices) and, with ``save_volumes``, ``<case>_ldae.nii.gz``.
@@ -123,7 +125,8 @@ def run(config: Config) -> dict[str, Any]:
         "ci95": {k: list(bootstrap_mean_interval([c[k] for c in cases])) for k in keys},
     }
     summary["picture"] = save_pair_grid(out / "autoencode.png", pictures,
-                                        title=f"diffusion autoencoding ({codes.condition}, {objective.objective}, {cfg.num_steps} "
+                                        title=f"diffusion autoencoding ({codes.condition}, {objective.objective}, "
+                                              f"{cfg.num_steps} "
                                               f"{sampler} steps)").name
     write_json(out / "autoencode.json", summary)
     mean = summary["mean"]

@@ -1,6 +1,6 @@
-"""meduet_diffusion interpolate.yaml: semantic interpolation with a generator that has a code per scan (an LDAE, condition
-``semantic``, or MeDUET factors, condition ``factors``: ``meduet.workflows.diffusion.codes``) between two scans of one
-subject -- invert both latents to noise under their own codes, slerp the noises, lerp the codes, decode
+"""meduet_diffusion interpolate.yaml: semantic interpolation with a generator that has a code per scan (an LDAE,
+condition ``semantic``, or MeDUET factors, condition ``factors``: ``meduet.workflows.diffusion.codes``) between two
+scans of one subject -- invert both latents to noise under their own codes, slerp the noises, lerp the codes, decode
 the intermediate -- measured on the longitudinal phantoms, whose true intermediate visit exists, against linear
 interpolation of the latents and of the images."""
 
@@ -77,7 +77,8 @@ def triplets(items: list[dict[str, Any]]) -> list[tuple[dict, dict, dict, float]
 
 @dataclasses.dataclass
 class Config(WorkflowConfig):
-    """interpolate.yaml: the generator (LDAE, or factors-conditioned with its ``pretrain_ckpt``), the VAE, the latent datalist split with several scans per subject
+    """interpolate.yaml: the generator (LDAE, or factors-conditioned with its ``pretrain_ckpt``), the VAE, the latent
+    datalist split with several scans per subject
     (``longitudinal``: ``subject``, ``age``/``visit`` keys) or two named scans (``cases``), the sampler steps."""
 
     model_ckpt: str
@@ -245,7 +246,8 @@ def run(config: Config) -> dict[str, Any]:
         "ci95": {k: list(bootstrap_mean_interval([r[k] for r in rows])) for k in keys},
     }
     summary["picture"] = save_pair_grid(out / "interpolate.png", pictures,
-                                        title=f"interpolation to the middle visit: codes ({ip.codes.condition}) vs linear baselines").name
+                                        title=f"interpolation to the middle visit: codes ({ip.codes.condition}) vs "
+                                              "linear baselines").name
     write_json(out / "interpolate.json", summary)
     mean = summary["mean"]
     print("| method | SSIM | MSE |\n|---|---|---|")

@@ -1,6 +1,6 @@
-"""meduet_diffusion manipulate.yaml: attribute manipulation with a generator that has a code per scan (an LDAE, condition
-``semantic``, or MeDUET factors, condition ``factors``: ``meduet.workflows.diffusion.codes``): a linear probe of an
-attribute on the codes gives a direction; a scan's code moved along it by a few steps and
+"""meduet_diffusion manipulate.yaml: attribute manipulation with a generator that has a code per scan (an LDAE,
+condition ``semantic``, or MeDUET factors, condition ``factors``: ``meduet.workflows.diffusion.codes``): a linear probe
+of an attribute on the codes gives a direction; a scan's code moved along it by a few steps and
 decoded from the scan's own inverted noise gives the edited scans. Measured per step: the probe's reading of the
 re-encoded edit, an independent measurement on the decoded image (the organ's volume by nearest class mean), and
 how much the image changed outside the organ."""
@@ -97,7 +97,8 @@ def nearest_mean_volume(volume: np.ndarray, means: dict[int, float], body: np.nd
 
 @dataclasses.dataclass
 class Config(WorkflowConfig):
-    """manipulate.yaml: the generator (LDAE, or factors-conditioned with its ``pretrain_ckpt``), the VAE, the attribute and the splits its probe is fitted on, the cases
+    """manipulate.yaml: the generator (LDAE, or factors-conditioned with its ``pretrain_ckpt``), the VAE, the
+    attribute and the splits its probe is fitted on, the cases
     edited and the steps (in standard deviations of the codes along the probe's direction: ``ProbeDirection.step``)."""
 
     model_ckpt: str
