@@ -17,10 +17,15 @@ REPO = Path(__file__).resolve().parents[2]
 RUN_CONFIGS = sorted(glob.glob(str(REPO / "bundles/*/configs/train*.yaml"))
                      + glob.glob(str(REPO / "bundles/*/configs/inference.json")))
 PRESETS = (None, "tiny", "demo", "paper")  # None: the base config alone
+# overlays merged on top of their bundle's train.yaml (multi-GPU, the MAE baseline, LDAE, ControlNet): their run
+# lists replace train.yaml's and must start with the key check too
+OVERLAYS = sorted(p for name in ("multi_gpu_train.yaml", "mae_baseline.yaml", "ldae.yaml", "controlnet_train.yaml")
+                  for p in glob.glob(str(REPO / "bundles/*/configs" / name)))
 
 
-def _parser(config: str, preset: str | None = None) -> ConfigParser:
-    files = [config] + ([str(Path(config).parent / "presets" / f"{preset}.yaml")] if preset else [])
+def _parser(config: str, preset: str | None = None, overlay: str | None = None) -> ConfigParser:
+    files = [config] + ([overlay] if overlay else [])
+    files += [str(Path(config).parent / "presets" / f"{preset}.yaml")] if preset else []
     parser = ConfigParser()
     parser.read_config(files)
     return parser
@@ -44,6 +49,17 @@ def test_every_run_list_starts_with_the_key_check_of_every_checkable_key(config)
 @pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: "/".join(Path(p).parts[-3::2]))
 def test_shipped_configs_and_presets_pass_their_key_check(config, preset):
     assert _parser(config, preset).get_parsed_content("key_check") is True
+
+
+@pytest.mark.parametrize("preset", (None, "tiny"))
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: "/".join(Path(p).parts[-3::2]))
+def test_overlays_keep_the_key_check_first_and_pass_it(overlay, preset):
+    parser = _parser(str(Path(overlay).parent / "train.yaml"), preset, overlay)
+    lists = _run_lists(parser)
+    if isinstance(parser.get().get("run"), str):  # run: '@training'
+        assert parser.get()["run"] == "@training"
+    assert lists and all(steps[0] == "@key_check" for steps in lists.values()), (overlay, lists)
+    assert parser.get_parsed_content("key_check") is True
 
 
 @pytest.mark.parametrize("key,bad", [("batch_size", "abc"), ("roi_size", "abc"), ("roi_size", [64, 64]),
