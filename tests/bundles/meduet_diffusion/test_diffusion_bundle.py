@@ -167,6 +167,20 @@ def test_sample_writes_volumes_per_site_with_spacing_and_montage(sit_factors, ti
                                       np.asarray(nib.load(out / row["path"]).dataobj))
 
 
+def test_sample_a_larger_latent_than_the_training_crop_in_decoding_windows(sit_factors, tiny_vae, tiny_latents,
+                                                                           tiny_pretrain, tmp_path):
+    # the tiny generator was trained on 8^3 crops; a 16^3 latent (64^3 image) decoded in 2 x 2 x 2 windows of <= 10
+    out = tmp_path / "large"
+    bundle_run("meduet_diffusion", "sample", "--bundle_root", str(sit_factors), "--vae_ckpt",
+               str(tiny_vae / "models/model.pt"), "--pretrain_ckpt", str(tiny_pretrain / "models/model.pt"),
+               "--latent_datalist", str(tiny_latents), "--output_dir", str(out), "--num_per_site", "1",
+               "--num_steps", "3", "--sites", "['site0']", "--latent_size", "16", "--decode_window", "10")
+    summary = json.loads((out / "samples.json").read_text())
+    assert summary["latent_shape"][1:] == [16, 16, 16] and summary["decode_window"] == 10
+    data = np.asarray(nib.load(out / "site0_0.nii.gz").dataobj)
+    assert data.shape == (64, 64, 64) and np.isfinite(data).all() and data.std() > 0
+
+
 def test_transfer_measures_gap_and_anatomy(sit_factors, tiny_vae, tiny_latents, tiny_pretrain, tmp_path):
     out = tmp_path / "transfer"
     bundle_run("meduet_diffusion", "transfer", "--bundle_root", str(sit_factors), "--vae_ckpt",

@@ -23,9 +23,10 @@ from meduet.errors import MeduetConfigError
 from meduet.io import save_nifti
 from meduet.latent import LatentSpace, load_latent
 from meduet.losses.diffusion import DiffusionObjective
+from meduet.networks.patchwise import PatchEncoding
 
-__all__ = ["progress_enabled", "load_generator", "generator_parts", "conditioner_for", "load_prior", "decode", "save_volume",
-           "latent_shape", "factors_of", "generate", "check_vae", "fit_slices"]
+__all__ = ["progress_enabled", "load_generator", "generator_parts", "conditioner_for", "load_prior", "decode",
+           "save_volume", "latent_shape", "factors_of", "generate", "check_vae", "fit_slices"]
 
 
 def progress_enabled() -> bool:
@@ -72,10 +73,18 @@ def load_prior(prior_ckpt: str | None, device: str | torch.device, hint: str = "
     return records.load(prior_ckpt, device, expect="factor_prior", what="factor prior")
 
 
-def decode(vae: torch.nn.Module, z: torch.Tensor, space: LatentSpace) -> np.ndarray:
-    """Scaled latents ``(B, C, *S)`` -> images ``(B, *(f S))`` in [0, 1] (numpy float32)."""
+def decode(vae: torch.nn.Module, z: torch.Tensor, space: LatentSpace,
+           decode_window: int | Sequence[int] | None = None) -> np.ndarray:
+    """Scaled latents ``(B, C, *S)`` -> images ``(B, *(f S))`` in [0, 1] (numpy float32).
+
+    ``decode_window`` (latent voxels, not in the papers' sampling): decode through meduet_vae's bounded-memory path,
+    the fewest latent windows no larger than it, overlapping and blended as the VAE's record says
+    (``PatchEncoding.of(vae, decode_window=...)``), one window at a time, e.g. a 4x64^3 latent (256^3 image) with
+    40: 2 x 2 x 2 windows of 33^3. None: the VAE record's own ``decode_window`` (None there too: one decoder call
+    on the whole latent, whose memory grows with the volume)."""
     with torch.no_grad():
-        img = vae.decode(space.unscale(z)).clamp(0, 1)
+        scheme = PatchEncoding.of(vae, decode_window=decode_window)
+        img = scheme.decode(vae, space.unscale(z)).clamp(0, 1)
     return img[:, 0].float().cpu().numpy()
 
 
@@ -97,8 +106,14 @@ def save_volume(path: str | Path, image01: np.ndarray, record: Mapping[str, Any]
     return path
 
 
-def latent_shape(record: Mapping[str, Any], n: int) -> list[int]:
-    return [n, int(record["latent_channels"]), *[int(c) for c in record["crop_size"]]]
+def latent_shape(record: Mapping[str, Any], n: int, latent_size: Sequence[int] | int | None = None) -> list[int]:
+    """``(n, C, S1, S2, S3)``: the generator's training crop, or ``latent_size`` (e.g. 64 for a 256^3 volume of a
+    4x downsampling VAE; the DiT's sin-cos positions are computed for any grid, sizes divisible by its patch)."""
+    size = record["crop_size"] if latent_size is None else latent_size
+    size = [int(size)] * 3 if isinstance(size, int) else [int(c) for c in size]
+    if len(size) != 3 or min(size) < 1:
+        raise MeduetConfigError(f"latent_size must be one positive integer or three, got {latent_size!r}")
+    return [n, int(record["latent_channels"]), *size]
 
 
 def factors_of(conditioner: Conditioner, items: Sequence[Mapping[str, Any]], record: Mapping[str, Any],
@@ -110,7 +125,8 @@ def factors_of(conditioner: Conditioner, items: Sequence[Mapping[str, Any]], rec
 
 def generate(net, objective: DiffusionObjective, rec: Mapping[str, Any], group: str, n: int,
               conditioner: Conditioner | None, prior, reference_items, sampler, num_steps, guidance_scale: float,
-              gen: torch.Generator, batch_size: int, device, cycle_references: bool = False) -> torch.Tensor:
+              gen: torch.Generator, batch_size: int, device, cycle_references: bool = False,
+              latent_size: Sequence[int] | int | None = None) -> torch.Tensor:
     """``n`` scaled latents of ``group`` (a site, or ``"all"`` for an unconditional generator). Factors from
     reference scans: the first ``n`` of the site (fewer when it has fewer), or with ``cycle_references`` its scans
     cycled to ``n`` (each with its own noise)."""
@@ -140,7 +156,8 @@ def generate(net, objective: DiffusionObjective, rec: Mapping[str, Any], group: 
     for start in range(0, n, batch_size):
         m = min(batch_size, n - start)
         c = None if cond is None else {k: v[start:start + m] for k, v in cond.items()}
-        chunks.append(sample_latents(net, latent_shape(rec, m), c, objective, sampler=sampler, num_steps=num_steps,
+        chunks.append(sample_latents(net, latent_shape(rec, m, latent_size), c, objective, sampler=sampler,
+                                     num_steps=num_steps,
                                      guidance_scale=guidance_scale if condition != "none" else 1.0,
                                      generator=gen, progress=progress_enabled()))
     return torch.cat(chunks)

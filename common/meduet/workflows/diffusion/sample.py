@@ -42,6 +42,12 @@ class Config(WorkflowConfig):
     guidance_scale: float = 1.5
     seed: int = 0
     batch_size: int = 8
+    #: latent grid to sample (one integer or three); None: the generator's training crop. A paper-sized volume:
+    #: 64 (4x64^3 -> 256^3 with a 4x VAE), with ``decode_window`` so that decoding stays within bounded memory
+    latent_size: int | Sequence[int] | None = None
+    #: decode through meduet_vae's latent windows no larger than this (``meduet.networks.patchwise.PatchEncoding``,
+    #: memory bounded by one window); None: the VAE record's setting (one decoder call when it has none)
+    decode_window: int | Sequence[int] | None = None
     device: str | torch.device = "cpu"
     #: the generator already built from an inference config's ``network_def`` with ``model_ckpt`` loaded into it
     #: (``meduet.records.load_into``); None: rebuilt from ``model_ckpt``
@@ -101,8 +107,8 @@ def run(config: Config) -> dict[str, Any]:
     for group in groups:
         z = generate(net, objective, rec, group, int(cfg.num_per_site), conditioner,
                      prior if condition == "factors" and source == "prior" else None, reference_items, sampler,
-                     num_steps, guidance_scale, gen, cfg.batch_size, device)
-        images = decode(vae, z, LatentSpace.from_record(rec, model_ckpt))
+                     num_steps, guidance_scale, gen, cfg.batch_size, device, latent_size=cfg.latent_size)
+        images = decode(vae, z, LatentSpace.from_record(rec, model_ckpt), cfg.decode_window)
         row = []
         for k, img in enumerate(images):
             path = save_volume(out / f"{group}_{k}.nii.gz", img, rec)
@@ -115,6 +121,7 @@ def run(config: Config) -> dict[str, Any]:
                                    + (f", {source}" if condition == "factors" else "") + ")")
     summary = {"objective": objective.objective, "condition": condition, "source": source if condition == "factors"
                else None, "sampler": sampler, "num_steps": num_steps, "guidance_scale": guidance_scale,
+               "latent_shape": list(z.shape[1:]), "decode_window": cfg.decode_window,
                "samples": listing, "picture": picture.name}
     write_json(out / "samples.json", summary)
     return summary
