@@ -4,7 +4,7 @@ A bundle's ``models/model.pt`` is a flat ``state_dict`` (what ``monai.bundle.loa
 MONAI Label expect). The facts the next stage must not re-guess travel inside it as the network's PyTorch extra state
 (key ``_extra_state``): a fixed-size ``uint8`` tensor holding a JSON *record*
 
-    {"kind": "vae" | "meduet" | "mae" | "dit" | "controlnet" | "factor_prior" | "meduet_seg",
+    {"kind": "vae" | "meduet" | "mae" | "dit" | "controlnet" | "factor_prior" | "meduet_seg" | "inr",
      "architecture": {constructor arguments},
      ...meta: latent scale factor, latent channels, domains, preprocessing, config hashes, crop size, ...}
 
@@ -82,6 +82,7 @@ KIND_BUNDLE: dict[str, str] = {
     "factor_prior": "meduet_diffusion",
     "controlnet": "meduet_diffusion",
     "meduet_seg": "meduet_seg",
+    "inr": "meduet_recon",
 }
 
 _WHAT = {
@@ -89,6 +90,7 @@ _WHAT = {
     "meduet_pretrain": "pretraining checkpoint",
     "meduet_diffusion": "diffusion checkpoint",
     "meduet_seg": "segmentation checkpoint",
+    "meduet_recon": "reconstruction checkpoint",
 }
 
 
