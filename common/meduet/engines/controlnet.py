@@ -40,8 +40,8 @@ from meduet.networks.controlnet import LatentControlNet
 from meduet.networks.dit import LatentDiT
 from meduet.networks.patchwise import PatchEncoding
 
-__all__ = ["load_base", "build_controlnet", "control_conditioner", "ControlCache", "ControlConditioner",
-           "ControlValidationLoss"]
+__all__ = ["load_base", "build_controlnet", "control_conditioner", "control_encoding", "encode_image_control",
+           "ControlCache", "ControlConditioner", "ControlValidationLoss"]
 
 
 def load_base(base_ckpt: str, device: str | torch.device = "cpu") -> LatentDiT:
@@ -63,6 +63,22 @@ def build_controlnet(base: LatentDiT, task: ControlTask, latents: Mapping[str, A
     net = LatentControlNet.from_base(base, control_channels(task, latents), control_blocks, task.input)
     net.meta["control"].update({**task.settings(), "base_ckpt": os.path.abspath(base_ckpt)})
     return net
+
+
+def control_encoding(vae: nn.Module, latents: Mapping[str, Any] | None = None) -> PatchEncoding:
+    """The patch encoding of image controls: the latent cache's (``latents["patch_encoding"]``, what its latents were
+    encoded with), else the VAE record's."""
+    stored = (latents or {}).get("patch_encoding")
+    return PatchEncoding(**stored) if stored else PatchEncoding.of(vae)
+
+
+def encode_image_control(vae: nn.Module, scheme: PatchEncoding, space: LatentSpace, image: torch.Tensor
+                         ) -> torch.Tensor:
+    """An image control ``(B, 1, *S)`` -> the scaled latent control ``(B, C, *(S / f))``: clipped to ``[0, 1]`` (the
+    preprocessed range), encoded window by window with the latent cache's ``scheme`` by the frozen VAE, scaled by
+    ``space``. ``ControlCache`` makes the training controls with it, ControlNet inference its input and data
+    consistency its re-encodings."""
+    return space.scale(scheme.encode(vae, image.float().clamp(0.0, 1.0)))
 
 
 class ControlConditioner(nn.Module):
@@ -145,8 +161,7 @@ class ControlCache:
             records.require(self.vae_ckpt, "meduet_vae")
             vae = records.load(self.vae_ckpt, self.device, expect="vae").eval()
             LatentSpace.from_vae(vae).check_same(self.space, self.vae_ckpt, self.datalist.path)
-            stored = self.datalist.data.get("patch_encoding")
-            self._vae = (vae, PatchEncoding(**stored) if stored else PatchEncoding.of(vae))
+            self._vae = (vae, control_encoding(vae, self.datalist.data))
         return self._vae
 
     def load(self, item: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,7 +186,7 @@ class ControlCache:
             vae, scheme = self._vae_and_scheme()
             x = torch.as_tensor(image)[None].float().to(self.device)
             y = self.task.degrade(x, seed=item_seed(self.task.seed, Path(item["latent"]).name))
-            control = self.space.scale(scheme.encode(vae, y))[0].cpu()
+            control = encode_image_control(vae, scheme, self.space, y)[0].cpu()
         else:
             control = label_control(torch.as_tensor(data["label"]), self.channels, self.factor)
         shape = tuple(load_latent(item["latent"]).shape[1:])

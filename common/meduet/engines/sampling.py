@@ -28,7 +28,7 @@ device.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -105,6 +105,7 @@ def sample_latents(
     progress: bool = False,
     noise: torch.Tensor | None = None,
     eta: float = 0.0,
+    step_callback: Callable[[int, torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Generate latents ``(B, C, S1, S2, S3)`` (in the network's scaled latent space: divide by the latent scale
     factor before the VAE decoder).
@@ -123,6 +124,12 @@ def sample_latents(
         progress: tqdm bar over the steps (off when ``MEDUET_PROGRESS=0``).
         noise: start from these ``x_T`` instead of drawing them (e.g. from ``invert_latents``).
         eta: DDIM noise weight (0 = deterministic DDIM).
+        step_callback: called after every step as ``x = step_callback(i, x, x0_hat, data_weight)``: ``x`` the latents
+            after step ``i`` (0-based), ``x0_hat`` the clean latents the scheduler predicted at that step (MONAI's
+            ``pred_original_sample``) and ``data_weight`` the weight of the clean latents in ``x``'s marginal at its
+            new time (rflow ``1 - t_next / T``; ddim / ddpm ``sqrt(alpha_bar)`` of the step's target timestep, 1 after
+            the last one). A guidance step (e.g. data consistency) that changes ``x0_hat`` by ``d`` moves ``x`` by
+            ``data_weight * d`` (ddim after its last step: MONAI's ``final_alpha_cumprod``). None: no call.
     """
     obj = _objective(objective)
     obj.check_model(model)
@@ -163,11 +170,19 @@ def sample_latents(
             out = predict(model, x, t_batch, cond, guidance_scale)
             if sampler == "rflow":
                 t_next = timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros((), dtype=t.dtype)
-                x, _ = scheduler.step(out, t, x, t_next)
-            elif sampler == "ddim":
-                x, _ = scheduler.step(out, int(t), x, eta=eta, generator=generator)
+                x, x0_hat = scheduler.step(out, t, x, t_next)
+                weight = 1.0 - float(t_next) / T
             else:
-                x, _ = scheduler.step(out, int(t), x, generator=generator)
+                if sampler == "ddim":
+                    x, x0_hat = scheduler.step(out, int(t), x, eta=eta, generator=generator)
+                    prev = int(t) - T // scheduler.num_inference_steps
+                else:
+                    x, x0_hat = scheduler.step(out, int(t), x, generator=generator)
+                    prev = int(t) - 1
+                final = getattr(scheduler, "final_alpha_cumprod", 1.0) if sampler == "ddim" else 1.0
+                weight = float(torch.as_tensor(scheduler.alphas_cumprod[prev] if prev >= 0 else final).sqrt())
+            if step_callback is not None:
+                x = step_callback(i, x, x0_hat, weight)
     finally:
         net.train(was_training)
     return x
