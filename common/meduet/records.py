@@ -79,6 +79,7 @@ KIND_BUNDLE: dict[str, str] = {
     "meduet_encoder": "meduet_pretrain",
     "mae_encoder": "meduet_pretrain",
     "dit": "meduet_diffusion",
+    "dualflow": "meduet_diffusion",
     "factor_prior": "meduet_diffusion",
     "controlnet": "meduet_diffusion",
     "meduet_seg": "meduet_seg",

@@ -301,7 +301,7 @@ def prepare_monailabel_harmoniser(bundle: str | os.PathLike, out: str | os.PathL
             raise MeduetConfigError(f"'{bundle}' is not a meduet_diffusion bundle folder ({configs / name} is missing)")
     model_path = Path(model) if model else bundle / "models" / "model.pt"
     vae_path = Path(vae) if vae else bundle.parent / "meduet_vae" / "models" / "model.pt"
-    record = records.read(model_path, expect="dit")[1]
+    record = records.read(model_path, expect=("dit", "dualflow"))[1]
     condition = str(record.get("condition", "none"))
     if condition not in HARMONISE_CONDITIONS:
         raise MeduetConfigError(f"'{model_path}' is a generator conditioned on '{condition}', which takes no target "

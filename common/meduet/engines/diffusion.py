@@ -7,7 +7,8 @@ loss handler and the factor prior fit.
   frozen encoder applied to the clean latent, by sliding windows of its pretraining crop (the ViT does not
   generalise to token grids it was not trained on); ``semantic`` -> ``{"x0": clean latents}``, which the network's
   own semantic encoder (trained with it, LDAE) turns into a code.
-* ``build_diffusion_network``: a ``LatentDiT`` whose condition sizes come from the conditioner and whose record
+* ``build_diffusion_network``: a ``LatentDiT`` (or 3D MedDiffusion's dual-flow ``LatentDualFlow``, train.yaml
+  ``backbone``) whose condition sizes come from the conditioner and whose record
   carries what sampling needs (latent scale factor, channels, domains, crop, objective, condition, VAE hash).
 * ``DiffusionTrainer``: MONAI ``Trainer`` step = objective loss (DDPM noise / RFlow velocity), finite check,
   optimiser + schedule step, EMA generator update.
@@ -40,7 +41,7 @@ from meduet.engines.trainer import MeduetTrainer
 from meduet.errors import MeduetConfigError, require_bool
 from meduet.latent import LatentDatalist, LatentSpace, latent_record, load_latent
 from meduet.losses.diffusion import DiffusionObjective
-from meduet.networks.dit import build_dit
+from meduet.networks.dualflow import BACKBONES, build_backbone
 from meduet.networks.encoder import PretrainedEncoder
 from meduet.networks.factors import pool_style
 from meduet.networks.windows import crop_size_of, factor_map, pad_for_windows, sliding_windows
@@ -197,10 +198,17 @@ def diffusion_record(latents: Mapping[str, Any], crop_size: Sequence[int], objec
 def build_diffusion_network(preset: str, latents: Mapping[str, Any], conditioner: Conditioner,
                             objective: DiffusionObjective, crop_size: Sequence[int], cond_dropout: float = 0.1,
                             init_from_pretrained: bool = False, pretrain_ckpt: str | None = None,
-                            **overrides: Any) -> nn.Module:
-    """``LatentDiT`` sized by ``preset`` (+ ``overrides``) for the latent cache and the conditioner, with its
-    record in ``.meta``; ``init_from_pretrained`` copies the pretrained latent ViT's blocks into the DiT."""
+                            backbone: str = "dit", **overrides: Any) -> nn.Module:
+    """``LatentDiT`` (``backbone="dit"``) or ``LatentDualFlow`` (``"dualflow"``, 3D MedDiffusion's dual-flow
+    denoiser) sized by ``preset`` (+ ``overrides``) for the latent cache and the conditioner, with its record in
+    ``.meta``; ``init_from_pretrained`` copies the pretrained latent ViT's blocks into the DiT (dit only)."""
     require_bool(init_from_pretrained, "init_from_pretrained")
+    if backbone not in BACKBONES:
+        raise MeduetConfigError(f"backbone must be one of {list(BACKBONES)}, got {backbone!r}; set train.yaml's "
+                                "backbone")
+    if backbone == "dualflow" and init_from_pretrained:
+        raise MeduetConfigError("init_from_pretrained copies the latent ViT into a DiT; set it false for backbone "
+                                "dualflow")
     kw: dict[str, Any] = dict(in_channels=int(latents["latent_channels"]), input_size=list(crop_size),
                               condition=conditioner.condition, cond_dropout=float(cond_dropout),
                               num_train_timesteps=objective.num_train_timesteps)
@@ -215,7 +223,7 @@ def build_diffusion_network(preset: str, latents: Mapping[str, Any], conditioner
         kw.update(content_dim=conditioner.content_dim, style_dim=conditioner.style_dim,
                   content_map=conditioner.content_map)
     kw.update(overrides)
-    net = build_dit(preset, **kw)
+    net = build_backbone(backbone, preset, **kw)
     if init_from_pretrained:
         source = conditioner.encoder if conditioner.encoder is not None else (
             records.load_part(pretrain_ckpt, PretrainedEncoder) if pretrain_ckpt else None)

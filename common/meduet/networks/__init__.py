@@ -2,4 +2,4 @@
 ``meduet.records`` (``meduet.records.load(path)`` rebuilds any of them from its file)."""
 
 from meduet.networks import (  # noqa: F401 - registers the kinds
-    controlnet, dit, encoder, factor_prior, inr, mae, meduet, seg, vae)
+    controlnet, dit, dualflow, encoder, factor_prior, inr, mae, meduet, seg, vae)

@@ -36,7 +36,7 @@ def progress_enabled() -> bool:
 def load_generator(model_ckpt: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, DiffusionObjective,
                                                                                    dict[str, Any]]:
     """``(network, objective, record)`` from meduet_diffusion's ``model.pt``."""
-    return generator_parts(records.load(model_ckpt, device, expect="dit"), model_ckpt)
+    return generator_parts(records.load(model_ckpt, device, expect=("dit", "dualflow")), model_ckpt)
 
 
 def generator_parts(net: torch.nn.Module, where: str = "the generator") -> tuple[torch.nn.Module, DiffusionObjective,
