@@ -43,10 +43,18 @@ class DataConsistency:
             raise MeduetConfigError(f"data consistency supports mri and ct measurements, not {modality}; set "
                                     "data_consistency none")
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-            raise MeduetConfigError(f"data_consistency_steps must be an integer >= 1, got {steps!r}")
+            raise MeduetConfigError(f"data_consistency_steps must be an integer >= 1, got {steps!r}; set "
+                                    "--data_consistency_steps 5")
         self.measurement, self.steps, self.modality = measurement, int(steps), modality
         self.op, self.y = measurement.operator(), measurement.data
-        self.lipschitz = 1.0 if modality == "mri" else 1.05 * self._power_iteration()
+        self._lipschitz: float | None = 1.0 if modality == "mri" else None
+
+    @property
+    def lipschitz(self) -> float:
+        """``L >= ||A||^2`` (MRI 1; CT 1.05 times the power-iteration estimate, computed once on first use)."""
+        if self._lipschitz is None:
+            self._lipschitz = 1.05 * self._power_iteration()
+        return self._lipschitz
 
     def _power_iteration(self, iterations: int = 30) -> float:
         """Largest eigenvalue of ``A^T A`` (CT), by power iteration from a fixed start."""
@@ -101,7 +109,8 @@ class LatentConsistency:
     def __init__(self, consistency: DataConsistency, vae: torch.nn.Module, scheme: PatchEncoding, space: LatentSpace,
                  region: Sequence[slice], every: int, num_steps: int) -> None:
         if isinstance(every, bool) or int(every) != every or every < 1:
-            raise MeduetConfigError(f"data_consistency_every must be an integer >= 1 (or null), got {every!r}")
+            raise MeduetConfigError(f"data_consistency_every must be an integer >= 1 (or null), got {every!r}; "
+                                    "set --data_consistency_every 10")
         self.dc, self.vae, self.scheme, self.space = consistency, vae, scheme, space
         self.region = (slice(None), slice(None), *region)
         self.every, self.num_steps = int(every), int(num_steps)

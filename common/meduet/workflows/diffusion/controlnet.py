@@ -113,7 +113,8 @@ class _Conditions:
             self.source = None
             return
         if self.source not in FACTORS_FROM:
-            raise MeduetConfigError(f"factors_from must be one of {list(FACTORS_FROM)}, got {self.source!r}")
+            raise MeduetConfigError(f"factors_from {self.source!r} is unknown; set --factors_from to one of "
+                                    f"{', '.join(FACTORS_FROM)}")
         if self.source == "control" and not image_task:
             raise MeduetConfigError("factors_from 'control' needs an image control (mri / ct); use prior or "
                                     "reference for the label task")
@@ -173,8 +174,8 @@ def _metrics(pred: torch.Tensor | None, truth: torch.Tensor | None) -> dict[str,
 def _cases(cfg: Config, rec: dict[str, Any], task, net) -> list[Case]:
     given = [k for k in ("measurement", "label_map", "simulate_from") if getattr(cfg, k)]
     if len(given) != 1:
-        raise MeduetConfigError(f"give exactly one input: measurement (+ acquisition), label_map or simulate_from; got "
-                                f"{given or 'none'}")
+        raise MeduetConfigError(f"controlnet_infer got {len(given)} inputs {given}; give exactly one: --measurement "
+                                "(with --acquisition), --label_map or --simulate_from")
     prep = dict(rec.get("preprocessing") or {})
     if cfg.measurement:
         return [measurement_case(cfg.measurement, cfg.acquisition, task, prep, cfg.on_mismatch, cfg.truth_image)]
@@ -199,7 +200,7 @@ def run(config: Config) -> dict[str, Any]:
     truth, middle axial slices)."""
     cfg = config
     if cfg.on_mismatch not in ("warn", "error"):
-        raise MeduetConfigError(f"on_mismatch must be 'warn' or 'error', got {cfg.on_mismatch!r}")
+        raise MeduetConfigError(f"on_mismatch {cfg.on_mismatch!r} is unknown; set --on_mismatch warn or error")
     if not Path(cfg.controlnet_ckpt).is_file():
         raise MeduetConfigError(f"ControlNet checkpoint '{cfg.controlnet_ckpt}' does not exist; run "
                                 "controlnet_train.yaml first (python -m monai.bundle run training --config_file \"["
