@@ -4,6 +4,13 @@ condition, with metadata (the site) and with MeDUET factors, same preset, seed a
 
     .venv/bin/python bench/diffusion_convergence.py                      # demo preset, all 6 runs
     .venv/bin/python bench/diffusion_convergence.py --epochs 20 --eval-every 5 --objectives rflow --conditions none,factors
+    .venv/bin/python bench/diffusion_convergence.py --backbones dit,dualflow --objectives rflow --conditions factors
+
+``--backbones`` (default ``dit``, so older commands reproduce): ``dualflow`` adds 3D MedDiffusion's dual-flow
+denoiser (train.yaml ``backbone: dualflow``, ``meduet.networks.dualflow``; the preset's sizes, whose demo size has
+about the demo DiT's parameter count) with the same objective, condition, seed, data and steps; its runs go to
+``<out>/dualflow_<objective>_<condition>/`` and get their own tables, a backbone comparison table (parameter counts
+of both) and ``<out>_backbones.png``.
 
 Every run is meduet_diffusion's own training workflow (configs/train.yaml + configs/presets/<preset>.yaml, parsed
 in this process with MONAI's ``ConfigParser``; overrides: ``bundle_root`` = ``<out>/<objective>_<condition>``,
@@ -39,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -49,9 +55,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "common"))
 
 CONFIG = "bundles/meduet_diffusion/configs/train.yaml"
-OBJECTIVES = ("ddpm", "rflow")
-CONDITIONS = ("none", "metadata", "factors")
-LABEL = {"ddpm": "DiT (ddpm)", "rflow": "SiT (rflow)"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffusion_convergence_report import (  # noqa: E402
+    BACKBONES, backbone_table, plot, plot_backbones, summarise, tables)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -155,19 +161,6 @@ class FidProxy:
         return {"fid_proxy": fid(self.real_feats, feats), "gen_std": float(raw.std()), "gen_mean": float(raw.mean())}
 
 
-def first_reach(steps: list[float], values: list[float | None], target: float) -> float | None:
-    """First step at which the curve is <= ``target``, linear interpolation between evaluations (points without a
-    value are skipped)."""
-    pts = [(s, v) for s, v in zip(steps, values) if v is not None and math.isfinite(v)]
-    for k, (s, v) in enumerate(pts):
-        if v <= target:
-            if k == 0:
-                return float(s)
-            s0, v0 = pts[k - 1]
-            return float(s0 + (v0 - target) / (v0 - v) * (s - s0)) if v0 != v else float(s)
-    return None
-
-
 class single_thread:
     """Run a block with ``torch.set_num_threads(n)`` (the encoder's many tiny window passes are several times faster
     single-threaded on the shared machine: measured 0.07 vs 0.3-2.2 s per latent under load), then restore."""
@@ -190,7 +183,7 @@ class single_thread:
 # ------------------------------------------------------------------------------------------------------------------
 # one training run
 # ------------------------------------------------------------------------------------------------------------------
-def train_run(objective_name: str, condition: str, args, root: Path, settings: dict) -> dict:
+def train_run(objective_name: str, condition: str, args, root: Path, settings: dict, backbone: str = "dit") -> dict:
     import torch
     from ignite.engine import Events
 
@@ -200,6 +193,8 @@ def train_run(objective_name: str, condition: str, args, root: Path, settings: d
     overrides = {"bundle_root": str(root), "resume": False, "objective_name": objective_name,
                  "condition": condition, "val_interval": args.eval_every, "max_epochs": settings["epochs"],
                  "seed": args.seed}
+    if backbone != "dit":  # the dit runs keep the old overrides (train.yaml's default backbone is dit)
+        overrides["backbone"] = backbone
     run = training_parts(args.preset, overrides)
     parser, seed, trainer, ema, objective = run["parser"], run["seed"], run["trainer"], run["ema"], run["objective"]
     conditioner, crop, space, dl = run["conditioner"], run["crop"], run["space"], run["datalist"]
@@ -253,132 +248,11 @@ def train_run(objective_name: str, condition: str, args, root: Path, settings: d
             c2 = conditions_for(condition, conditioner, train_items, n, crop, space)
             extra["fid_proxy_train_factors"] = proxy.score(proxy.generate(ema.module, c2, n))["fid_proxy"]
     return {"objective": objective_name, "condition": condition, "settings": settings, "rows": rows,
+            "backbone": backbone, "num_parameters": sum(p.numel() for p in ema.module.parameters()),
             "total_steps": total_steps, "steps_per_epoch": total_steps // max(1, settings["epochs"]),
             "train_wall_s": wall - t_eval[0], "eval_wall_s": t_eval[0],
             "train_s_per_step": (wall - t_eval[0]) / max(1, total_steps), "num_references": len(refs),
             "sampler": sampler, "sampler_steps": steps, **extra}
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# report
-# ------------------------------------------------------------------------------------------------------------------
-def summarise(runs: dict) -> dict:
-    out: dict = {}
-    for obj in OBJECTIVES:
-        base = runs.get((obj, "none"))
-        if base is None:
-            continue
-        out[obj] = {}
-        for metric in ("val_loss", "fid_proxy"):
-            bsteps = [r["step"] for r in base["rows"]]
-            bvals = [r[metric] for r in base["rows"]]
-            entry: dict = {"none_total_steps": base["total_steps"]}
-            # the last epoch always has both metrics; "best" is a second target for non-monotone curves
-            for kind, target in (("final", bvals[-1]), ("best", min(v for v in bvals if v is not None))):
-                ref = first_reach(bsteps, bvals, target)
-                per = {}
-                for cond in CONDITIONS:
-                    run = runs.get((obj, cond))
-                    if run is None:
-                        continue
-                    s = first_reach([r["step"] for r in run["rows"]], [r[metric] for r in run["rows"]], target)
-                    per[cond] = {"steps_to_target": s, "final": run["rows"][-1][metric],
-                                 "best": min(r[metric] for r in run["rows"] if r[metric] is not None),
-                                 "ratio_vs_none": (s / ref) if (s is not None and ref) else None}
-                if kind == "final":
-                    entry.update({"target_none_final": target, "none_first_reach": ref, "conditions": per})
-                else:
-                    entry["target_none_best"] = {"target": target, "none_first_reach": ref, "conditions": per}
-            out[obj][metric] = entry
-    return out
-
-
-def fmt(v, nd=3):
-    if v is None:
-        return "never"
-    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
-
-
-def tables(runs: dict, summary: dict, floor: float | None, real_std: float | None = None) -> str:
-    lines = ["| objective | condition | steps | val loss final (best) | FID proxy final (best) | generated latent std, "
-             "final | train s/step | s/step ratio vs none |", "|---|---|---|---|---|---|---|---|"]
-    for obj in OBJECTIVES:
-        for cond in CONDITIONS:
-            r = runs.get((obj, cond))
-            if r is None:
-                continue
-            vl = [x["val_loss"] for x in r["rows"]]
-            fd = [x["fid_proxy"] for x in r["rows"] if x["fid_proxy"] is not None]
-            base = runs.get((obj, "none"))
-            ratio = r["train_s_per_step"] / base["train_s_per_step"] if base else None
-            lines.append(f"| {LABEL[obj]} | {cond} | {r['total_steps']} | {vl[-1]:.4f} ({min(vl):.4f}) | "
-                         f"{fd[-1]:.3f} ({min(fd):.3f}) | {r['rows'][-1].get('gen_std', float('nan')):.2f} | "
-                         f"{r['train_s_per_step']:.2f} | {fmt(ratio, 2)} |")
-    lines += ["", "Steps to reach the unconditional run's final value (first crossing, linear interpolation between "
-              "evaluations; ratio = steps / the unconditional run's own first crossing):", "",
-              "| objective | metric | target (none, final) | none | metadata | factors | ratio metadata | "
-              "ratio factors |", "|---|---|---|---|---|---|---|---|"]
-    def block(pick) -> None:
-        for obj, per_metric in summary.items():
-            for metric, s in per_metric.items():
-                target, c = pick(s)
-
-                def g(cond, key):
-                    return fmt(c[cond][key], 0 if key == "steps_to_target" else 2) if cond in c else "–"
-
-                lines.append(f"| {LABEL[obj]} | {metric} | {target:.4f} | {g('none', 'steps_to_target')} "
-                             f"| {g('metadata', 'steps_to_target')} | {g('factors', 'steps_to_target')} | "
-                             f"{g('metadata', 'ratio_vs_none')} | {g('factors', 'ratio_vs_none')} |")
-
-    block(lambda s: (s["target_none_final"], s["conditions"]))
-    lines += ["", "The same with the unconditional run's *best* value as the target (differs from the above where "
-              "its curve is not monotone):", "",
-              "| objective | metric | target (none, best) | none | metadata | factors | ratio metadata | "
-              "ratio factors |", "|---|---|---|---|---|---|---|---|"]
-    block(lambda s: (s["target_none_best"]["target"], s["target_none_best"]["conditions"]))
-    extra = [f"{LABEL[o]}: {r['fid_proxy_train_factors']:.3f}" for (o, c), r in runs.items()
-             if "fid_proxy_train_factors" in r]
-    if extra:
-        lines += ["", "Final FID proxy of the factors runs when the factors come from the training latents instead of "
-                  "the reference test latents: " + "; ".join(extra)]
-    if floor is not None:
-        lines += [f"Real-vs-real floor (training crops vs the reference test crops, same features): {floor:.3f}"
-                  + (f"; real reference latent std {real_std:.2f}" if real_std is not None else "")]
-    return "\n".join(lines)
-
-
-def plot(runs: dict, summary: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    objs = [o for o in OBJECTIVES if any(k[0] == o for k in runs)]
-    fig, axes = plt.subplots(2, len(objs), figsize=(6 * len(objs), 8), squeeze=False)
-    colours = {"none": "tab:gray", "metadata": "tab:blue", "factors": "tab:red"}
-    for j, obj in enumerate(objs):
-        for i, (metric, name) in enumerate((("val_loss", "validation loss (EMA)"), ("fid_proxy", "FID proxy"))):
-            ax = axes[i][j]
-            for cond in CONDITIONS:
-                r = runs.get((obj, cond))
-                if r is None:
-                    continue
-                pts = [(x["step"], x[metric]) for x in r["rows"] if x[metric] is not None]
-                ax.plot([a for a, _ in pts], [b for _, b in pts], "o-", ms=3, color=colours[cond], label=cond)
-            s = summary.get(obj, {}).get(metric)
-            if s:
-                ax.axhline(s["target_none_final"], ls="--", lw=0.8, color="k", label="none, final")
-            ax.set_title(f"{LABEL[obj]}: {name}")
-            ax.set_xlabel("training step")
-            ax.set_ylabel(name)
-            if metric == "fid_proxy":
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feature-threads", type=int, default=1, help="torch threads for the encoder features")
     p.add_argument("--objectives", default="ddpm,rflow")
     p.add_argument("--conditions", default="none,metadata,factors")
+    p.add_argument("--backbones", default="dit", help="dit and/or dualflow (3D MedDiffusion's dual-flow denoiser)")
     p.add_argument("--samples", type=int, default=24, help="generated latents per FID-proxy evaluation")
     p.add_argument("--rflow-steps", type=int, default=20)
     p.add_argument("--ddim-steps", type=int, default=25)
@@ -405,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.fid_every % args.eval_every:
         p.error("--fid-every must be a multiple of --eval-every")
+    backbones = args.backbones.split(",")
+    if not backbones or any(b not in BACKBONES for b in backbones):
+        p.error(f"--backbones takes a comma-separated subset of {','.join(BACKBONES)}")
     os.chdir(REPO)
     os.environ.setdefault("MEDUET_PROGRESS", "0")
     import torch
@@ -421,24 +299,28 @@ def main(argv: list[str] | None = None) -> int:
     command = ".venv/bin/python bench/diffusion_convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"command: {command}\nsettings: {settings}", flush=True)
     t_all = time.perf_counter()
-    runs: dict = {}
-    for obj in args.objectives.split(","):
-        for cond in args.conditions.split(","):
-            root = out / f"{obj}_{cond}"
-            cache = root / "curve.json"
-            if args.reuse and cache.is_file():
-                r = json.loads(cache.read_text())
-                if r.get("settings") == settings:
-                    print(f"== {obj} / {cond}: reusing {cache}", flush=True)
-                    runs[(obj, cond)] = r
-                    continue
-            print(f"== {obj} / {cond}", flush=True)
-            r = train_run(obj, cond, args, root, settings)
-            root.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(r, indent=1) + "\n")
-            runs[(obj, cond)] = r
-            print(f"   {r['total_steps']} steps, train {r['train_wall_s']:.0f} s, eval {r['eval_wall_s']:.0f} s",
-                  flush=True)
+    every: dict = {}  # (backbone, objective, condition) -> run
+    for bb in backbones:
+        # the dit runs keep the old folders and settings (their --reuse caches stay valid)
+        bb_settings = settings if bb == "dit" else {**settings, "backbone": bb}
+        for obj in args.objectives.split(","):
+            for cond in args.conditions.split(","):
+                root = out / (f"{obj}_{cond}" if bb == "dit" else f"{bb}_{obj}_{cond}")
+                cache = root / "curve.json"
+                if args.reuse and cache.is_file():
+                    r = json.loads(cache.read_text())
+                    if r.get("settings") == bb_settings:
+                        print(f"== {bb} {obj} / {cond}: reusing {cache}", flush=True)
+                        every[(bb, obj, cond)] = r
+                        continue
+                print(f"== {bb} {obj} / {cond}", flush=True)
+                r = train_run(obj, cond, args, root, bb_settings, bb)
+                root.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps(r, indent=1) + "\n")
+                every[(bb, obj, cond)] = r
+                print(f"   {r['total_steps']} steps, {r['num_parameters']} parameters, train {r['train_wall_s']:.0f} "
+                      f"s, eval {r['eval_wall_s']:.0f} s", flush=True)
+    runs = {(o, c): r for (b, o, c), r in every.items() if b == "dit"}
 
     # real-vs-real floor of the proxy: training crops vs the reference crops
     from meduet.latent import LatentDatalist
@@ -454,19 +336,38 @@ def main(argv: list[str] | None = None) -> int:
         floor = fid(ext(crops(refs, crop)), ext(crops(reference_items(dl, "training", "all"), crop)))
 
     real_std = float(crops(refs, crop).std())
-    summary = summarise(runs)
     title = (f"meduet_diffusion {args.preset}: {epochs} epochs, seed {args.seed}; FID proxy = meduet_pretrain encoder "
              f"features, {args.samples} generated vs {len(refs)} real test latents")
-    png = out.with_suffix(".png")
-    plot(runs, summary, png, title)
-    md = tables(runs, summary, floor, real_std)
+    summary, md, pngs = {}, "", []
+    if runs:  # the dit runs: the tables and plot as before
+        summary = summarise(runs)
+        pngs.append(out.with_suffix(".png"))
+        plot(runs, summary, pngs[-1], title)
+        md = tables(runs, summary, floor, real_std)
     result = {"command": command, "settings": settings, "torch": torch.__version__, "threads": args.threads,
-              "wall_s": time.perf_counter() - t_all, "real_vs_real_floor": floor, "real_latent_std": real_std,
+              "wall_s": None, "real_vs_real_floor": floor, "real_latent_std": real_std,
               "num_references": len(refs),
               "summary": summary, "runs": {f"{o}_{c}": r for (o, c), r in runs.items()}, "markdown": md}
+    for bb in backbones:
+        if bb == "dit":
+            continue
+        sub = {(o, c): r for (b, o, c), r in every.items() if b == bb}
+        result["runs"].update({f"{bb}_{o}_{c}": r for (o, c), r in sub.items()})
+        result[f"summary_{bb}"] = summarise(sub)
+        part = f"Backbone {bb}:\n\n" + tables(sub, result[f"summary_{bb}"], floor if not md else None,
+                                                 real_std if not md else None)
+        md = f"{md}\n\n{part}" if md else part
+    if backbones != ["dit"]:
+        result["backbone_markdown"] = backbone_table(every)
+        md += "\n\nBackbones side by side (same objective, condition, seed, data and steps):\n\n" + \
+            result["backbone_markdown"]
+        pngs.append(Path(f"{out}_backbones.png"))
+        plot_backbones(every, pngs[-1], title)
+        result["markdown"] = md
+    result["wall_s"] = time.perf_counter() - t_all
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     print("\n" + md)
-    print(f"\nwrote {out.with_suffix('.json')} and {png}; total {result['wall_s'] / 60:.1f} min")
+    print(f"\nwrote {out.with_suffix('.json')} and {', '.join(map(str, pngs))}; total {result['wall_s'] / 60:.1f} min")
     return 0
 
 
