@@ -19,6 +19,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.engines import Trainer
@@ -58,16 +59,31 @@ def training_acquisition(modality: str, image_size: Sequence[int] | int, acceler
         raise MeduetConfigError(f"train.yaml acquisition keys: {e}") from None
 
 
-def load_volume(path: str, image_shape: Sequence[int], percentiles: Sequence[float] = (0.5, 99.5)) -> torch.Tensor:
-    """One volume ``(S1, S2, S3)`` in ``[0, 1]`` on ``image_shape`` (see the module docstring)."""
+def load_volume(path: str, image_shape: Sequence[int], percentiles: Sequence[float] = (0.5, 99.5),
+                with_affine: bool = False) -> torch.Tensor | tuple[torch.Tensor, np.ndarray]:
+    """One volume ``(S1, S2, S3)`` in ``[0, 1]`` on ``image_shape`` (see the module docstring); with
+    ``with_affine`` also the voxel-to-world matrix ``(4, 4)`` of that grid (the RAS-oriented file's, rescaled to the
+    new voxel size so the field of view is kept)."""
     load = get_load_transforms(modality="MR", keys=("image",), spacing=None, mr_percentiles=tuple(percentiles),
                                crop_foreground=False, pad_multiple=None, expected_channels=1)
-    x = torch.as_tensor(load({"image": path})["image"]).float()[None]  # (1, 1, X, Y, Z)
-    shape = tuple(int(s) for s in image_shape)
-    shrink = all(a >= b for a, b in zip(x.shape[2:], shape))
+    loaded = load({"image": path})["image"]
+    x = torch.as_tensor(loaded).float()[None]  # (1, 1, X, Y, Z)
+    old, shape = tuple(x.shape[2:]), tuple(int(s) for s in image_shape)
+    shrink = all(a >= b for a, b in zip(old, shape))
     x = F.interpolate(x, size=shape, mode="area") if shrink else F.interpolate(x, size=shape, mode="trilinear",
                                                                               align_corners=True)
-    return x[0, 0].clamp(0, 1)
+    x = x[0, 0].clamp(0, 1)
+    if not with_affine:
+        return x
+    affine = np.asarray(torch.as_tensor(loaded.affine), dtype=np.float64)
+    # area averaging: new voxel i covers old voxels [i k, (i + 1) k), centre i k + (k - 1) / 2 with k = old / new;
+    # trilinear with aligned corners: new voxel i sits at old index i (old - 1) / (new - 1)
+    scale = np.array([a / b if shrink else (a - 1) / max(b - 1, 1) for a, b in zip(old, shape)])
+    offset = (scale - 1) / 2 if shrink else np.zeros(3)
+    index = np.eye(4)
+    index[:3, :3] = np.diag(scale)
+    index[:3, 3] = offset
+    return x, affine @ index
 
 
 def select_subjects(items: Sequence[Mapping[str, Any]], fraction: float = 1.0, seed: int = 0) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from monai.inferers import Inferer
 from monai.metrics import PSNRMetric, SSIMMetric
 
 from meduet.data.forward import fbp, mlem
@@ -33,7 +34,8 @@ from meduet.errors import MeduetConfigError
 from meduet.losses.recon import MODALITIES, measurement_loss
 from meduet.networks.inr import DisINR, grid_coordinates
 
-__all__ = ["METHODS", "FitResult", "image_metrics", "classical_reconstruction", "trainable_parameters", "fit"]
+__all__ = ["METHODS", "FitResult", "image_metrics", "classical_reconstruction", "trainable_parameters", "fit",
+           "SubjectFit"]
 
 METHODS = ("disinr", "finetune", "scratch", "classical")
 
@@ -162,3 +164,27 @@ def fit(network: DisINR | None, measured: torch.Tensor, operator: torch.nn.Modul
         result.image = net(coords).view(1, 1, *shape).float().cpu()
     result.seconds = time.perf_counter() - start - metric_seconds
     return result
+
+
+class SubjectFit(Inferer):
+    """The test-time reconstruction as MONAI's ``inferer`` property (``inference.json``, ``reconstruct.yaml``): the
+    fitting settings; ``inferer(measurement, network, truth=None) -> FitResult`` for a
+    ``meduet.data.measurements.Measurement`` (its data, forward model and image grid)."""
+
+    def __init__(self, method: str = "disinr", iterations: int = 200, learning_rate: float = 1e-2,
+                 metric_interval: int = 10, subject_init: str = "mean", seed: int = 0,
+                 mlem_iterations: int = 20) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise MeduetConfigError(f"method {method!r} is not one of {METHODS}; fix --method")
+        self.method, self.iterations, self.learning_rate = method, iterations, learning_rate
+        self.metric_interval, self.subject_init, self.seed = metric_interval, subject_init, seed
+        self.mlem_iterations = mlem_iterations
+
+    def __call__(self, inputs: Any, network: DisINR | None, *args: Any, truth: torch.Tensor | None = None,
+                 **kwargs: Any) -> FitResult:
+        acq = inputs.acquisition
+        return fit(network, inputs.data, inputs.operator(), acq.modality, self.method, acq.image_shape,
+                   iterations=self.iterations, learning_rate=self.learning_rate, truth=truth,
+                   metric_interval=self.metric_interval, subject_init=self.subject_init, seed=self.seed,
+                   mlem_iterations=self.mlem_iterations)
