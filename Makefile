@@ -15,8 +15,8 @@ MONAILABEL_PINS := 'monai[nibabel,pydicom,fire,pyyaml,einops,ignite]==1.6.1' 'mo
 # MONAI Deploy App SDK 4.0.0 (Holoscan) for apps/meduet_seg_app, in its own virtualenv; pins explained in DEVELOPERS.md
 DEPVENV ?= .venv-deploy
 DEPSTAMP := $(DEPVENV)/.meduet-installed
-DEPLOY_PINS := 'monai-deploy-app-sdk==4.0.0' 'monai[nibabel,pydicom,fire,pyyaml,einops,ignite]==1.6.1' \
-	'highdicom==0.28.2' 'pydicom==3.0.2'
+DEPLOY_PINS := 'monai-deploy-app-sdk==4.0.0' 'holoscan-cu13==4.2.0' 'holoscan-cli==4.2.0' \
+	'monai[nibabel,pydicom,fire,pyyaml,einops,ignite]==1.6.1' 'highdicom==0.28.2' 'pydicom==3.0.2'
 
 .PHONY: setup monailabel-setup deploy-setup demo test sample clean-outputs
 

@@ -1,7 +1,12 @@
 """meduet_seg as a MONAI Deploy application: a DICOM study folder in, a DICOM SEG (and a NIfTI copy) out.
 
     python app.py -i <dicom folder> -o <out folder> -m <meduet_seg bundle folder or zip> [--rules rules.json]
-    monai-deploy exec app.py -i <dicom folder> -o <out folder> -m <bundle>
+    python <this folder> -i ... -o ... -m ...          (``__main__.py``: the form the MAP packager runs)
+    HOLOSCAN_INPUT_PATH=... HOLOSCAN_OUTPUT_PATH=... HOLOSCAN_MODEL_PATH=... python app.py
+
+There is no ``monai-deploy exec`` since App SDK 0.6 (its v1.0.0 release notes): the SDK's ``init_app_context`` reads
+-i/-o/-m, or else the ``HOLOSCAN_*`` variables, which is how a MAP runs the app in its container
+(``monai-deploy run <image> -i <in> -o <out>`` mounts them). README.md: the packaging command and what is checked.
 
 Operators (all the SDK's except the two small ones defined here):
 
@@ -42,26 +47,40 @@ from pydicom.sr.coding import Code
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RULES = HERE / "selection_rules.json"
-RULES_ENV = "MEDUET_APP_RULES"  # a rules file for `monai-deploy exec`, which passes only -i/-o/-m
+RULES_ENV = "MEDUET_APP_RULES"  # a rules file where only -i/-o/-m or HOLOSCAN_* are passed (a MAP)
 
 
 class AppInputError(Exception):
     """Input the application refuses; reported as one line."""
 
 
+def _is_bundle(folder: Path) -> bool:
+    return (folder / "configs" / "inference.json").is_file() and (folder / "configs" / "metadata.json").is_file()
+
+
 def resolve_bundle(path: str | os.PathLike, workdir: Path) -> Path:
-    """The bundle folder (holding ``configs/inference.json``) of a bundle folder, its parent, or a bundle zip
-    (extracted into ``workdir``)."""
+    """The bundle folder (holding ``configs/inference.json``) of a bundle folder, its parent, a bundle zip (extracted
+    into ``workdir``), or a folder holding one bundle zip in it or in a folder below it: the MAP packager copies
+    ``--models <zip>`` to ``/opt/holoscan/models/<zip stem>/<zip>`` and sets ``HOLOSCAN_MODEL_PATH`` to the parent."""
     path = Path(path)
-    if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            z.extractall(workdir)
-        path = workdir
-    for cand in [path, *sorted(p for p in path.iterdir() if p.is_dir())] if path.is_dir() else []:
-        if (cand / "configs" / "inference.json").is_file() and (cand / "configs" / "metadata.json").is_file():
+    where = [path, *sorted(p for p in path.iterdir() if p.is_dir())] if path.is_dir() else []
+    for cand in where:
+        if _is_bundle(cand):
             return cand.resolve()
+    zips = [z for d in where for z in sorted(d.glob("*.zip")) if zipfile.is_zipfile(z)]
+    if path.is_file() and zipfile.is_zipfile(path):
+        zips = [path]
+    if len(zips) > 1:
+        raise AppInputError(f"{path} holds {len(zips)} zips ({', '.join(z.name for z in zips)}); pass -m <the "
+                            "meduet_seg bundle zip or folder> itself")
+    if zips:
+        with zipfile.ZipFile(zips[0]) as z:
+            z.extractall(workdir)
+        for cand in [workdir, *sorted(p for p in workdir.iterdir() if p.is_dir())]:
+            if _is_bundle(cand):
+                return cand.resolve()
     raise AppInputError(f"{path} is not a meduet_seg bundle (no configs/inference.json and configs/metadata.json in "
-                        "it or a folder below it); pass -m <bundle folder or zip>")
+                        "it, in a folder below it or in a zip there); pass -m <bundle folder or zip>")
 
 
 def load_rules(path: str | os.PathLike) -> str:
@@ -125,6 +144,22 @@ class RuleSeriesSelector(DICOMSeriesSelectorOperator):
         found = [s for s in found if len(s.get_sop_instances()) >= need]
         return found if all_matched else found[:1]
 
+class DescribedSegment(SegmentDescription):
+    """The SDK's SegmentDescription plus the free-text Segment Description (0062,0006), which neither it nor highdicom's
+    ``SegmentDescription`` takes as an argument (a Type 3 attribute of the Segment Description Macro): set on the
+    highdicom item the SDK's writer puts into the SEG, as ``meduet.data.dicom`` does for inference.json's SEG."""
+
+    def __init__(self, *args, description: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._description = description
+
+    def to_segment_description(self, segment_number: int):
+        item = super().to_segment_description(segment_number)
+        if self._description:
+            item.SegmentDescription = self._description[:64].rstrip()  # VR LO: at most 64 characters
+        return item
+
+
 class MeduetBundleInference(MonaiBundleInferenceOperator):
     """The SDK's bundle operator with one step added: it drops the bundle's load transform (``CheckedLoadImaged``,
     MONAI's ``LoadImaged`` with ``ensure_channel_first``) and hands the volume over without a channel axis, so the
@@ -177,17 +212,20 @@ class MeduetSegApp(Application):
         in_path, out_path = Path(ctx.input_path), Path(ctx.output_path)
         meta = load_metadata(self.bundle / "configs" / "metadata.json")
         codings = segment_codings(_channel_def(meta), meta.get("label_codes"))
-        segments = [SegmentDescription(segment_label=c.label, segmented_property_category=Code(*c.category),
-                                       segmented_property_type=Code(*c.type), algorithm_name="meduet_seg",
-                                       algorithm_version=str(meta.get("version", "")))
+        segments = [DescribedSegment(segment_label=c.label, description=c.description,
+                                     segmented_property_category=Code(*c.category),
+                                     segmented_property_type=Code(*c.type), algorithm_name="meduet_seg",
+                                     algorithm_version=str(meta.get("version", "")))
                     for _, c in sorted(codings.items())]
 
         loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=in_path, name="dicom_loader")
         selector = RuleSeriesSelector(self, rules=load_rules(self.rules_path), rules_name=str(self.rules_path),
                                       name="series_selector")
         to_volume = DICOMSeriesToVolumeOperator(self, name="series_to_volume")
+        bundle_ctx = AppContext({})  # reads HOLOSCAN_MODEL_PATH if set (a MAP) and would hand the operator that
+        bundle_ctx.models = None  # path as a TorchScript model: the operator gets the extracted bundle folder instead
         infer = MeduetBundleInference(
-            self, app_context=AppContext({}), bundle_path=self.bundle,
+            self, app_context=bundle_ctx, bundle_path=self.bundle,
             input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)],
             output_mapping=[IOMapping("pred", Image, IOType.IN_MEMORY)], name="bundle_inference")
         seg_writer = DICOMSegmentationWriterOperator(self, segment_descriptions=segments,
