@@ -48,7 +48,7 @@ class Config(WorkflowConfig):
     measurement: str
     acquisition: str
     output_dir: str
-    inferer: Any
+    inferer: SubjectFit
     ckpt_path: str | None = None
     network: Any = None
     truth: str | None = None
