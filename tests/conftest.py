@@ -190,6 +190,16 @@ def sit_factors(tmp_path_factory, tiny_latents, tiny_pretrain) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def recon_trained(tmp_path_factory, tiny_data) -> Path:
+    """A meduet_recon bundle root pretrained (DisINR, MRI x4) at the tiny preset on the tiny phantoms' training
+    split, 2 epochs; shared by the recon and packaging tests. Tests must not modify its models/."""
+    root = tmp_path_factory.mktemp("recon")
+    bundle_run("meduet_recon", "train", "--bundle_root", str(root), "--dataset_dir", str(tiny_data / "phantoms"),
+               run_id="training")
+    return root
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tiny torch ops on one thread: on a shared 2-core machine, OpenMP contention makes each
