@@ -15,7 +15,10 @@ import pytest
 
 from conftest import bundle_run
 from meduet import records
-from test_controlnet import controlnet_mri  # noqa: F401 (the module fixture: a tiny trained mri ControlNet)
+import test_controlnet
+
+# test_controlnet.py's module fixture (a tiny trained mri ControlNet), registered in this module too
+controlnet_mri = test_controlnet.controlnet_mri
 
 BUNDLE = "meduet_diffusion"
 
