@@ -44,6 +44,7 @@ WORKFLOWS = {
     "diffusion_probe": ("meduet_diffusion", "probe", None),
     "diffusion_interpolate": ("meduet_diffusion", "interpolate", None),
     "diffusion_manipulate": ("meduet_diffusion", "manipulate", None),
+    "diffusion_controlnet_infer": ("meduet_diffusion", "controlnet_infer", None),
 }
 # the workflows on per-case attributes and cohorts (the tiny factors-conditioned SiT and MeDUET encoder)
 CODE_WORKFLOWS = ("diffusion_probe", "diffusion_interpolate", "diffusion_manipulate")
@@ -85,6 +86,10 @@ CASES.update({
     ("diffusion_manipulate", "missing_attribute"): "nonexistent",
     ("diffusion_manipulate", "constant_attribute"): "lesion",
     ("diffusion_interpolate", "different_subjects"): "--allow_different_subjects True",
+    ("diffusion_controlnet_infer", "measurement_shape"): "<file>",
+    ("diffusion_controlnet_infer", "measurement_real_kspace"): "<file>",
+    ("diffusion_controlnet_infer", "measurement_nan"): "<file>",
+    ("diffusion_controlnet_infer", "missing_upstream_checkpoint"): "nowhere.pt",
 })
 # a downloaded (packaged) meduet_vae, run with inference.json from inside its folder (a fresh `python -m monai.bundle
 # run`, which imports the vendored meduet) and from another folder with --bundle_root (the installed meduet)
@@ -130,6 +135,18 @@ def bad_files(tmp_path_factory, tiny_data) -> dict[str, Path]:
     first = next(v for k, v in brain.items() if isinstance(v, list) and v and isinstance(v[0], dict))[0]
     files["mr"] = tiny_data / "brain" / first["image"]
     assert gzip.decompress(raw)  # the good file is readable: the truncated one is bad because it is cut
+    # ControlNet inference: an MRI acquisition JSON and k-space files that do not fit it
+    shape = [28, 20, 28]
+    (out / "acquisition.json").write_text(json.dumps({"modality": "mri", "image_shape": shape, "spacing": [1.5] * 3,
+                                                      "mask": "cartesian", "acceleration": 4}))
+    files["acquisition"] = out / "acquisition.json"
+    kspace = (np.random.default_rng(0).standard_normal(shape) * (1 + 1j)).astype(np.complex64)
+    np.save(out / "kspace_other_shape.npy", kspace[:, :, :24])
+    np.save(out / "kspace_magnitude.npy", np.abs(kspace))
+    kspace[1, 2, 3] = np.nan
+    np.save(out / "kspace_nan.npy", kspace)
+    files.update(measurement_shape=out / "kspace_other_shape.npy", measurement_real_kspace=out / "kspace_magnitude.npy",
+                 measurement_nan=out / "kspace_nan.npy")
     return files
 
 
@@ -146,6 +163,8 @@ def _args(workflow: str, bad: str, files: dict[str, Path], chain: dict[str, Path
     """The command-line overrides of one case and the folder where its outputs would go."""
     if workflow in CODE_WORKFLOWS:
         return _code_args(workflow, bad, chain, tmp)
+    if workflow == "diffusion_controlnet_infer":
+        return _controlnet_args(bad, files, chain, tmp)
     domains = json.loads((chain["data"] / "phantoms" / "datalist.json").read_text())["domains"]
     good = {"image": str(files["good_image"]), "label": str(files["good_label"]), "domain": domains[0]}
     badi = dict(good)
@@ -221,10 +240,38 @@ def _code_args(workflow: str, bad: str, chain: dict[str, Path], tmp: Path) -> tu
     return args, out
 
 
+def _controlnet_args(bad: str, files: dict[str, Path], chain: dict[str, Path], tmp: Path) -> tuple[list, Path]:
+    """controlnet_infer on the tiny mri ControlNet: a k-space file that does not fit its acquisition JSON, or a
+    missing ControlNet checkpoint."""
+    out = tmp / "out"
+    args = ["--bundle_root", str(chain["controlnet"]), "--latent_datalist", str(chain["latents"]), "--vae_ckpt",
+            str(chain["vae"] / "models/model.pt"), "--pretrain_ckpt", str(chain["pretrain"] / "models/model.pt"),
+            "--output_dir", str(out), "--num_steps", "2"]
+    if bad == "missing_upstream_checkpoint":
+        return args + ["--controlnet_ckpt", str(tmp / "nowhere.pt"), "--simulate_from", "test"], out
+    return args + ["--measurement", str(files[bad]), "--acquisition", str(files["acquisition"])], out
+
+
 @pytest.fixture(scope="module")
-def chain(tiny_data, tiny_vae, tiny_latents, tiny_pretrain, seg_trained, sit_factors) -> dict[str, Path]:
+def controlnet_root(tmp_path_factory, sit_factors, tiny_latents, tiny_vae, tiny_pretrain) -> Path:
+    """A bundle root with a 1-epoch tiny mri ControlNet on a copy of the tiny factors SiT."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("controlnet_bad")
+    (root / "models").mkdir()
+    shutil.copy2(sit_factors / "models/model.pt", root / "models/model.pt")
+    bundle_run("meduet_diffusion", "train", "--bundle_root", str(root), "--latent_datalist", str(tiny_latents),
+               "--vae_ckpt", str(tiny_vae / "models/model.pt"), "--pretrain_ckpt", str(tiny_pretrain / "models/model.pt"),
+               "--max_epochs", "1", run_id="training",
+               extra_configs=("controlnet_train",))
+    return root
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_data, tiny_vae, tiny_latents, tiny_pretrain, seg_trained, sit_factors, controlnet_root
+          ) -> dict[str, Path]:
     return {"data": tiny_data, "vae": tiny_vae, "latents": tiny_latents, "pretrain": tiny_pretrain, "seg": seg_trained,
-            "diffusion": sit_factors}
+            "diffusion": sit_factors, "controlnet": controlnet_root}
 
 
 def _files_under(folder: Path) -> list[str]:
