@@ -172,3 +172,28 @@ def test_a_measurement_of_another_modality_than_the_checkpoint_is_one_line(recon
                       str(tmp_path / "out"), check=False)
     last = _last_line(proc)
     assert last.startswith("MeduetInputError: ") and "pretrained on mri" in last and "--modality ct" in last
+
+
+def test_torchrun_two_processes_gloo(tiny_data, tmp_path, monkeypatch):
+    """multi_gpu_train.yaml: 2 processes (gloo, CPU), each a share of the subjects; the ranks end with identical
+    weights, those of training_network.pt."""
+    import os
+
+    from conftest import REPO, torchrun_launcher
+
+    root = tmp_path / "ddp"
+    dump = tmp_path / "dump_ranks.yaml"  # appended after the bundle's own `training` list: each rank saves its net
+    dump.write_text("+training:\n  - \"$torch.save(meduet.engines.checkpoint.unwrap(@network).state_dict(), "
+                    "os.path.join(@bundle_root, 'rank' + os.environ['RANK'] + '.pt'))\"\n")
+    cfg_dir = REPO / "bundles" / "meduet_recon" / "configs"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    bundle_run("meduet_recon", "train", "--bundle_root", str(root), "--dataset_dir", str(tiny_data / "phantoms"),
+               "--max_epochs", "1", run_id="training",
+               extra_configs=("multi_gpu_train", os.path.relpath(dump.with_suffix(""), cfg_dir)),
+               launcher=torchrun_launcher(2), timeout=300)
+    ranks = [torch.load(root / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    whole = torch.load(root / "models/training_network.pt", weights_only=True)
+    for k in ranks[0]:
+        assert torch.equal(ranks[0][k], ranks[1][k]), f"{k} differs between ranks"
+        assert torch.equal(ranks[0][k], whole[k]), k
+    assert records.read(root / "models/model.pt", expect="inr")[1]["training"]["complete"]
