@@ -375,10 +375,12 @@ def stage_package(d: Demo) -> None:
 
     from meduet.deploy.package import BUNDLES
 
+    # the chain this demo trains (meduet_recon is not part of it: its own docs/README.md runs it)
+    BUNDLES = tuple(b for b in BUNDLES if b != "meduet_recon")  # noqa: N806
     dist = REPO / "dist"
     d.run("package the trained bundles into dist/ (vendored meduet, checksums)",
-          [sys.executable, "-m", "meduet.deploy.package", "--bundles-dir", "bundles", "--preset", d.preset,
-           "--out", str(dist)])
+          [sys.executable, "-m", "meduet.deploy.package", *(a for b in BUNDLES for a in ("--bundle", f"bundles/{b}")),
+           "--preset", d.preset, "--out", str(dist)])
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(dist))
     handler.log_message = lambda *a, **k: None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -427,7 +429,8 @@ def stage_package(d: Demo) -> None:
                          title=f"{samples[0].name}: generated, segmented by the downloaded meduet_seg")
     sums = (dist / "SHA256SUMS").read_text().splitlines()
     lines = ["## Shipping — packaged, served, downloaded, run\n",
-             f"`python -m meduet.deploy.package --bundles-dir bundles --preset {d.preset} --out dist` wrote (sha256 in `dist/SHA256SUMS`):\n",
+             f"`python -m meduet.deploy.package --bundle bundles/<name> ... (the {len(BUNDLES)} bundles of the chain) "
+             f"--preset {d.preset} --out dist` wrote (sha256 in `dist/SHA256SUMS`):\n",
              "| file | MB | sha256 |", "|---|---|---|"]
     for line in sums:
         digest, _, fname = line.partition("  ")

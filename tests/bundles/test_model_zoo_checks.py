@@ -16,11 +16,11 @@ from meduet.deploy.package import BUNDLES, package_bundle
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory, tiny_vae, tiny_pretrain, sit_factors, seg_trained) -> Path:
-    """The four tiny-trained bundles packaged with the tiny preset and unzipped into one folder."""
+def shipped(tmp_path_factory, tiny_vae, tiny_pretrain, sit_factors, seg_trained, recon_trained) -> Path:
+    """The five tiny-trained bundles packaged with the tiny preset and unzipped into one folder."""
     dist, root = tmp_path_factory.mktemp("zoo_dist"), tmp_path_factory.mktemp("zoo_bundles")
     models = {"meduet_vae": tiny_vae, "meduet_pretrain": tiny_pretrain, "meduet_diffusion": sit_factors,
-              "meduet_seg": seg_trained}
+              "meduet_seg": seg_trained, "meduet_recon": recon_trained}
     for name in BUNDLES:
         with zipfile.ZipFile(package_bundle(REPO / "bundles" / name, dist, preset="tiny",
                                             models=models[name] / "models")) as zf:

@@ -1,6 +1,6 @@
 """Package bundles as downloadable, self-contained zips.
 
-    python -m meduet.deploy.package --bundles-dir bundles --preset demo --out dist    # the four bundles there
+    python -m meduet.deploy.package --bundles-dir bundles --preset demo --out dist    # every bundle there
     python -m meduet.deploy.package --bundle path/to/meduet_seg --preset demo --out dist \\
         [--max-file-mb 1900 --base-url https://github.com/<owner>/<repo>/releases/download/<tag>]
 
@@ -50,7 +50,7 @@ from meduet.deploy.integrity import MANIFEST, PACKAGED_MARKER, sha256_file
 from meduet.deploy.zoo import output_channels
 from meduet.errors import MeduetConfigError
 
-BUNDLES = ("meduet_vae", "meduet_pretrain", "meduet_diffusion", "meduet_seg")
+BUNDLES = ("meduet_vae", "meduet_pretrain", "meduet_diffusion", "meduet_seg", "meduet_recon")
 # merged on top of train.yaml by users: copied as they are
 OVERLAYS = ("multi_gpu_train.yaml", "mae_baseline.yaml", "controlnet_train.yaml")
 NOT_WORKFLOWS = ("metadata.json", "logging.conf")
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-check", action="store_true", help="skip loading model.pt into the packaged network")
     args = p.parse_args(argv)
     if not args.bundle and not args.bundles_dir:
-        p.error("give --bundles-dir (the folder holding the four bundles) or --bundle (repeatable)")
+        p.error("give --bundles-dir (the folder holding the bundles) or --bundle (repeatable)")
     bundles = [Path(b) for b in args.bundle or []] + [Path(args.bundles_dir) / b for b in BUNDLES
                                                       if args.bundles_dir]
     models = dict(m.split("=", 1) for m in args.models)

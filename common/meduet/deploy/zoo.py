@@ -126,7 +126,9 @@ def output_channels(config_files: Sequence[str | Path], meta: Mapping[str, Any],
     parser["device"] = "$torch.device('cpu')"
     net = parser.get_parsed_content("network_def").eval()
     image = meta["network_data_format"]["inputs"]["image"]
-    shape = [int(eval(str(s), {"__builtins__": {}}, {"n": 1, "p": 1})) for s in image["spatial_shape"]]  # noqa: S307
+    # "*" (any size, as MONAI's verify_net_in_out reads it) is 1
+    shape = [1 if str(s) == "*" else int(eval(str(s), {"__builtins__": {}}, {"n": 1, "p": 1}))  # noqa: S307
+             for s in image["spatial_shape"]]
     with torch.no_grad():
         out = net(torch.rand(1, int(image["num_channels"]), *shape), **_extras(meta))
     return int(out.shape[1])
