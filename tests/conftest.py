@@ -196,7 +196,7 @@ def recon_trained(tmp_path_factory, tiny_data) -> Path:
     split, 2 epochs; shared by the recon and packaging tests. Tests must not modify its models/."""
     root = tmp_path_factory.mktemp("recon")
     bundle_run("meduet_recon", "train", "--bundle_root", str(root), "--dataset_dir", str(tiny_data / "phantoms"),
-               run_id="training")
+               *mlflow_args(root), run_id="training")
     return root
 
 

@@ -19,6 +19,7 @@ WORKFLOWS = [
     ("tiny_pretrain", "meduet_pretrain", "meduet", ()),
     ("seg_trained", "meduet_seg", "seg_meduet", ("val_mean_dice",)),
     ("sit_factors", "meduet_diffusion", "rflow_factors", ("val_loss",)),
+    ("recon_trained", "meduet_recon", "recon_mri", ()),
 ]
 
 
