@@ -231,7 +231,8 @@ def write_dicom_seg(label: np.ndarray, affine_ras: np.ndarray, series_dir: str |
             segmented_property_category=hd.sr.CodedConcept(*coding.category),
             segmented_property_type=hd.sr.CodedConcept(*coding.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo)
-        segment.SegmentDescription = coding.description
+        # Segment Description is a DICOM LO (at most 64 characters): longer metadata descriptions are cut there
+        segment.SegmentDescription = coding.description[:64].rstrip()
         segments.append(segment)
     # segment numbers are 1..len(present) in the order of `present`
     remap = np.zeros(max(present) + 1 if present else 1, dtype=np.uint8)

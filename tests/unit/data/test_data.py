@@ -538,16 +538,18 @@ def _seg_frames(path) -> list[tuple[int, np.ndarray, str, np.ndarray]]:
     return out
 
 
+# longer than a DICOM LO (64 characters): the SEG carries its first 64
+LONG_DESCRIPTION = "the larger organ of the synthetic phantom, which holds one to three small spherical lesions"
 SEG_CODES = {  # the metadata's label_codes in the tests: explicit codes for two labels, the rest by name
     "organ_a": {"category": ["91723000", "SCT", "Anatomical Structure"], "type": ["10200004", "SCT", "Liver"],
-                "description": "the larger organ"},
+                "description": LONG_DESCRIPTION},
     "organ_b": {"category": ["91723000", "SCT", "Anatomical Structure"], "type": ["64033007", "SCT", "Kidney"],
                 "description": "the smaller organ"},
     "not_predicted": {"category": ["85756007", "SCT", "Tissue"], "type": ["85756007", "SCT", "Tissue"]},
 }
 SEG_EXPECTED_TYPES = {  # label -> (category value, type value, description)
     "body": ("91723000", "38266002", "body"),  # by name: Anatomical Structure / Entire body
-    "organ_a": ("91723000", "10200004", "the larger organ"),  # from label_codes
+    "organ_a": ("91723000", "10200004", LONG_DESCRIPTION[:64].rstrip()),  # from label_codes, cut to 64
     "organ_b": ("91723000", "64033007", "the smaller organ"),
     "lesion": ("49755003", "52988006", "lesion"),  # by name: Morphologically Abnormal Structure / Lesion
     "thing_x": ("85756007", "85756007", "thing_x"),  # unknown name: generic Tissue, own label and description
@@ -563,7 +565,9 @@ def test_segment_codings_by_name_and_metadata():
     for index, name in SEG_LABELS.items():
         if index != "0":
             c = got[int(index)]
-            assert (c.label, (c.category[0], c.type[0], c.description)) == (name, SEG_EXPECTED_TYPES[name])
+            assert (c.label, (c.category[0], c.type[0], c.description[:64].rstrip())) == (
+                name, SEG_EXPECTED_TYPES[name])
+    assert got[2].description == LONG_DESCRIPTION  # the coding keeps it whole; the SEG writer cuts it to 64
     by_name = segment_codings({1: "Lesion2", 2: "liver_lesion", 3: "grey matter", 4: "kidneys", 5: "organ_b",
                                6: "class6", 7: "Body"})
     assert [by_name[i].type[2] for i in range(1, 8)] == [
