@@ -45,6 +45,7 @@ WORKFLOWS = {
     "diffusion_interpolate": ("meduet_diffusion", "interpolate", None),
     "diffusion_manipulate": ("meduet_diffusion", "manipulate", None),
     "diffusion_controlnet_infer": ("meduet_diffusion", "controlnet_infer", None),
+    "recon_reconstruct": ("meduet_recon", "reconstruct", None),
 }
 # the workflows on per-case attributes and cohorts (the tiny factors-conditioned SiT and MeDUET encoder)
 CODE_WORKFLOWS = ("diffusion_probe", "diffusion_interpolate", "diffusion_manipulate")
@@ -90,6 +91,12 @@ CASES.update({
     ("diffusion_controlnet_infer", "measurement_real_kspace"): "<file>",
     ("diffusion_controlnet_infer", "measurement_nan"): "<file>",
     ("diffusion_controlnet_infer", "missing_upstream_checkpoint"): "nowhere.pt",
+    ("recon_reconstruct", "measurement_shape"): "<file>",
+    ("recon_reconstruct", "measurement_real_kspace"): "<file>",
+    ("recon_reconstruct", "measurement_nan"): "<file>",
+    ("recon_reconstruct", "measurement_negative_counts"): "<file>",
+    ("recon_reconstruct", "measurement_complex_counts"): "<file>",
+    ("recon_reconstruct", "missing_upstream_checkpoint"): "nowhere.pt",
 })
 # a downloaded (packaged) meduet_vae, run with inference.json from inside its folder (a fresh `python -m monai.bundle
 # run`, which imports the vendored meduet) and from another folder with --bundle_root (the installed meduet)
@@ -147,6 +154,21 @@ def bad_files(tmp_path_factory, tiny_data) -> dict[str, Path]:
     np.save(out / "kspace_nan.npy", kspace)
     files.update(measurement_shape=out / "kspace_other_shape.npy", measurement_real_kspace=out / "kspace_magnitude.npy",
                  measurement_nan=out / "kspace_nan.npy")
+    kspace[1, 2, 3] = 0
+    np.save(out / "kspace_good.npy", kspace)
+    files["good_kspace"] = out / "kspace_good.npy"
+    # meduet_recon: PET counts (a PET acquisition JSON) with a negative count, or stored complex
+    from meduet.data.measurements import acquisition_from_dict, simulate, write_measurement
+
+    pet = acquisition_from_dict({"modality": "pet", "image_shape": [16, 16, 16], "num_angles": 8, "total_counts": 1e4})
+    write_measurement(out / "pet_good.npy", simulate(np.ones((16, 16, 16), np.float32), pet), pet,
+                      out / "pet_acquisition.json")
+    counts = np.load(out / "pet_good.npy")
+    counts[0, 0, 0] = -2.0
+    np.save(out / "counts_negative.npy", counts)
+    np.save(out / "counts_complex.npy", np.abs(counts).astype(np.complex64))
+    files.update(pet_acquisition=out / "pet_acquisition.json", measurement_negative_counts=out / "counts_negative.npy",
+                 measurement_complex_counts=out / "counts_complex.npy")
     return files
 
 
@@ -165,6 +187,8 @@ def _args(workflow: str, bad: str, files: dict[str, Path], chain: dict[str, Path
         return _code_args(workflow, bad, chain, tmp)
     if workflow == "diffusion_controlnet_infer":
         return _controlnet_args(bad, files, chain, tmp)
+    if workflow == "recon_reconstruct":
+        return _recon_args(bad, files, chain, tmp)
     domains = json.loads((chain["data"] / "phantoms" / "datalist.json").read_text())["domains"]
     good = {"image": str(files["good_image"]), "label": str(files["good_label"]), "domain": domains[0]}
     badi = dict(good)
@@ -252,6 +276,18 @@ def _controlnet_args(bad: str, files: dict[str, Path], chain: dict[str, Path], t
     return args + ["--measurement", str(files[bad]), "--acquisition", str(files["acquisition"])], out
 
 
+def _recon_args(bad: str, files: dict[str, Path], chain: dict[str, Path], tmp: Path) -> tuple[list, Path]:
+    """meduet_recon's reconstruct.yaml on its tiny pretrained model: a measurement file that does not fit its
+    acquisition JSON (k-space shape, real k-space, NaN; PET counts negative or complex), or a missing model.pt."""
+    out = tmp / "out"
+    args = ["--bundle_root", str(chain["recon"]), "--output_dir", str(out), "--iterations", "2"]
+    if bad == "missing_upstream_checkpoint":
+        return args + ["--ckpt_path", str(tmp / "nowhere.pt"), "--measurement", str(files["good_kspace"]),
+                       "--acquisition", str(files["acquisition"])], out
+    acq = files["pet_acquisition" if "counts" in bad else "acquisition"]
+    return args + ["--measurement", str(files[bad]), "--acquisition", str(acq)], out
+
+
 @pytest.fixture(scope="module")
 def controlnet_root(tmp_path_factory, sit_factors, tiny_latents, tiny_vae, tiny_pretrain) -> Path:
     """A bundle root with a 1-epoch tiny mri ControlNet on a copy of the tiny factors SiT."""
@@ -279,8 +315,11 @@ def _files_under(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("workflow,bad", sorted(CASES), ids=[f"{w}-{b}" for w, b in sorted(CASES)])
-def test_bad_input_is_one_line_naming_it_and_leaves_nothing(workflow, bad, bad_files, chain, tmp_path):
+def test_bad_input_is_one_line_naming_it_and_leaves_nothing(workflow, bad, bad_files, request, tmp_path):
     bundle, config, run_id = WORKFLOWS[workflow]
+    # meduet_recon needs only its own tiny model, not the image chain
+    chain = ({"recon": request.getfixturevalue("recon_trained")} if bundle == "meduet_recon"
+             else request.getfixturevalue("chain"))
     args, out = _args(workflow, bad, bad_files, chain, tmp_path)
     proc = bundle_run(bundle, config, *args, run_id=run_id, check=False, timeout=300)
     text = proc.stdout + proc.stderr
