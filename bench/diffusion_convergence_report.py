@@ -78,10 +78,6 @@ def tables(runs: dict, summary: dict, floor: float | None, real_std: float | Non
             lines.append(f"| {LABEL[obj]} | {cond} | {r['total_steps']} | {vl[-1]:.4f} ({min(vl):.4f}) | "
                          f"{fd[-1]:.3f} ({min(fd):.3f}) | {r['rows'][-1].get('gen_std', float('nan')):.2f} | "
                          f"{r['train_s_per_step']:.2f} | {fmt(ratio, 2)} |")
-    lines += ["", "Steps to reach the unconditional run's final value (first crossing, linear interpolation between "
-              "evaluations; ratio = steps / the unconditional run's own first crossing):", "",
-              "| objective | metric | target (none, final) | none | metadata | factors | ratio metadata | "
-              "ratio factors |", "|---|---|---|---|---|---|---|---|"]
     def block(pick) -> None:
         for obj, per_metric in summary.items():
             for metric, s in per_metric.items():
@@ -94,12 +90,17 @@ def tables(runs: dict, summary: dict, floor: float | None, real_std: float | Non
                              f"| {g('metadata', 'steps_to_target')} | {g('factors', 'steps_to_target')} | "
                              f"{g('metadata', 'ratio_vs_none')} | {g('factors', 'ratio_vs_none')} |")
 
-    block(lambda s: (s["target_none_final"], s["conditions"]))
-    lines += ["", "The same with the unconditional run's *best* value as the target (differs from the above where "
-              "its curve is not monotone):", "",
-              "| objective | metric | target (none, best) | none | metadata | factors | ratio metadata | "
-              "ratio factors |", "|---|---|---|---|---|---|---|---|"]
-    block(lambda s: (s["target_none_best"]["target"], s["target_none_best"]["conditions"]))
+    if summary:  # steps to reach the unconditional run's values (none without an unconditional run)
+        lines += ["", "Steps to reach the unconditional run's final value (first crossing, linear interpolation "
+                  "between evaluations; ratio = steps / the unconditional run's own first crossing):", "",
+                  "| objective | metric | target (none, final) | none | metadata | factors | ratio metadata | "
+                  "ratio factors |", "|---|---|---|---|---|---|---|---|"]
+        block(lambda s: (s["target_none_final"], s["conditions"]))
+        lines += ["", "The same with the unconditional run's *best* value as the target (differs from the above where "
+                  "its curve is not monotone):", "",
+                  "| objective | metric | target (none, best) | none | metadata | factors | ratio metadata | "
+                  "ratio factors |", "|---|---|---|---|---|---|---|---|"]
+        block(lambda s: (s["target_none_best"]["target"], s["target_none_best"]["conditions"]))
     extra = [f"{LABEL[o]}: {r['fid_proxy_train_factors']:.3f}" for (o, c), r in runs.items()
              if "fid_proxy_train_factors" in r]
     if extra:
