@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from conftest import one_line_error
 from meduet import records
+from meduet.engines.diffusion import Conditioner, build_diffusion_network
 from meduet.engines.sampling import sample_latents
 from meduet.errors import MeduetConfigError
 from meduet.losses.diffusion import DiffusionObjective
@@ -204,3 +205,17 @@ def test_one_line_errors():
                    error=MeduetConfigError)
     one_line_error(lambda: build_dualflow("huge"), "unknown dualflow preset", error=MeduetConfigError)
     one_line_error(lambda: build_backbone("unet", "tiny"), "backbone must be one of", error=MeduetConfigError)
+
+
+def test_selected_by_the_training_builder():
+    latents = {"latent_channels": C, "domains": ["a", "b", "c"], "latent_scale_factor": 0.5}
+    obj = DiffusionObjective("rflow")
+    net = build_diffusion_network("tiny", latents, Conditioner("metadata"), obj, [8, 8, 8], backbone="dualflow")
+    assert isinstance(net, LatentDualFlow) and net.arch["num_domains"] == 3 and net.arch["input_size"] == [8, 8, 8]
+    assert net.meta["crop_size"] == [8, 8, 8] and net.meta["condition"] == "metadata"
+    assert type(build_diffusion_network("tiny", latents, Conditioner("none"), obj, [8, 8, 8])).__name__ == "LatentDiT"
+    one_line_error(lambda: build_diffusion_network("tiny", latents, Conditioner("none"), obj, [8, 8, 8],
+                                                   backbone="unet"), "backbone must be one of", error=MeduetConfigError)
+    one_line_error(lambda: build_diffusion_network("tiny", latents, Conditioner("none"), obj, [8, 8, 8],
+                                                   init_from_pretrained=True, backbone="dualflow"),
+                   "init_from_pretrained", error=MeduetConfigError)
