@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from demo_ldae import stage_codes, stage_ldae  # noqa: E402  (tools/ is the script's folder, first on sys.path)
+from demo_controlnet import stage_controlnet  # noqa: E402  (tools/ is the script's folder, first on sys.path)
+from demo_ldae import stage_codes, stage_ldae  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 #: unlabeled subjects in the sample data's pretraining pool (meduet_pretrain trains on them, and its report fits the
@@ -451,6 +452,7 @@ STAGES: list[tuple[str, Callable[[Demo], None]]] = [
     ("pretrain", stage_pretrain),
     ("diffusion", stage_diffusion),
     ("codes", lambda d: stage_codes(d, bundle_cmd)),
+    ("controlnet", lambda d: stage_controlnet(d, bundle_cmd)),
     ("seg", stage_seg),
     ("package", stage_package),
     ("ldae", lambda d: stage_ldae(d, bundle_cmd)),

@@ -269,7 +269,10 @@ def run(config: Config) -> dict[str, Any]:
                 row["latent_consistency_calls"] = callback.calls
         results.append(row)
         z_mid = case.shape[2] // 2
-        panels = [(_caption(case), shown[:, :, z_mid]), ("ControlNet" + (" + DC" if dc else ""), vol[:, :, z_mid])]
+        panels = [(_caption(case), shown[:, :, z_mid])]
+        if dc is not None:  # the ControlNet's own output beside the one with the measurements enforced
+            panels.append(("ControlNet", sampled[0, 0].numpy()[:, :, z_mid]))
+        panels.append(("ControlNet" + (" + DC" if dc else ""), vol[:, :, z_mid]))
         if case.truth is not None:
             panels.append(("truth", case.truth.numpy()[:, :, z_mid]))
         rows.append(panels)
