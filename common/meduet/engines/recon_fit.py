@@ -10,7 +10,10 @@ Methods (``METHODS``):
 * ``classical``: zero-filled (mri), FBP (ct) or MLEM (pet) (``Measurement.classical``-like, one call, no iteration
   of the INR).
 
-Each INR method takes ``iterations`` Adam steps on ``meduet.losses.recon.measurement_loss`` (the measurement only),
+Each INR method takes ``iterations`` Adam steps on ``meduet.losses.recon.measurement_loss`` (the measurement only) at
+``learning_rate``, except ``disinr``, whose subject grid alone is fitted at ``subject_learning_rate`` (``None``: the
+same ``learning_rate``; measured in bench/recon_study.py: a rate of 0.1 suits the small grid, while the whole INRs do
+best at 0.01-0.03 and fine-tuning forgets at 0.1),
 recording the loss of every step and, when a ``truth`` volume is given, PSNR/SSIM every ``metric_interval`` steps and
 at the last one. Metrics compare the image with the truth over the truth's range (``max - min``); for PET, whose
 images are relative activity (counts are scale-free), the image is first scaled to the truth's total
@@ -115,7 +118,7 @@ def trainable_parameters(network: DisINR, method: str, subject_init: str = "mean
 def fit(network: DisINR | None, measured: torch.Tensor, operator: torch.nn.Module, modality: str, method: str,
         image_shape: Sequence[int], iterations: int = 200, learning_rate: float = 1e-2,
         truth: torch.Tensor | None = None, metric_interval: int = 10, subject_init: str = "mean", seed: int = 0,
-        mlem_iterations: int = 20) -> FitResult:
+        mlem_iterations: int = 20, subject_learning_rate: float | None = None) -> FitResult:
     """Reconstruct one subject (``measured (1, 1, *measurement_shape)`` through ``operator``) with ``method``.
 
     ``network``: the pretrained ``DisINR`` (``None`` only for ``classical``); ``image_shape``: the output grid (the
@@ -139,7 +142,8 @@ def fit(network: DisINR | None, measured: torch.Tensor, operator: torch.nn.Modul
     device = next(net.parameters()).device
     operator, measured = operator.to(device), measured.to(device)
     coords = grid_coordinates(shape, device=device)
-    optimizer = torch.optim.Adam(params, lr=float(learning_rate))
+    rate = subject_learning_rate if method == "disinr" and subject_learning_rate is not None else learning_rate
+    optimizer = torch.optim.Adam(params, lr=float(rate))
     result = FitResult(method, torch.empty(0), trained_parameters=sum(p.numel() for p in params),
                        total_parameters=int(network.parameter_counts()["total"]))
     net.train()
@@ -173,13 +177,14 @@ class SubjectFit(Inferer):
 
     def __init__(self, method: str = "disinr", iterations: int = 200, learning_rate: float = 1e-2,
                  metric_interval: int = 10, subject_init: str = "mean", seed: int = 0,
-                 mlem_iterations: int = 20) -> None:
+                 mlem_iterations: int = 20, subject_learning_rate: float | None = None) -> None:
         super().__init__()
         if method not in METHODS:
             raise MeduetConfigError(f"method {method!r} is not one of {METHODS}; fix --method")
         self.method, self.iterations, self.learning_rate = method, iterations, learning_rate
         self.metric_interval, self.subject_init, self.seed = metric_interval, subject_init, seed
         self.mlem_iterations = mlem_iterations
+        self.subject_learning_rate = subject_learning_rate
 
     def __call__(self, inputs: Any, network: DisINR | None, *args: Any, truth: torch.Tensor | None = None,
                  **kwargs: Any) -> FitResult:
@@ -187,4 +192,4 @@ class SubjectFit(Inferer):
         return fit(network, inputs.data, inputs.operator(), acq.modality, self.method, acq.image_shape,
                    iterations=self.iterations, learning_rate=self.learning_rate, truth=truth,
                    metric_interval=self.metric_interval, subject_init=self.subject_init, seed=self.seed,
-                   mlem_iterations=self.mlem_iterations)
+                   mlem_iterations=self.mlem_iterations, subject_learning_rate=self.subject_learning_rate)

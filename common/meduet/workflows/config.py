@@ -98,7 +98,7 @@ _KINDS_BY_NAME: dict[str, tuple[str, ...]] = {
                         "decode_overlap", "patch_min_overlap", "num_domains", "mlem_iterations", "mask_seed"),
     "a number >= 0": ("learning_rate", "d_learning_rate", "decoder_learning_rate", "weight_decay", "grad_clip",
                       "kl_weight", "adv_weight", "perceptual_weight", "encoder_lr_scale", "guidance_scale",
-                      "total_counts"),
+                      "total_counts", "subject_learning_rate"),
     "a number in [0, 1]": ("ema_decay", "cond_dropout", "label_fraction", "flip_prob", "rot90_prob", "patch_overlap",
                            "train_fraction"),
     "a positive integer, a list of 3 positive integers, or null": ("roi_size", "crop_size", "patch_size",

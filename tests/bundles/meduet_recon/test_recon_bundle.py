@@ -85,6 +85,7 @@ def test_reconstruct_fits_only_the_subject_encoder_and_writes_on_the_acquisition
     report = json.loads((out / "sample_mri_disinr.json").read_text())
     counts = records.read(recon_trained / "models/model.pt")[1]["parameter_counts"]
     assert report["trained_parameters"] == counts["subject_encoder"] < 0.02 * report["total_parameters"]
+    assert report["settings"]["learning_rate"] == 0.01 and report["settings"]["subject_learning_rate"] == 0.1
     assert len(report["loss"]) == report["iterations"] == 20 and report["loss"][-1] < report["loss"][0]
     assert [m["iteration"] for m in report["metrics"]] == [5, 10, 15, 20]
     assert report["final_psnr"] == report["metrics"][-1]["psnr"] and np.isfinite(report["final_psnr"])

@@ -161,3 +161,19 @@ def test_subject_selection_and_bad_settings_are_one_line():
                    error=MeduetConfigError)
     one_line_error(lambda: fit(None, y, acq.operator(), "ct", "disinr", acq.image_shape), "ckpt_path",
                    error=MeduetConfigError)
+
+
+def test_disinr_fits_its_subject_grid_at_the_subject_learning_rate_and_the_other_methods_ignore_it():
+    net, acq = _pretrained("mri")
+    truth = _blob(4)[None, None]
+    y = simulate(truth, acq)
+
+    def run(method, lr, subject_lr):
+        return fit(net, y, acq.operator(), "mri", method, acq.image_shape, iterations=6, learning_rate=lr,
+                   subject_learning_rate=subject_lr).image
+
+    # disinr at (0.01, subject 0.1) is disinr at 0.1; None falls back to learning_rate
+    assert torch.equal(run("disinr", 1e-2, 1e-1), run("disinr", 1e-1, None))
+    assert not torch.equal(run("disinr", 1e-2, 1e-1), run("disinr", 1e-2, None))
+    for method in ("scratch", "finetune"):  # whole INRs keep learning_rate
+        assert torch.equal(run(method, 1e-2, 1e-1), run(method, 1e-2, None))
