@@ -25,7 +25,7 @@ What is run (every number computed here; nothing typed in):
 * methods (``meduet.engines.recon_fit.fit``, the reconstruct workflow's code): ``disinr`` (only the subject grid),
   ``finetune`` (every parameter of the pretrained INR), ``scratch`` (a fresh INR of the same architecture, every
   parameter; it does not depend on the pretraining, so it is run once per case) for ``--iterations`` Adam steps at
-  ``--fit-lr``, PSNR/SSIM against the clean volume every ``--metric-interval`` steps; ``classical`` (zero-filled /
+  ``--fit-lr`` (DisINR at ``--disinr-lr``: reconstruct.yaml's learning_rate and subject_learning_rate), PSNR/SSIM against the clean volume every ``--metric-interval`` steps; ``classical`` (zero-filled /
   FBP / MLEM 20 iterations). Seconds = fitting only (metrics excluded), all methods of a case in one process, one
   after the other; ratios to scratch per case.
 
@@ -170,14 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subject-resolution", type=int, default=6)
     p.add_argument("--subject-features", type=int, default=4)
     p.add_argument("--model-tag", default="", help="added to the cached models' folder names (other architectures)")
-    p.add_argument("--train-split", default="training")
-    p.add_argument("--steps", type=int, default=420, help="pretraining optimiser steps (one subject each)")
+    p.add_argument("--train-split", default="pretraining",
+                   help="pretraining: the 72 unlabelled subjects of make demo's sample data; training: the 14")
+    p.add_argument("--steps", type=int, default=840, help="pretraining optimiser steps (one subject each)")
     p.add_argument("--train-lr", type=float, default=1e-2)
     p.add_argument("--iterations", type=int, default=100, help="test-time Adam steps per INR method")
-    p.add_argument("--fit-lr", type=float, default=1e-2)
-    p.add_argument("--disinr-lr", type=float, default=0.0, help="DisINR's test-time rate if not --fit-lr")
+    p.add_argument("--fit-lr", type=float, default=1e-2, help="test-time rate of scratch / finetune (learning_rate)")
+    p.add_argument("--disinr-lr", type=float, default=0.1,
+                   help="test-time rate of DisINR's subject grid (subject_learning_rate; 0: --fit-lr)")
     p.add_argument("--metric-interval", type=int, default=5)
-    p.add_argument("--subjects", type=int, default=4, help="held-out phantom subjects")
+    p.add_argument("--subjects", type=int, default=6, help="held-out phantom subjects")
     p.add_argument("--cases", nargs="*", default=None, help="test split indices instead of --subjects")
     p.add_argument("--brain", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--test-mask-seed", type=int, default=1)
