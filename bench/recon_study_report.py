@@ -1,7 +1,8 @@
 """Tables of bench/recon_study.py's results (markdown): per setting, PSNR/SSIM of each method at equal iteration
 counts on the held-out phantoms (mean and 95% bootstrap interval over subjects,
 ``meduet.metrics.disentanglement.bootstrap_mean_interval``), iterations to reach the target (the per-subject INR from
-scratch's final PSNR minus 1 dB, per case), fitting seconds as ratios to scratch, the brain volume, seen vs held-out
+best PSNR over its run minus 1 dB, per case: the whole INRs overfit PET's Poisson noise, so their last PSNR is not
+their best), fitting seconds as ratios to scratch, the brain volume, seen vs held-out
 sites, and the data-efficiency rows (pretrained on all vs 30% of the training subjects)."""
 
 from __future__ import annotations
@@ -58,12 +59,13 @@ def setting_table(setting: str, res: dict[str, Any], iterations: int) -> list[st
         f"{float(f):.0%} = {p['subjects']} subjects, {p['steps']} steps, {p['seconds']:.0f} s" for f, p in pre.items())
         + ")\n",
         "| method | parameters fitted | " + " | ".join(f"PSNR @ {i}" for i in checkpoints)
-        + f" | SSIM @ {iterations} | iterations to target (median; reached) | seconds / scratch |",
-        "|---|---|" + "---|" * (len(checkpoints) + 3)]
-    targets = [_psnr_at(c["rows"]["scratch"], iterations) - TARGET_MARGIN_DB if "scratch" in c["rows"] else np.nan
-               for c in cases]
+        + f" | best PSNR | SSIM @ {iterations} | iterations to target (median; reached) | seconds / scratch |",
+        "|---|---|" + "---|" * (len(checkpoints) + 4)]
+    targets = [max(m["psnr"] for m in c["rows"]["scratch"]["metrics"]) - TARGET_MARGIN_DB if "scratch" in c["rows"]
+               else np.nan for c in cases]
     for m in methods:
         psnr = [_ci([_psnr_at(c["rows"][m], i) for c in cases]) for i in checkpoints]
+        psnr.append(_ci([max(x["psnr"] for x in c["rows"][m]["metrics"]) for c in cases]))
         ssim = _ci([c["rows"][m]["metrics"][-1]["ssim"] for c in cases], 3)
         reach = [_iterations_to(c["rows"][m], t) for c, t in zip(cases, targets)]
         done = [r for r in reach if np.isfinite(r)]
@@ -75,7 +77,7 @@ def setting_table(setting: str, res: dict[str, Any], iterations: int) -> list[st
     cl = _ci([c["rows"]["classical"]["metrics"][-1]["psnr"] for c in cases])
     cls = _ci([c["rows"]["classical"]["metrics"][-1]["ssim"] for c in cases], 3)
     name = {"mri": "zero-filled", "ct": "FBP", "pet": "MLEM (20 iterations)"}[res["acquisition"]["modality"]]
-    lines.append(f"| {name} | 0 | " + " | ".join([cl] * len(checkpoints)) + f" | {cls} | - | - |")
+    lines.append(f"| {name} | 0 | " + " | ".join([cl] * (len(checkpoints) + 1)) + f" | {cls} | - | - |")
     if brain:
         b = brain[0]["rows"]
         lines.append("\nMNI152 brain (one volume): PSNR @ " + f"{iterations} / SSIM: " + "; ".join(
@@ -99,7 +101,8 @@ def write_report(results: dict[str, Any], path: Path) -> str:
              f"{args['subject_resolution']}^3 x {args['subject_features']}; test-time Adam at {args['fit_lr']}"
              + (f" (DisINR {args['disinr_lr']})" if args.get("disinr_lr") else "")
              + f", {it} iterations; PSNR/SSIM against the clean volume (mean [95% bootstrap interval] over subjects); "
-             f"target = scratch's PSNR at {it} minus {TARGET_MARGIN_DB:g} dB, per subject.\n"]
+             f"target = the best PSNR of scratch over its {it} iterations minus {TARGET_MARGIN_DB:g} dB, per subject; "
+             "best PSNR = the highest over the run (it needs the truth to pick: an oracle, not a method).\n"]
     for setting, res in results["settings"].items():
         lines += setting_table(setting, res, it)
     text = "\n".join(lines)
