@@ -1,7 +1,7 @@
 """The quick-start demo's reconstruction stage (meduet_recon, DisINR; tools/demo.py runs it as ``recon``).
 
-``stage_recon``: pretrain meduet_recon (MRI x4 at the preset's grid, on the phantoms' 72 unlabelled subjects of the
-split ``pretraining``, from their k-space only) for ``EPOCHS`` epochs, write one held-out subject's measurement file (simulate.yaml: test item 0, its own
+``stage_recon``: pretrain meduet_recon (MRI x4 on a 24^3 grid with the preset's network, on the phantoms' 72 unlabelled
+subjects of the split ``pretraining``, from their k-space only) for ``EPOCHS`` epochs, write one held-out subject's measurement file (simulate.yaml: test item 0, its own
 Cartesian lines), reconstruct it with DisINR (only the subject grid fitted), a per-subject INR from scratch (every
 parameter) and zero-filling (reconstruct.yaml, ``ITERATIONS`` Adam steps each), and leave a picture (zero-filled |
 DisINR | scratch | truth, mid-slices, and the PSNR curves of both INRs) and the report lines with the numbers. Each
@@ -14,11 +14,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["stage_recon", "recon_figure", "EPOCHS", "ITERATIONS"]
+__all__ = ["stage_recon", "recon_figure", "EPOCHS", "ITERATIONS", "IMAGE_SIZE"]
 
 #: pretraining epochs of the sample data's 72 unlabelled subjects (split ``pretraining``, made by the demo's sample
-#: stage): 6 x 72 = 432 steps (the demo preset's 20 epochs take ~2.5 min)
-EPOCHS = 6
+#: stage): 12 x 72 = 864 steps on a 24^3 grid, the pretraining of BENCHMARKS.md's study (a 32^3 step costs ~2.3x
+#: more, and 4 epochs at 32^3 left DisINR 8 dB under scratch at 100 iterations)
+EPOCHS = 12
+IMAGE_SIZE = [24, 24, 24]
 TRAIN_SPLIT = "pretraining"
 #: test-time Adam steps per INR method
 ITERATIONS = 100
@@ -89,9 +91,9 @@ def stage_recon(d: Any, bundle_cmd: Any) -> None:
     meas, rec = out / "measurements", out / "reconstruct"
     d.run("meduet_recon: DisINR pretraining on 72 phantoms' k-space (MRI x4; no clean image in the loss)",
           bundle_cmd("meduet_recon", "train", d.preset, "training", resume=False, max_epochs=EPOCHS,
-                     train_split=TRAIN_SPLIT))
+                     train_split=TRAIN_SPLIT, image_size=IMAGE_SIZE))
     d.run("meduet_recon: a held-out subject's k-space file (test item 0, its own Cartesian lines)",
-          bundle_cmd("meduet_recon", "simulate", d.preset, output_dir=str(meas)))
+          bundle_cmd("meduet_recon", "simulate", d.preset, output_dir=str(meas), image_size=IMAGE_SIZE))
     truth = meas / "sample_mri_truth.nii.gz"
     for method in METHODS:
         d.run(f"meduet_recon: reconstruct it ({method})",
@@ -106,7 +108,7 @@ def stage_recon(d: Any, bundle_cmd: Any) -> None:
     its = sorted(i for i in {10, 20, 50, ITERATIONS} if i in measured)
     lines = ["## Stage 5 — meduet_recon (DisINR: reconstruction from raw k-space with a pretrained prior)\n",
              f"Pretrained {EPOCHS} epochs on the undersampled k-space of the sample data's `{TRAIN_SPLIT}` subjects "
-             "(MRI x4, 1D Cartesian; the loss sees measurements only), then a held-out subject (test item 0, its own lines) reconstructed by "
+             f"(MRI x4, 1D Cartesian, {IMAGE_SIZE[0]}^3 grid; the loss sees measurements only), then a held-out subject (test item 0, its own lines) reconstructed by "
              f"reconstruct.yaml, {ITERATIONS} Adam steps per INR method (PSNR/SSIM against the clean volume):\n",
              "| method | parameters fitted | " + " | ".join(f"PSNR @ {i}" for i in its) + " | SSIM | seconds |",
              "|---|---|" + "---|" * (len(its) + 2)]
@@ -117,6 +119,7 @@ def stage_recon(d: Any, bundle_cmd: Any) -> None:
     lines.append("| zero-filled | 0 | " + " | ".join(f"{zf['final_psnr']:.1f}" for _ in its)
                  + f" | {zf['final_ssim']:.3f} | {zf['seconds']:.2f} |")
     lines += [f"\n![zero-filled | DisINR | scratch | truth, and PSNR per iteration]({d.rel(pic)})\n",
-              _reading(dis, scr) + " BENCHMARKS.md (\"meduet_recon: DisINR vs per-subject INRs\") has the study: "
-              "several subjects with intervals, MRI x8, CT, PET, the brain volume, 30% of the training subjects.\n"]
+              _reading(dis, scr) + " This is one subject: BENCHMARKS.md (\"meduet_recon: DisINR vs per-subject "
+              "INRs\") has the study over six subjects with intervals, MRI x8, CT, PET, the brain volume and 30% of "
+              "the training subjects.\n"]
     d.sections.append("\n".join(lines))
