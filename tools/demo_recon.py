@@ -1,8 +1,8 @@
 """The quick-start demo's reconstruction stage (meduet_recon, DisINR; tools/demo.py runs it as ``recon``).
 
-``stage_recon``: pretrain meduet_recon (MRI x4 on a 24^3 grid with the preset's network, on the phantoms' 72 unlabelled
-subjects of the split ``pretraining``, from their k-space only) for ``EPOCHS`` epochs, write one held-out subject's measurement file (simulate.yaml: test item 0, its own
-Cartesian lines), reconstruct it with DisINR (only the subject grid fitted), a per-subject INR from scratch (every
+``stage_recon``: pretrain meduet_recon (MRI x4 on a 24^3 grid with the preset's network, on the phantoms' 72
+unlabelled subjects of the split ``pretraining``, from their k-space only) for ``EPOCHS`` epochs, write one held-out
+subject's measurement file (simulate.yaml: test item 0, its own Cartesian lines), reconstruct it with DisINR (only the subject grid fitted), a per-subject INR from scratch (every
 parameter) and zero-filling (reconstruct.yaml, ``ITERATIONS`` Adam steps each), and leave a picture (zero-filled |
 DisINR | scratch | truth, mid-slices, and the PSNR curves of both INRs) and the report lines with the numbers. Each
 step is a ``python -m monai.bundle run`` command, as users run them.
@@ -108,7 +108,8 @@ def stage_recon(d: Any, bundle_cmd: Any) -> None:
     its = sorted(i for i in {10, 20, 50, ITERATIONS} if i in measured)
     lines = ["## Stage 5 — meduet_recon (DisINR: reconstruction from raw k-space with a pretrained prior)\n",
              f"Pretrained {EPOCHS} epochs on the undersampled k-space of the sample data's `{TRAIN_SPLIT}` subjects "
-             f"(MRI x4, 1D Cartesian, {IMAGE_SIZE[0]}^3 grid; the loss sees measurements only), then a held-out subject (test item 0, its own lines) reconstructed by "
+             f"(MRI x4, 1D Cartesian, {IMAGE_SIZE[0]}^3 grid; the loss sees measurements only), then a held-out "
+             "subject (test item 0, its own lines) reconstructed by "
              f"reconstruct.yaml, {ITERATIONS} Adam steps per INR method (PSNR/SSIM against the clean volume):\n",
              "| method | parameters fitted | " + " | ".join(f"PSNR @ {i}" for i in its) + " | SSIM | seconds |",
              "|---|---|" + "---|" * (len(its) + 2)]
