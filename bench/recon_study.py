@@ -15,9 +15,10 @@ What is run (every number computed here; nothing typed in):
   the volume); the acquisition of the bundle (``meduet.engines.recon.training_acquisition``); training subjects are
   measured with mask seed 0, test subjects with ``--test-mask-seed`` (1: their own Cartesian lines, as simulate.yaml).
 * pretraining: once per setting and training fraction, through the bundle's own code (``select_subjects`` of the
-  phantoms' ``--train-split``: ``pretraining``, the 72 unlabelled subjects of make demo's sample data, ``simulate_training_set``, ``build_inr``, ``ReconTrainer``, Adam at ``--train-lr``,
-  one subject per step) for ``--steps`` optimiser steps (epochs = steps / subjects, rounded up, so 30% of the subjects
-  get the same number of steps); the single-subject ``model.pt`` (shared pair + the subjects' mean grid) is cached in
+  phantoms' ``--train-split``: ``pretraining``, the 72 unlabelled subjects of make demo's sample data,
+  ``simulate_training_set``, ``build_inr``, ``ReconTrainer``, Adam at ``--train-lr``, one subject per step) for
+  ``--steps`` optimiser steps (epochs = steps / subjects, rounded up, so 30% of the subjects get the same number of
+  steps); the single-subject ``model.pt`` (shared pair + the subjects' mean grid) is cached in
   ``<out>/models/<setting>_f<fraction>[_<arch tag>]/`` and reused with ``--reuse``.
 * test cases: ``--subjects`` held-out phantom subjects of the test split (subject k at site 0, 4, 1, 5, 2, 3 for
   k = 0, 1, 2, ...: seen and held-out sites alternate; sites 4 and 5 are in no training split) and the MNI152 brain
@@ -27,8 +28,9 @@ What is run (every number computed here; nothing typed in):
   ``finetune`` (every parameter of the pretrained INR), ``scratch`` (a fresh INR of the same architecture, every
   parameter; it does not depend on the pretraining, so it is run once per case) for ``--iterations`` Adam steps at
   ``--fit-lr`` (DisINR at ``--disinr-lr``: reconstruct.yaml's learning_rate and subject_learning_rate), PSNR/SSIM
-  against the clean volume every ``--metric-interval`` steps; ``classical`` (zero-filled / FBP / MLEM 20 iterations). Seconds = fitting only (metrics excluded), all methods of a case in one process, one
-  after the other; ratios to scratch per case.
+  against the clean volume every ``--metric-interval`` steps; ``classical`` (zero-filled / FBP / MLEM 20
+  iterations). Seconds = fitting only (metrics excluded), all methods of a case in one process, one after the other;
+  ratios to scratch per case.
 
 Outputs in ``--out`` (bench/results/recon_study/): ``<tag>.json`` (every curve, the commands, the budget) and
 ``<tag>.md`` (the tables; ``bench/recon_study_report.py``). ``--threads`` (1) torch threads: on the shared 2-core

@@ -2,10 +2,11 @@
 
 ``stage_recon``: pretrain meduet_recon (MRI x4 on a 24^3 grid with the preset's network, on the phantoms' 72
 unlabelled subjects of the split ``pretraining``, from their k-space only) for ``EPOCHS`` epochs, write one held-out
-subject's measurement file (simulate.yaml: test item 0, its own Cartesian lines), reconstruct it with DisINR (only the subject grid fitted), a per-subject INR from scratch (every
-parameter) and zero-filling (reconstruct.yaml, ``ITERATIONS`` Adam steps each), and leave a picture (zero-filled |
-DisINR | scratch | truth, mid-slices, and the PSNR curves of both INRs) and the report lines with the numbers. Each
-step is a ``python -m monai.bundle run`` command, as users run them.
+subject's measurement file (simulate.yaml: test item 0, its own Cartesian lines), reconstruct it with DisINR (only
+the subject grid fitted), a per-subject INR from scratch (every parameter) and zero-filling (reconstruct.yaml,
+``ITERATIONS`` Adam steps each), and leave a picture (zero-filled | DisINR | scratch | truth, mid-slices, and the
+PSNR curves of both INRs) and the report lines with the numbers. Each step is a ``python -m monai.bundle run``
+command, as users run them.
 """
 
 from __future__ import annotations
