@@ -96,6 +96,12 @@ def run_child(cmd: list[str], threads: int, log: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _trained_epochs(ckpt: Path) -> int | None:
+    from meduet import records
+
+    return (records.read(ckpt)[1].get("training") or {}).get("epoch")
+
+
 def train_controlnet(name: str, task: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """controlnet_train.yaml on the demo generator -> ``<out>/meduet_diffusion/models/controlnet/<name>/model.pt``."""
     root = out / "meduet_diffusion"
@@ -106,15 +112,17 @@ def train_controlnet(name: str, task: dict[str, Any], args: argparse.Namespace, 
                      val_interval=10**6)
     ckpt = ckpt_dir / "model.pt"
     seconds = None
-    if not (args.reuse and ckpt.is_file()):
+    if not (args.reuse and ckpt.is_file() and _trained_epochs(ckpt) == args.cn_epochs):
         print(f"== ControlNet {name}: training ({args.cn_epochs} epochs)", flush=True)
         seconds = round(run_child(cmd, args.threads, out / "logs" / f"controlnet_{name}.log"), 1)
     return {"ckpt": str(ckpt), "command": " ".join(cmd), "train_seconds": seconds}
 
 
-def study_datalist(out: Path, per_subject: int) -> tuple[Path, list[dict[str, Any]]]:
-    """A copy of the latent datalist (absolute paths) with split ``study_test``: each test subject at
-    ``per_subject`` sites, alternating seen (cycled over the training sites) and held-out ones."""
+def study_datalist(out: Path, per_subject: int, subjects: int | None = None, tag: str = ""
+                   ) -> tuple[Path, list[dict[str, Any]]]:
+    """A copy of the latent datalist (absolute paths) with split ``study_test``: each test subject (the first
+    ``subjects`` by name; None: all) at ``per_subject`` sites, alternating seen (cycled over the training sites) and
+    held-out ones."""
     data = json.loads(LATENTS.read_text())
     base = LATENTS.parent
     for split, items in data.items():
@@ -131,7 +139,7 @@ def study_datalist(out: Path, per_subject: int) -> tuple[Path, list[dict[str, An
     for it in data["test"]:
         by_subject.setdefault(it["subject"], []).append(it)
     chosen = []
-    for j, (subject, items) in enumerate(sorted(by_subject.items())):
+    for j, (subject, items) in enumerate(sorted(by_subject.items())[:subjects]):
         seen = [it for it in items if it["domain"] not in held]
         unseen = [it for it in items if it["domain"] in held]
         seen.sort(key=lambda it: (seen_sites.index(it["domain"]) - j) % len(seen_sites))
@@ -139,7 +147,7 @@ def study_datalist(out: Path, per_subject: int) -> tuple[Path, list[dict[str, An
         picks = [x for pair in zip(seen, unseen) for x in pair] if per_subject > 1 else seen
         chosen += picks[:per_subject]
     data["study_test"] = chosen
-    path = out / "study_datalist.json"
+    path = out / f"study_datalist{tag}.json"
     from meduet.io import write_json
 
     write_json(path, data)
@@ -227,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"subset of {','.join(SETTINGS)}")
     p.add_argument("--cn-epochs", type=int, default=40, help="ControlNet epochs (the demo preset's 40)")
     p.add_argument("--per-subject", type=int, default=2, help="test volumes per subject (seen, unseen, ...)")
+    p.add_argument("--subjects", type=int, default=None, help="first test subjects (default: all 6)")
+    p.add_argument("--tag", default="", help="suffix of results<tag>.json / section<tag>.md (parts run apart)")
     p.add_argument("--num-steps", type=int, default=None, help="sampling steps (null: the workflow's default)")
     p.add_argument("--seg-epochs", type=int, default=None, help="meduet_seg epochs of the real-only run "
                    "(default: the preset's); the real + synthetic run gets the same optimiser steps (exactly when "
@@ -249,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     preset = yaml.safe_load((REPO / f"bundles/meduet_diffusion/configs/presets/{args.preset}.yaml").read_text())
     n_train = len(json.loads(LATENTS.read_text())["training"])
     steps = args.cn_epochs * math.ceil(n_train / int(preset["batch_size"]))
-    datalist, chosen = study_datalist(out, args.per_subject)
+    datalist, chosen = study_datalist(out, args.per_subject, args.subjects, args.tag)
+    from meduet.io import write_json
+
     command = "python bench/controlnet_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict[str, Any] = {"command": command, "preset": args.preset, "controlnet_epochs": args.cn_epochs,
                                "controlnet_steps": steps, "controlnet_batch": int(preset["batch_size"]),
@@ -260,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         cn = {**train_controlnet(name, SETTINGS[name], args, out), "steps": steps}
         res = recon_setting(name, SETTINGS[name], cn, args, out, datalist)
         results["settings"][name] = {**cn, **res, "seconds": round(time.perf_counter() - t0, 1)}
+        write_json(out / f"results{args.tag}.json", {**results, "partial": True})  # a stopped study keeps its part
         s = res["summary"]["all"]
         print(f"   {name}: PSNR input {s['input']['psnr'][0]:.2f}, without control {s['base']['psnr'][0]:.2f}, "
               f"ControlNet {s['controlnet']['psnr'][0]:.2f} (+DC {s['controlnet_dc']['psnr'][0]:.2f}), "
@@ -269,11 +282,9 @@ def main(argv: list[str] | None = None) -> int:
 
         results["label"] = label_study(args, out, steps, train_controlnet)
     results["total_seconds"] = round(time.perf_counter() - started, 1)
-    from meduet.io import write_json
-
-    write_json(out / "results.json", results)
+    write_json(out / f"results{args.tag}.json", results)
     section = render(results)
-    (out / "section.md").write_text(section)
+    (out / f"section{args.tag}.md").write_text(section)
     print("\n" + section)
     if args.write_md:
         from _common import replace_section
