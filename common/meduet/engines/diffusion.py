@@ -46,7 +46,8 @@ from meduet.networks.encoder import PretrainedEncoder
 from meduet.networks.factors import pool_style
 from meduet.networks.windows import crop_size_of, factor_map, pad_for_windows, sliding_windows
 
-__all__ = ["FactorPriorFit", "Conditioner", "build_conditioner", "build_diffusion_network", "DiffusionTrainer", "ValidationLoss",
+__all__ = ["FactorPriorFit", "Conditioner", "build_conditioner", "build_diffusion_network", "DiffusionTrainer",
+           "ValidationLoss",
            "fit_factor_prior", "metadata_vector", "diffusion_items", "diffusion_record", "center_crop_or_pad"]
 
 CONDITIONS = ("none", "metadata", "factors", "semantic")

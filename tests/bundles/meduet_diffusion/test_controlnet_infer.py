@@ -104,7 +104,8 @@ def test_other_acquisition_warns_or_is_one_line(controlnet_mri, tiny_latents, ti
     acq = json.loads((simulated / case["files"]["acquisition"]).read_text())
     acq["acceleration"] = 8
     (tmp_path / "acq8.json").write_text(json.dumps(acq))
-    args = ["--measurement", str(simulated / case["files"]["measurement"]), "--acquisition", str(tmp_path / "acq8.json")]
+    args = ["--measurement", str(simulated / case["files"]["measurement"]),
+            "--acquisition", str(tmp_path / "acq8.json")]
     _infer(controlnet_mri, tiny_latents, tiny_vae, tmp_path / "warned", *args)
     row = json.loads((tmp_path / "warned/controlnet.json").read_text())["cases"][0]
     assert row["acquisition_check"] == {"matches": False, "differences": ["acceleration 8 (trained: 4)"]}
