@@ -72,5 +72,5 @@ test:
 	MEDUET_REQUIRE_MONAILABEL=1 MEDUET_REQUIRE_DEPLOY=1 $(BIN)/python -m pytest -q
 
 clean-outputs:
-	rm -rf outputs data/sample bundles/*/models/*.pt bundles/*/eval bundles/*/runs bundles/*/latents \
-		bundles/*/latents_control
+	rm -rf outputs data/sample bundles/*/models/*.pt bundles/*/models/*/ bundles/*/eval bundles/*/runs \
+		bundles/*/latents bundles/*/latents_control
