@@ -70,7 +70,9 @@ def test_simulate_writes_a_measurement_its_acquisition_and_the_truth(sample, tin
     assert m.acquisition.modality == "mri" and m.acquisition.image_shape == (16, 16, 16)
     assert np.allclose(truth.affine, m.acquisition.affine_array)
     assert m.acquisition.seed == 1  # its own mask, not the training one (mask_seed 0)
-    assert torch.allclose(m.data, simulate(np.asarray(truth.dataobj, dtype=np.float32), m.acquisition))
+    # the workflow ran in another process (other FFT threads): equal to float32 rounding of the largest sample
+    expected = simulate(np.asarray(truth.dataobj, dtype=np.float32), m.acquisition)
+    assert torch.allclose(m.data, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_reconstruct_fits_only_the_subject_encoder_and_writes_on_the_acquisition_grid(recon_trained, sample,

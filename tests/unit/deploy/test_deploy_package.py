@@ -58,12 +58,12 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dist(server, tiny_vae, tiny_pretrain, sit_factors, seg_trained) -> Path:
-    """The four bundles trained at the tiny preset, packaged into the served folder; meduet_seg's model.pt is made
+def dist(server, tiny_vae, tiny_pretrain, sit_factors, seg_trained, recon_trained) -> Path:
+    """The bundles trained at the tiny preset, packaged into the served folder; meduet_seg's model.pt is made
     a large file (beside the zip, listed in large_files.yml)."""
     www, url = server
     roots = {"meduet_vae": tiny_vae, "meduet_pretrain": tiny_pretrain, "meduet_diffusion": sit_factors,
-             "meduet_seg": seg_trained}
+             "meduet_seg": seg_trained, "meduet_recon": recon_trained}
     for name in BUNDLES:
         limit = 0.2 if name == "meduet_seg" else 1900.0
         package_bundle(REPO / "bundles" / name, www, preset="tiny", models=roots[name] / "models",
@@ -192,6 +192,11 @@ def test_chain_from_downloads_in_a_clean_interpreter(dist, server, tiny_data, se
     img, lab = nib.load(samples[0]), nib.load(seg)
     assert lab.shape == img.shape and np.allclose(lab.affine, img.affine, atol=1e-4)
     assert set(np.unique(np.asarray(lab.dataobj))) <= set(range(5))
+    # meduet_recon: a measurement file of a test phantom, reconstructed by the downloaded DisINR
+    clean("monai.bundle", "run", "--config_file", "configs/simulate.yaml", "--dataset_dir", phantoms,
+          "--image_size", "[16, 16, 16]", cwd=b["meduet_recon"])
+    clean("monai.bundle", "run", "--config_file", "configs/reconstruct.yaml", "--iterations", "3", cwd=b["meduet_recon"])
+    assert list((b["meduet_recon"] / "eval/reconstruct").glob("*.nii.gz"))
     # every bundle ran its own vendored library, verified once
     for name, root in b.items():
         assert (root / ".meduet_verified").is_file(), name

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import REPO, one_line_error
+from conftest import one_line_error
 from meduet.data import get_split
 from meduet.data.measurements import simulate
 from meduet.engines.recon import (MeasurementSet, ReconTrainer, build_inr, load_volume, select_subjects,
@@ -49,8 +49,9 @@ def test_measurement_loss_is_zero_at_the_data_and_grows_away_from_it(modality):
         assert float(measurement_loss(op(3.0 * x), y, modality)) < 1e-6
 
 
-def test_training_items_hold_measurements_only_and_the_loss_ignores_a_clean_image():
-    items = get_split(str(REPO / "data/sample/phantoms/datalist.json"), "training")[:3]
+def test_training_items_hold_measurements_only_and_the_loss_ignores_a_clean_image(tiny_data):
+    # the tiny sample data made by the session fixture (a fresh clone has no data/sample/)
+    items = get_split(str(tiny_data / "phantoms/datalist.json"), "training")[:3]
     acq = training_acquisition("ct", 12, num_angles=10)
     data = simulate_training_set(items, acq)
     assert all(set(data[i]) == {"subject", "measurement"} for i in range(len(data)))
