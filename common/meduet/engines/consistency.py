@@ -89,8 +89,9 @@ class DataConsistency:
 
 
 def decode_image(vae: torch.nn.Module, scheme: PatchEncoding, space: LatentSpace, z: torch.Tensor) -> torch.Tensor:
-    """Scaled latents ``(B, C, *S)`` -> images ``(B, 1, *(f S))`` in ``[0, 1]`` (as ``workflows.diffusion.common
-    .decode``, kept in torch)."""
+    """Scaled latents ``(B, C, *S)`` -> images ``(B, 1, *(f S))`` in ``[0, 1]`` through ``scheme``'s decoding
+    (one decoder call or latent windows); the one decode of generated latents (``workflows.diffusion.common.decode``
+    is its numpy form)."""
     return scheme.decode(vae, space.unscale(z)).clamp(0.0, 1.0)
 
 

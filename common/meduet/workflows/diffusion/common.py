@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from meduet import records
+from meduet.engines.consistency import decode_image
 from meduet.engines.diffusion import Conditioner, build_conditioner, center_crop_or_pad
 from meduet.engines.factor_prior import sample_factors
 from meduet.engines.sampling import sample_latents
@@ -83,8 +84,7 @@ def decode(vae: torch.nn.Module, z: torch.Tensor, space: LatentSpace,
     40: 2 x 2 x 2 windows of 33^3. None: the VAE record's own ``decode_window`` (None there too: one decoder call
     on the whole latent, whose memory grows with the volume)."""
     with torch.no_grad():
-        scheme = PatchEncoding.of(vae, decode_window=decode_window)
-        img = scheme.decode(vae, space.unscale(z)).clamp(0, 1)
+        img = decode_image(vae, PatchEncoding.of(vae, decode_window=decode_window), space, z)
     return img[:, 0].float().cpu().numpy()
 
 
